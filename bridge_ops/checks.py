@@ -1,0 +1,91 @@
+"""Argument checks of the Python paths (the reference fallback and the fake kernels used by torch.compile).
+
+They mirror csrc/checks.h: same conditions, same messages naming the argument, always ValueError.
+Shape/dtype/device checks never read tensor contents; `check_cu_group_lens_values` does (it syncs on GPU).
+"""
+
+from typing import Optional
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def fail(message: str) -> None:
+    raise ValueError(f"bridge_ops: {message}")
+
+
+def check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    if t.shape != ref.shape:
+        fail(f"{name} must have the same shape as {ref_name} {list(ref.shape)}, got {list(t.shape)}")
+    if t.dtype != ref.dtype:
+        fail(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
+    if t.device != ref.device:
+        fail(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all tensors must be on one device")
+
+
+def check_attention_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_group_lens: torch.Tensor,
+    key_mask: Optional[torch.Tensor],
+) -> None:
+    if q.dim() != 4:
+        fail(f"q must have shape [B, S, H, Dh] (4 dims), got shape {list(q.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        fail(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    check_like(k, "k", q, "q")
+    check_like(v, "v", q, "q")
+    if q.shape[0] == 0:
+        fail("q has an empty batch (B = 0); bridge_attention needs at least one row")
+    if q.shape[2] == 0 or q.shape[3] == 0:
+        fail(f"q must have H > 0 heads and Dh > 0 head_dim, got shape {list(q.shape)}")
+    if cu_group_lens.dtype != torch.int32:
+        fail(f"cu_group_lens must be int32 (torch.int32), got {cu_group_lens.dtype}")
+    if cu_group_lens.dim() != 1:
+        fail(f"cu_group_lens must be 1-D [G+1], got shape {list(cu_group_lens.shape)}")
+    if cu_group_lens.numel() < 2:
+        fail(f"cu_group_lens must hold at least 2 offsets ([0, B] for one group), got {cu_group_lens.numel()}")
+    if cu_group_lens.device != q.device:
+        fail(f"cu_group_lens is on {cu_group_lens.device} but q is on {q.device}; all tensors must be on one device")
+    if key_mask is not None:
+        if key_mask.dtype != torch.bool:
+            fail(f"key_mask must be bool (True = visible key), got {key_mask.dtype}")
+        if key_mask.dim() != 2 or tuple(key_mask.shape) != tuple(q.shape[:2]):
+            fail(f"key_mask must have shape [B, S] = {list(q.shape[:2])}, got {list(key_mask.shape)}")
+        if key_mask.device != q.device:
+            fail(f"key_mask is on {key_mask.device} but q is on {q.device}; all tensors must be on one device")
+
+
+def check_cu_group_lens_values(cu_group_lens: torch.Tensor, batch: int) -> None:
+    cu = cu_group_lens.tolist()
+    if cu[0] != 0:
+        fail(f"cu_group_lens must start at 0, got cu_group_lens[0] = {cu[0]}")
+    for g in range(len(cu) - 1):
+        if cu[g + 1] <= cu[g]:
+            fail(
+                "cu_group_lens must be strictly increasing (every group has at least one row), got "
+                f"cu_group_lens[{g}] = {cu[g]} and cu_group_lens[{g + 1}] = {cu[g + 1]}"
+            )
+    if cu[-1] != batch:
+        fail(f"cu_group_lens must end at the batch size B = {batch}, got cu_group_lens[-1] = {cu[-1]}")
+
+
+def check_attention_backward_args(
+    grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, lse: torch.Tensor
+) -> None:
+    check_like(grad_out, "grad_out", q, "q")
+    if tuple(lse.shape) != tuple(q.shape[:3]):
+        fail(f"lse must have shape [B, S, H] = {list(q.shape[:3])}, got {list(lse.shape)}")
+    if grad_lse is not None and grad_lse.shape != lse.shape:
+        fail(f"grad_lse must have the shape of lse {list(lse.shape)}, got {list(grad_lse.shape)}")
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of lse and every softmax statistic: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def resolve_scale(scale: Optional[float], head_dim: int) -> float:
+    return head_dim**-0.5 if scale is None else scale

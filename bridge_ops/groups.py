@@ -1,0 +1,71 @@
+"""Group layout of a batch: which rows are the parallel generations of one prompt.
+
+The N generations of one prompt are N *contiguous* rows (the layout of HF `repeat_interleave` /
+`num_return_sequences`). A batch of G groups is described like flash-attn's varlen batches, by
+`cu_group_lens`: int32 [G+1] offsets of each group's first row, cu[0] = 0 < cu[1] < ... < cu[G] = B.
+Groups may differ in size (ragged), size 1 included.
+"""
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+Device = Union[torch.device, str, None]
+
+
+def cu_group_lens_from_sizes(sizes: Union[Sequence[int], torch.Tensor], device: Device = None) -> torch.Tensor:
+    """Offsets of groups of the given sizes, e.g. [4, 1, 3] -> tensor([0, 4, 5, 8], dtype=int32)."""
+    sizes = torch.as_tensor(sizes, dtype=torch.int64, device=device)
+    if sizes.dim() != 1 or sizes.numel() == 0:
+        raise ValueError(f"bridge_ops: group sizes must be a non-empty 1-D sequence, got shape {list(sizes.shape)}")
+    if bool((sizes < 1).any()):
+        raise ValueError(f"bridge_ops: every group needs at least one row, got sizes {sizes.tolist()}")
+    cu = torch.zeros(sizes.numel() + 1, dtype=torch.int32, device=sizes.device)
+    cu[1:] = torch.cumsum(sizes, 0)
+    return cu
+
+
+def cu_group_lens_from_width(batch_size: int, width: int, device: Device = None) -> torch.Tensor:
+    """Offsets of batch_size // width groups of `width` rows each (batch_size must be a multiple of width)."""
+    if width < 1:
+        raise ValueError(f"bridge_ops: width must be >= 1, got {width}")
+    if batch_size < 1 or batch_size % width != 0:
+        raise ValueError(f"bridge_ops: batch_size {batch_size} is not a positive multiple of width {width}")
+    return torch.arange(0, batch_size + 1, width, dtype=torch.int32, device=device)
+
+
+def cu_group_lens_from_ids(group_ids: torch.Tensor) -> torch.Tensor:
+    """Offsets from per-row group ids [B] whose equal values form contiguous runs, e.g. [7, 7, 2, 5, 5].
+
+    Raises ValueError if an id appears in two separate runs (the rows of a group must be adjacent).
+    """
+    if group_ids.dim() != 1 or group_ids.numel() == 0:
+        raise ValueError(f"bridge_ops: group_ids must be a non-empty 1-D tensor, got shape {list(group_ids.shape)}")
+    if group_ids.is_floating_point() or group_ids.is_complex():
+        raise ValueError(f"bridge_ops: group_ids must be integers, got {group_ids.dtype}")
+    starts = torch.ones_like(group_ids, dtype=torch.bool)
+    starts[1:] = group_ids[1:] != group_ids[:-1]
+    run_ids = group_ids[starts]
+    if run_ids.unique().numel() != run_ids.numel():
+        ids = run_ids.tolist()
+        repeated = next(i for i in ids if ids.count(i) > 1)
+        rows = torch.nonzero(group_ids == repeated).flatten().tolist()
+        raise ValueError(
+            f"bridge_ops: group_ids must form contiguous runs, but id {repeated} appears at rows {rows} "
+            "with other ids between them"
+        )
+    first_rows = torch.nonzero(starts).flatten()
+    end = torch.tensor([group_ids.numel()], device=group_ids.device)
+    return torch.cat([first_rows, end]).to(torch.int32)
+
+
+def group_sizes(cu_group_lens: torch.Tensor) -> torch.Tensor:
+    """Sizes [G] of the groups described by cu_group_lens."""
+    return cu_group_lens[1:] - cu_group_lens[:-1]
+
+
+def group_ids(cu_group_lens: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
+    """Group index [B] of every row (inverse of cu_group_lens_from_ids up to relabelling)."""
+    sizes = group_sizes(cu_group_lens).long()
+    ids = torch.arange(sizes.numel(), device=cu_group_lens.device)
+    return torch.repeat_interleave(ids, sizes, output_size=batch_size)

@@ -1,0 +1,137 @@
+"""Plain-PyTorch twins of the bridge_ops operators: the oracle of every test and the fallback path.
+
+Nothing here is fused or clever beyond what a careful PyTorch user would write. Two formulations of
+bridge attention are kept side by side, because they fail in different ways:
+
+- `bridge_attention` pads the groups to the widest one ([G, N] rows) and runs batched [N, N] attention per
+  (group, position, head): memory grows with G * N^2, not B^2.
+- `bridge_attention_dense` builds the dense [S, B, B] visibility mask and calls
+  `torch.nn.functional.scaled_dot_product_attention` over the whole batch: what one writes with stock
+  attention, and what the fused kernels avoid. Used by the benchmarks and cross-checked in the tests.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import checks
+from .groups import group_ids
+
+
+def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
+    return checks.lse_dtype(dtype) if upcast else dtype
+
+
+def bridge_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_group_lens: torch.Tensor,
+    key_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    *,
+    upcast: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference bridge attention (same contract as `bridge_ops.bridge_attention`).
+
+    Args:
+        q, k, v: [B, S, H, Dh], one floating dtype, one device.
+        cu_group_lens: int32 [G+1] row offsets of the groups (0 = cu[0] < cu[1] < ... < cu[G] = B).
+        key_mask: bool [B, S] or None; False hides key (j, s) from the other rows of its group.
+        scale: softmax scale, default Dh ** -0.5.
+        upcast: compute in float32 (float64 for float64 inputs); False computes in the input dtype, which is
+            what the tests use to measure how much error the low precision itself causes.
+
+    Returns:
+        out [B, S, H, Dh] in q.dtype and lse [B, S, H] in float32 (float64 for float64 inputs).
+        Differentiable with ordinary autograd.
+    """
+    checks.check_attention_args(q, k, v, cu_group_lens, key_mask)
+    batch, seqlen, heads, head_dim = q.shape
+    checks.check_cu_group_lens_values(cu_group_lens, batch)
+    scale = checks.resolve_scale(scale, head_dim)
+    dtype = _compute_dtype(q.dtype, upcast)
+
+    cu = cu_group_lens.long()
+    sizes = cu[1:] - cu[:-1]
+    groups = sizes.numel()
+    width = int(sizes.max())
+    if groups * width == batch:  # uniform groups: a view, no gather
+        rows = None
+        qg, kg, vg = (t.to(dtype).view(groups, width, seqlen, heads, head_dim) for t in (q, k, v))
+        member_valid = torch.ones(groups, width, dtype=torch.bool, device=q.device)
+    else:
+        member = torch.arange(width, device=q.device)
+        member_valid = member[None, :] < sizes[:, None]  # [G, N]
+        rows = (cu[:-1, None] + member[None, :]).clamp(max=batch - 1)  # padding slots repeat a real row
+        qg, kg, vg = (t.to(dtype)[rows] for t in (q, k, v))  # [G, N, S, H, Dh]
+
+    visible = member_valid[:, :, None].expand(groups, width, seqlen)  # [G, N(key), S]
+    if key_mask is not None:
+        member_mask = key_mask.reshape(groups, width, seqlen) if rows is None else key_mask[rows]
+        visible = visible & member_mask
+    itself = torch.eye(width, dtype=torch.bool, device=q.device)
+    allowed = visible.permute(0, 2, 1)[:, :, None, None, :] | itself  # [G, S, 1, N(query), N(key)]
+
+    scores = torch.einsum("gisHd,gjsHd->gsHij", qg, kg) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [G, S, H, N]
+    probs = torch.exp(scores - lse[..., None])
+    out = torch.einsum("gsHij,gjsHd->gisHd", probs, vg)  # [G, N, S, H, Dh]
+    lse = lse.permute(0, 3, 1, 2)  # [G, N, S, H]
+    if rows is None:
+        out, lse = out.reshape(batch, seqlen, heads, head_dim), lse.reshape(batch, seqlen, heads)
+    else:
+        out, lse = out[member_valid], lse[member_valid]
+    return out.to(q.dtype), lse.to(checks.lse_dtype(q.dtype))
+
+
+def bridge_attention_backward(
+    grad_out: torch.Tensor,
+    grad_lse: Optional[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    cu_group_lens: torch.Tensor,
+    key_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of the backward op: autograd through `bridge_attention` (the saved `lse` is only checked)."""
+    checks.check_attention_args(q, k, v, cu_group_lens, key_mask)
+    checks.check_attention_backward_args(grad_out, grad_lse, q, lse)
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, lse_again = bridge_attention(*inputs, cu_group_lens, key_mask, scale)
+        outputs, grads = [out], [grad_out]
+        if grad_lse is not None:
+            outputs.append(lse_again)
+            grads.append(grad_lse.to(lse_again.dtype))
+        return tuple(torch.autograd.grad(outputs, inputs, grads))
+
+
+def visibility_mask(cu_group_lens: torch.Tensor, key_mask: Optional[torch.Tensor], seqlen: int) -> torch.Tensor:
+    """Dense bool [S, B, B] mask: query row b may attend to key row j at position s (for tests and baselines)."""
+    group_of_row = group_ids(cu_group_lens)
+    batch, device = group_of_row.numel(), cu_group_lens.device
+    same_group = group_of_row[:, None] == group_of_row[None, :]  # [B, B]
+    keys = torch.ones(seqlen, batch, dtype=torch.bool, device=device) if key_mask is None else key_mask.T
+    itself = torch.eye(batch, dtype=torch.bool, device=device)
+    return (same_group[None] & keys[:, None, :]) | itself  # [S, B(query), B(key)]
+
+
+def bridge_attention_dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_group_lens: torch.Tensor,
+    key_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Bridge attention as stock attention over the batch axis with a dense [S, B, B] mask; returns out only."""
+    checks.check_attention_args(q, k, v, cu_group_lens, key_mask)
+    mask = visibility_mask(cu_group_lens, key_mask, q.shape[1])[:, None]  # [S, 1, B, B]
+    q_, k_, v_ = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [S, H, B, Dh]
+    out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale)
+    return out.permute(2, 0, 1, 3)

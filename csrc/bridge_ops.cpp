@@ -1,0 +1,65 @@
+// The bridge_ops operator library: the one schema block every backend implements, and the pybind11
+// module `bridge_ops._C` that reports how this build was made.
+//
+// Kernels live beside this file: csrc/cpu/*.cpp register TORCH_LIBRARY_IMPL(bridge_ops, CPU, ...),
+// csrc/cuda/*.cu register TORCH_LIBRARY_IMPL(bridge_ops, CUDA, ...). Autograd and fake (meta) kernels are
+// registered from Python (bridge_ops/ops.py), so torch.compile sees each op as one node.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include "cpu/cpu_features.h"
+
+TORCH_LIBRARY(bridge_ops, m) {
+  // Attention along the batch axis within groups of rows. q, k, v: [B, S, H, Dh]; cu_group_lens: int32 [G+1];
+  // key_mask: bool [B, S] or None. Returns (out [B, S, H, Dh], lse [B, S, H] in float32, float64 for
+  // float64 inputs).
+  m.def(
+      "bridge_attention(Tensor q, Tensor k, Tensor v, Tensor cu_group_lens, Tensor? key_mask=None, "
+      "float? scale=None) -> (Tensor out, Tensor lse)");
+  // Gradients of bridge_attention with respect to q, k, v, given the gradients of out and (optionally) lse.
+  m.def(
+      "bridge_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor lse, "
+      "Tensor cu_group_lens, Tensor? key_mask=None, float? scale=None) -> (Tensor grad_q, Tensor grad_k, "
+      "Tensor grad_v)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  pybind11::list backends;
+  backends.append("cpu");
+#ifdef BRIDGE_OPS_WITH_CUDA
+  backends.append("cuda");
+  info["cuda_version"] = BRIDGE_OPS_CUDA_VERSION;
+#else
+  info["cuda_version"] = pybind11::none();
+#endif
+  info["backends"] = backends;
+  info["torch_version"] = TORCH_VERSION;
+#if defined(__clang__)
+  info["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = "gcc " __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+  info["cxx_standard"] = static_cast<long>(__cplusplus);
+#ifdef _OPENMP
+  info["openmp"] = static_cast<long>(_OPENMP);
+#else
+  info["openmp"] = pybind11::none();
+#endif
+  info["cpu_isa"] = bridge_ops::cpu::active_isa_name();
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "bridge_ops compiled operators (registered under torch.ops.bridge_ops) and build information";
+  m.def("build_info", &build_info,
+        "Dict: compiled backends, the torch and CUDA versions this build was made with, compiler, OpenMP, and "
+        "the CPU instruction set the CPU kernels dispatch to on this machine.");
+}

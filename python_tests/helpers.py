@@ -1,0 +1,130 @@
+"""Shared helpers of the test suite: input builders and the flash-attn style error rule."""
+
+from typing import Optional, Sequence
+
+import torch
+
+import bridge_ops
+from bridge_ops import reference
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+# Rounding allowance of the error rule, in units of eps(dtype) * magnitude (see `assert_flash_rule`).
+# bfloat16/float16: one unit; the kernel (float32 accumulation) is far more accurate than the reference run in the
+# low dtype, so "2x the low-precision reference error" is the real bound. float32: the reference run in float32 is
+# as accurate as the kernel, so which one rounds luckier is a coin flip. float64: no lower-precision reference
+# exists (err_low = 0). A wrong kernel misses by ~1e-1 relative, orders of magnitude above these allowances.
+ULPS = {torch.float64: 16, torch.float32: 16, torch.bfloat16: 1, torch.float16: 1}
+
+
+def make_inputs(
+    sizes: Sequence[int],
+    seqlen: int,
+    heads: int,
+    head_dim: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    visible_fraction: Optional[float] = 0.7,
+    finished_groups: Sequence[int] = (),
+    requires_grad: bool = False,
+    generator: Optional[torch.Generator] = None,
+    device: str = "cpu",
+):
+    """q, k, v [B, S, H, Dh], cu_group_lens, key_mask (None when visible_fraction is None).
+
+    Groups listed in `finished_groups` have every key masked (all members finished or padding).
+    """
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    cu = bridge_ops.cu_group_lens_from_sizes(sizes).to(device)
+    batch = int(sum(sizes))
+    q, k, v = (
+        torch.randn(batch, seqlen, heads, head_dim, generator=gen, dtype=torch.float64).to(device, dtype)
+        for _ in range(3)
+    )
+    key_mask = None
+    if visible_fraction is not None:
+        key_mask = (torch.rand(batch, seqlen, generator=gen) < visible_fraction).to(device)
+        for g in finished_groups:
+            key_mask[int(cu[g]) : int(cu[g + 1])] = False
+    if requires_grad:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    return q, k, v, cu, key_mask
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_flash_rule(
+    name: str,
+    got: torch.Tensor,
+    low: torch.Tensor,
+    oracle: torch.Tensor,
+    dtype: torch.dtype,
+    magnitude: float = 0.0,
+):
+    """Flash-attn's error rule: |got - oracle| <= 2 |low - oracle| + ULPS[dtype] * eps(got.dtype) * M.
+
+    `low` is the reference run in the low dtype; M = max(max |oracle|, magnitude) is the size of the terms the
+    result is summed from (flash-attn adds the rounding term as `(out_ref + 0.3 - 0.3 - out_ref).abs().max()`).
+    Pass `magnitude` where the terms are larger than the result (`term_magnitudes`).
+    """
+    err, err_low = max_err(got, oracle), max_err(low, oracle)
+    ulps = ULPS[dtype] * torch.finfo(got.dtype).eps * max(oracle.abs().max().item(), magnitude)
+    bound = 2 * err_low + ulps
+    assert err <= bound, (
+        f"{name}: error {err:.3e} exceeds 2 x low-precision reference error {err_low:.3e} + {ULPS[dtype]} ulp "
+        f"({ulps:.1e})"
+    )
+
+
+def term_magnitudes(q, k, v, grad_out, grad_lse, scale=None):
+    """Sizes of the terms that out, lse, dq, dk, dv are summed from, for `assert_flash_rule`'s `magnitude`.
+
+    A score s = scale q.k carries a rounding error of eps |s|, which exp() turns into a relative error of the
+    probabilities, so every result is conditioned by C = 1 + max |s|. The softmax backward
+    dS = P (dP - delta + dlse) cancels, so dq and dk carry errors of order scale (|dP| + |dlse|) |k| (resp. |q|),
+    however small they are. Maxima run over all row pairs (a superset of the pairs of one group).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    peak = lambda t: t.double().abs().max().item()  # noqa: E731
+    pairs = lambda a, b: peak(torch.einsum("bshd,jshd->shbj", a.double(), b.double()))  # noqa: E731
+    conditioning = 1 + scale * pairs(q, k)
+    d_scores = scale * (pairs(grad_out, v) + peak(grad_lse))
+    return {
+        "out": conditioning * peak(v),
+        "lse": conditioning,
+        "dq": conditioning * d_scores * peak(k),
+        "dk": conditioning * d_scores * peak(q),
+        "dv": conditioning * peak(grad_out),
+    }
+
+
+def reference_with_grads(q, k, v, cu, key_mask, grad_out, grad_lse, *, dtype=None, upcast=True):
+    """Reference out, lse and (dq, dk, dv) for the given output gradients, computed in `dtype`."""
+    dtype = dtype or q.dtype
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = reference.bridge_attention(*leaves, cu, key_mask, upcast=upcast)
+    torch.autograd.backward([out, lse], [grad_out.to(out.dtype), grad_lse.to(lse.dtype)])
+    return out.detach(), lse.detach(), [t.grad for t in leaves]
+
+
+def naive_bridge_attention(q, k, v, cu, key_mask=None, scale=None):
+    """Row-by-row loops over (b, s, h): the slowest, most literal reading of the contract (float64)."""
+    batch, seqlen, heads, head_dim = q.shape
+    scale = head_dim**-0.5 if scale is None else scale
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, seqlen, heads, dtype=torch.float64)
+    offsets = cu.tolist()
+    for g in range(len(offsets) - 1):
+        members = range(offsets[g], offsets[g + 1])
+        for b in members:
+            for s in range(seqlen):
+                keys = [j for j in members if j == b or key_mask is None or bool(key_mask[j, s])]
+                for h in range(heads):
+                    scores = torch.stack([scale * q[b, s, h].dot(k[j, s, h]) for j in keys])
+                    lse[b, s, h] = torch.logsumexp(scores, 0)
+                    weights = torch.exp(scores - lse[b, s, h])
+                    out[b, s, h] = sum(w * v[j, s, h] for w, j in zip(weights, keys))
+    return out, lse

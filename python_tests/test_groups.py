@@ -1,0 +1,40 @@
+"""Helpers that build cu_group_lens."""
+
+import pytest
+import torch
+
+import bridge_ops
+from bridge_ops.groups import group_ids
+
+
+def test_from_width():
+    cu = bridge_ops.cu_group_lens_from_width(12, 4)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 4, 8, 12]
+    assert bridge_ops.cu_group_lens_from_width(3, 1).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="not a positive multiple of width 4"):
+        bridge_ops.cu_group_lens_from_width(10, 4)
+    with pytest.raises(ValueError, match="width must be >= 1"):
+        bridge_ops.cu_group_lens_from_width(4, 0)
+
+
+def test_from_sizes():
+    cu = bridge_ops.cu_group_lens_from_sizes([4, 1, 33])
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 4, 5, 38]
+    assert bridge_ops.group_sizes(cu).tolist() == [4, 1, 33]
+    with pytest.raises(ValueError, match="at least one row"):
+        bridge_ops.cu_group_lens_from_sizes([2, 0, 1])
+    with pytest.raises(ValueError, match="non-empty"):
+        bridge_ops.cu_group_lens_from_sizes([])
+
+
+def test_from_ids():
+    ids = torch.tensor([7, 7, 2, 5, 5, 5, 9])
+    cu = bridge_ops.cu_group_lens_from_ids(ids)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 2, 3, 6, 7]
+    assert group_ids(cu).tolist() == [0, 0, 1, 2, 2, 2, 3]
+    with pytest.raises(ValueError, match=r"id 7 appears at rows \[0, 1, 4\]"):
+        bridge_ops.cu_group_lens_from_ids(torch.tensor([7, 7, 2, 2, 7]))
+    with pytest.raises(ValueError, match="integers"):
+        bridge_ops.cu_group_lens_from_ids(torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        bridge_ops.cu_group_lens_from_ids(torch.zeros(2, 2, dtype=torch.long))
