@@ -120,21 +120,30 @@ BRIDGE_OPS_INLINE void unpack(const acc_t* src, const Groups::Task& task, const 
   }
 }
 
-// Indices of the task's visible keys; returns how many.
-BRIDGE_OPS_INLINE int64_t collect_visible(const Groups& g, const Groups::Task& task, int64_t* visible) {
-  int64_t count = 0;
-  for (int64_t j = 0; j < task.size; ++j) {
-    if (g.visible(task, j)) visible[count++] = j;
+// Calls fn(i, h, head, n_keys) for every query row i and head h of the task, where `head` is the offset of head h's
+// [n, Dh] tile and w.keys / w.key_ptrs / w.value_ptrs hold the row's keys: the visible rows of the group, and i itself
+// (a row always sees itself).
+template <typename acc_t, typename Fn>
+BRIDGE_OPS_INLINE void for_each_query(const Groups& g, const Groups::Task& task, Workspace<acc_t>& w,
+                                      const acc_t* k_tile, const acc_t* v_tile, Fn&& fn) {
+  const int64_t n = task.size, D = g.head_dim;
+  int64_t n_visible = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (g.visible(task, j)) w.visible[n_visible++] = j;
   }
-  return count;
-}
-
-// Keys of query row i: the visible keys, plus i itself when it is not one of them (a row always sees itself).
-BRIDGE_OPS_INLINE int64_t keys_of_row(int64_t i, const int64_t* visible, int64_t n_visible, bool i_visible,
-                                      int64_t* keys) {
-  std::copy(visible, visible + n_visible, keys);
-  if (!i_visible) keys[n_visible++] = i;
-  return n_visible;
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy(w.visible.begin(), w.visible.begin() + n_visible, w.keys.begin());
+    int64_t n_keys = n_visible;
+    if (!g.visible(task, i)) w.keys[n_keys++] = i;
+    for (int64_t h = 0; h < g.heads; ++h) {
+      const int64_t head = h * n * D;
+      for (int64_t m = 0; m < n_keys; ++m) {
+        w.key_ptrs[m] = k_tile + head + w.keys[m] * D;
+        w.value_ptrs[m] = v_tile + head + w.keys[m] * D;
+      }
+      fn(i, h, head, n_keys);
+    }
+  }
 }
 
 // out[m] = q . rows[m] for m < count, four rows at a time.
@@ -180,39 +189,29 @@ BRIDGE_OPS_INLINE void forward_chunk(const ForwardArgs<scalar_t>& a, int64_t beg
 
   for (int64_t t = begin; t < end; ++t) {
     const Groups::Task task = g.task(t);
-    const int64_t n = task.size;
     pack(a.q, task, g, q_tile);
     pack(a.k, task, g, k_tile);
     pack(a.v, task, g, v_tile);
-    const int64_t n_visible = collect_visible(g, task, w.visible.data());
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t n_keys = keys_of_row(i, w.visible.data(), n_visible, g.visible(task, i), w.keys.data());
+    for_each_query(g, task, w, k_tile, v_tile, [&](int64_t i, int64_t h, int64_t head, int64_t n_keys) {
       const int64_t row = task.first_row + i;
-      for (int64_t h = 0; h < g.heads; ++h) {
-        const int64_t head = h * n * D;
-        for (int64_t m = 0; m < n_keys; ++m) {
-          w.key_ptrs[m] = k_tile + head + w.keys[m] * D;
-          w.value_ptrs[m] = v_tile + head + w.keys[m] * D;
-        }
-        dot_rows<acc_t, Ops>(q_tile + head + i * D, w.key_ptrs.data(), n_keys, D, probs);
-        acc_t max_score = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t m = 0; m < n_keys; ++m) {
-          probs[m] *= a.scale;
-          max_score = std::max(max_score, probs[m]);
-        }
-        acc_t sum = 0;
-        for (int64_t m = 0; m < n_keys; ++m) {
-          probs[m] = std::exp(probs[m] - max_score);
-          sum += probs[m];
-        }
-        const acc_t inv_sum = acc_t(1) / sum;
-        for (int64_t m = 0; m < n_keys; ++m) probs[m] *= inv_sum;
-        fill_zero(acc, D);
-        combine_rows<acc_t, Ops>(acc, probs, w.value_ptrs.data(), n_keys, D);
-        convert(a.out.at(row, task.s, h), acc, D);
-        a.lse[(row * g.seqlen + task.s) * g.heads + h] = max_score + std::log(sum);
+      dot_rows<acc_t, Ops>(q_tile + head + i * D, w.key_ptrs.data(), n_keys, D, probs);
+      acc_t max_score = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t m = 0; m < n_keys; ++m) {
+        probs[m] *= a.scale;
+        max_score = std::max(max_score, probs[m]);
       }
-    }
+      acc_t sum = 0;
+      for (int64_t m = 0; m < n_keys; ++m) {
+        probs[m] = std::exp(probs[m] - max_score);
+        sum += probs[m];
+      }
+      const acc_t inv_sum = acc_t(1) / sum;
+      for (int64_t m = 0; m < n_keys; ++m) probs[m] *= inv_sum;
+      fill_zero(acc, D);
+      combine_rows<acc_t, Ops>(acc, probs, w.value_ptrs.data(), n_keys, D);
+      convert(a.out.at(row, task.s, h), acc, D);
+      a.lse[(row * g.seqlen + task.s) * g.heads + h] = max_score + std::log(sum);
+    });
   }
 }
 
@@ -259,49 +258,40 @@ BRIDGE_OPS_INLINE void backward_chunk(const BackwardArgs<scalar_t>& a, int64_t b
     pack(a.grad_out, task, g, do_tile);
     fill_zero(grad_k_tile, g.heads * n * D);
     fill_zero(grad_v_tile, g.heads * n * D);
-    const int64_t n_visible = collect_visible(g, task, w.visible.data());
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t n_keys = keys_of_row(i, w.visible.data(), n_visible, g.visible(task, i), w.keys.data());
-      const int64_t row = task.first_row + i;
-      for (int64_t h = 0; h < g.heads; ++h) {
-        const int64_t head = h * n * D, stat = (row * g.seqlen + task.s) * g.heads + h;
-        const acc_t* q_i = q_tile + head + i * D;
-        const acc_t* do_i = do_tile + head + i * D;
-        for (int64_t m = 0; m < n_keys; ++m) {
-          w.key_ptrs[m] = k_tile + head + w.keys[m] * D;
-          w.value_ptrs[m] = v_tile + head + w.keys[m] * D;
-        }
-        dot_rows<acc_t, Ops>(q_i, w.key_ptrs.data(), n_keys, D, probs);
-        dot_rows<acc_t, Ops>(do_i, w.value_ptrs.data(), n_keys, D, grad_probs);
-        const acc_t lse = a.lse[stat];
-        const acc_t grad_lse = a.grad_lse == nullptr ? acc_t(0) : a.grad_lse[stat];
-        // The row holds all its keys, so P is renormalized to sum to 1: this cancels the rounding of the saved lse
-        // (which would otherwise scale the whole row by exp(rounding error)) for n extra multiplications.
-        acc_t sum = 0;
-        for (int64_t m = 0; m < n_keys; ++m) {
-          probs[m] = std::exp(probs[m] * a.scale - lse);
-          sum += probs[m];
-        }
-        const acc_t inv_sum = acc_t(1) / sum;
-        acc_t delta = 0;
-        for (int64_t m = 0; m < n_keys; ++m) {
-          probs[m] *= inv_sum;
-          delta += probs[m] * grad_probs[m];
-        }
-        // (dP - delta) first: for a row that sees only itself it is exactly 0, and dlse is not lost to rounding.
-        for (int64_t m = 0; m < n_keys; ++m) {
-          grad_scores[m] = probs[m] * ((grad_probs[m] - delta) + grad_lse) * a.scale;
-        }
-        fill_zero(grad_q_acc, D);
-        combine_rows<acc_t, Ops>(grad_q_acc, grad_scores, w.key_ptrs.data(), n_keys, D);
-        convert(a.grad_q.at(row, task.s, h), grad_q_acc, D);
-        for (int64_t m = 0; m < n_keys; ++m) {
-          const int64_t key = head + w.keys[m] * D;
-          Ops::axpy(grad_k_tile + key, grad_scores[m], q_i, D);
-          Ops::axpy(grad_v_tile + key, probs[m], do_i, D);
-        }
+    for_each_query(g, task, w, k_tile, v_tile, [&](int64_t i, int64_t h, int64_t head, int64_t n_keys) {
+      const int64_t row = task.first_row + i, stat = (row * g.seqlen + task.s) * g.heads + h;
+      const acc_t* q_i = q_tile + head + i * D;
+      const acc_t* do_i = do_tile + head + i * D;
+      dot_rows<acc_t, Ops>(q_i, w.key_ptrs.data(), n_keys, D, probs);
+      dot_rows<acc_t, Ops>(do_i, w.value_ptrs.data(), n_keys, D, grad_probs);
+      // The row holds all its keys, so P is renormalized to sum to 1: this cancels the rounding of the saved lse
+      // (which would otherwise scale the whole row by exp(rounding error)) for n extra multiplications.
+      const acc_t lse = a.lse[stat];
+      acc_t sum = 0;
+      for (int64_t m = 0; m < n_keys; ++m) {
+        probs[m] = std::exp(probs[m] * a.scale - lse);
+        sum += probs[m];
       }
-    }
+      const acc_t inv_sum = acc_t(1) / sum;
+      acc_t delta = 0;
+      for (int64_t m = 0; m < n_keys; ++m) {
+        probs[m] *= inv_sum;
+        delta += probs[m] * grad_probs[m];
+      }
+      // (dP - delta) first: for a row that sees only itself it is exactly 0, and dlse is not lost to rounding.
+      const acc_t grad_lse = a.grad_lse == nullptr ? acc_t(0) : a.grad_lse[stat];
+      for (int64_t m = 0; m < n_keys; ++m) {
+        grad_scores[m] = probs[m] * ((grad_probs[m] - delta) + grad_lse) * a.scale;
+      }
+      fill_zero(grad_q_acc, D);
+      combine_rows<acc_t, Ops>(grad_q_acc, grad_scores, w.key_ptrs.data(), n_keys, D);
+      convert(a.grad_q.at(row, task.s, h), grad_q_acc, D);
+      for (int64_t m = 0; m < n_keys; ++m) {
+        const int64_t key = head + w.keys[m] * D;
+        Ops::axpy(grad_k_tile + key, grad_scores[m], q_i, D);
+        Ops::axpy(grad_v_tile + key, probs[m], do_i, D);
+      }
+    });
     unpack(grad_k_tile, task, g, a.grad_k);
     unpack(grad_v_tile, task, g, a.grad_v);
   }
