@@ -1,18 +1,33 @@
 """bridge_ops: fused kernels and PyTorch ops for Bridge, interdependent parallel generation (arXiv 2510.01143)."""
 
 from . import reference
+from .aggregation import best_of_n, majority_vote
 from .block import BridgeBlock
+from .generation import GenerationOutput, generate
 from .groups import cu_group_lens_from_ids, cu_group_lens_from_sizes, cu_group_lens_from_width, group_sizes
-from .ops import bridge_attention
+from .hf import apply_bridge, bridge_parameters, groups, load_bridge, parameter_share, remove_bridge, save_bridge
+from .ops import bridge_attention, bridge_block_decode
 from .version import __version__
 
 __all__ = [
     "BridgeBlock",
+    "GenerationOutput",
+    "apply_bridge",
+    "best_of_n",
     "bridge_attention",
+    "bridge_block_decode",
+    "bridge_parameters",
     "cu_group_lens_from_ids",
     "cu_group_lens_from_sizes",
     "cu_group_lens_from_width",
+    "generate",
     "group_sizes",
+    "groups",
+    "load_bridge",
+    "majority_vote",
+    "parameter_share",
     "reference",
+    "remove_bridge",
+    "save_bridge",
     "__version__",
 ]

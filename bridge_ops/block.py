@@ -15,9 +15,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .ops import bridge_attention
+from .ops import bridge_attention, bridge_block_decode
 
 DEFAULT_HEAD_DIM = 128
+
+# Norm classes whose forward is the HF Llama RMSNorm formula that bridge_block_decode computes.
+FUSABLE_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 
 
 class BridgeBlock(nn.Module):
@@ -98,6 +101,28 @@ class BridgeBlock(nn.Module):
         q, k, v = (proj(x).view(heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
         mixed = bridge_attention(q, k, v, cu_group_lens, key_mask)
         return self.o_proj(mixed.view(batch, seqlen, self.d_bridge))
+
+    def residual(
+        self, hidden: torch.Tensor, cu_group_lens: torch.Tensor, key_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """`hidden + self(hidden, ...)`. When no gradient is needed and the norm is an RMSNorm the fused op computes
+        (torch.nn.RMSNorm, HF Llama/Mistral/Qwen2/Qwen3 RMSNorm), it runs as one `bridge_block_decode` call."""
+        eps = self.fused_norm_eps(hidden.dtype)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, *self.parameters()))
+        if eps is None or needs_grad:
+            return hidden + self(hidden, cu_group_lens, key_mask)
+        projections = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight)
+        return bridge_block_decode(
+            hidden, self.norm.weight, eps, *projections, cu_group_lens, key_mask, self.num_heads
+        )
+
+    def fused_norm_eps(self, dtype: torch.dtype) -> Optional[float]:
+        """The epsilon of the norm if `bridge_block_decode` can compute it, else None."""
+        if isinstance(self.norm, nn.RMSNorm) and self.norm.weight is not None:
+            return torch.finfo(dtype).eps if self.norm.eps is None else self.norm.eps
+        if type(self.norm).__name__ in FUSABLE_RMS_NORMS:
+            return self.norm.variance_epsilon
+        return None
 
     def extra_repr(self) -> str:
         return (

@@ -89,3 +89,36 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def resolve_scale(scale: Optional[float], head_dim: int) -> float:
     return head_dim**-0.5 if scale is None else scale
+
+
+def check_block_decode_args(
+    hidden: torch.Tensor,
+    norm_weight: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    v_weight: torch.Tensor,
+    o_weight: torch.Tensor,
+    num_heads: int,
+) -> None:
+    if hidden.dim() != 3:
+        fail(f"hidden must have shape [B, S, D], got {list(hidden.shape)}")
+    if hidden.dtype not in SUPPORTED_DTYPES:
+        fail(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    dim = hidden.shape[-1]
+    d_bridge = q_weight.shape[0] if q_weight.dim() == 2 else -1
+    if norm_weight.dim() != 1 or norm_weight.shape[0] != dim:
+        fail(f"norm_weight must have shape [{dim}], got {list(norm_weight.shape)}")
+    for name, weight, shape in (
+        ("q_weight", q_weight, [d_bridge, dim]),
+        ("k_weight", k_weight, [d_bridge, dim]),
+        ("v_weight", v_weight, [d_bridge, dim]),
+        ("o_weight", o_weight, [dim, d_bridge]),
+    ):
+        if list(weight.shape) != shape:
+            fail(f"{name} must have shape {shape}, got {list(weight.shape)}")
+        if weight.dtype != hidden.dtype:
+            fail(f"{name} must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+        if weight.device != hidden.device:
+            fail(f"{name} is on {weight.device} but hidden is on {hidden.device}; all tensors must be on one device")
+    if num_heads < 1 or d_bridge % num_heads != 0:
+        fail(f"num_heads ({num_heads}) must be >= 1 and divide d_bridge ({d_bridge})")

@@ -59,6 +59,40 @@ def bridge_attention(
     return (out, lse) if return_lse else out
 
 
+def bridge_block_decode(
+    hidden: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    v_weight: torch.Tensor,
+    o_weight: torch.Tensor,
+    cu_group_lens: torch.Tensor,
+    key_mask: Optional[torch.Tensor],
+    num_heads: int,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """One inference step of a BridgeBlock in a single call: `hidden + BridgeBlock(hidden)`.
+
+    Computes `normed = norm_weight * rms_norm(hidden, eps)` (HF Llama-style RMSNorm: statistics in float32, the
+    normalized value cast back to hidden's dtype before the weight), q/k/v = `normed @ W^T` viewed as
+    [B, S, num_heads, d_bridge / num_heads], `bridge_attention(q, k, v, cu_group_lens, key_mask, scale)`, its output
+    projected by `o_weight` and added to `hidden`.
+
+    Args:
+        hidden: [B, S, D] (S = 1 when decoding), float16 / bfloat16 / float32 / float64.
+        norm_weight: [D]; q_weight, k_weight, v_weight: [d_bridge, D]; o_weight: [D, d_bridge]; all hidden's dtype.
+        cu_group_lens, key_mask, scale: as in `bridge_attention` (key_mask [B, S]).
+
+    Returns:
+        [B, S, D] in hidden's dtype. No backward (an inference op; training uses `BridgeBlock.forward`).
+    """
+    args = (hidden, norm_weight, eps, q_weight, k_weight, v_weight, o_weight, cu_group_lens, key_mask, num_heads, scale)
+    if hidden.device.type in _COMPILED:
+        return torch.ops.bridge_ops.bridge_block_decode(*args)
+    return reference.bridge_block_decode(*args)
+
+
 if _C is not None:
 
     @torch.library.register_fake("bridge_ops::bridge_attention")
@@ -73,3 +107,10 @@ if _C is not None:
         checks.check_attention_args(q, k, v, cu_group_lens, key_mask)
         checks.check_attention_backward_args(grad_out, grad_lse, q, lse)
         return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+
+    @torch.library.register_fake("bridge_ops::bridge_block_decode")
+    def _bridge_block_decode_fake(
+        hidden, norm_weight, eps, q_weight, k_weight, v_weight, o_weight, cu_group_lens, key_mask, num_heads, scale=None
+    ):
+        checks.check_block_decode_args(hidden, norm_weight, q_weight, k_weight, v_weight, o_weight, num_heads)
+        return torch.empty_like(hidden)

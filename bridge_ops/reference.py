@@ -135,3 +135,32 @@ def bridge_attention_dense(
     q_, k_, v_ = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [S, H, B, Dh]
     out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale)
     return out.permute(2, 0, 1, 3)
+
+
+def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF Llama-style RMSNorm: statistics in float32 (float64 for float64), cast back before the weight."""
+    x = hidden.to(checks.lse_dtype(hidden.dtype))
+    return weight * (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)).to(hidden.dtype)
+
+
+def bridge_block_decode(
+    hidden: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    v_weight: torch.Tensor,
+    o_weight: torch.Tensor,
+    cu_group_lens: torch.Tensor,
+    key_mask: Optional[torch.Tensor],
+    num_heads: int,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Reference of `bridge_ops.bridge_block_decode`: the same step as separate PyTorch calls."""
+    checks.check_block_decode_args(hidden, norm_weight, q_weight, k_weight, v_weight, o_weight, num_heads)
+    batch, seqlen, _ = hidden.shape
+    normed = rms_norm(hidden, norm_weight, eps)
+    heads = (batch, seqlen, num_heads, q_weight.shape[0] // num_heads)
+    q, k, v = (F.linear(normed, w).view(heads) for w in (q_weight, k_weight, v_weight))
+    mixed, _ = bridge_attention(q, k, v, cu_group_lens, key_mask, scale)
+    return hidden + F.linear(mixed.reshape(batch, seqlen, -1), o_weight)

@@ -1,5 +1,6 @@
 // Autograd kernels of the bridge_ops operators (device-independent: they call the ops back through the
-// dispatcher, which picks the CPU or CUDA kernel). Registered in C++ rather than from Python so that a call
+// dispatcher, which picks the CPU or CUDA kernel): bridge_attention's backward, and bridge_block_decode's refusal
+// of calls that would need one. Registered in C++ rather than from Python so that a call
 // from Python, under no_grad included, never re-enters the interpreter: at decode shapes a Python autograd
 // wrapper costs more than the kernel itself.
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -71,8 +72,35 @@ std::tuple<at::Tensor, at::Tensor> bridge_attention_autograd(const at::Tensor& q
   return {result[0], result[1]};
 }
 
+// bridge_block_decode has no backward: refuse a call that would need one instead of letting autograd treat the
+// output as a constant.
+at::Tensor bridge_block_decode_autograd(const at::Tensor& hidden, const at::Tensor& norm_weight, double eps,
+                                        const at::Tensor& q_weight, const at::Tensor& k_weight,
+                                        const at::Tensor& v_weight, const at::Tensor& o_weight,
+                                        const at::Tensor& cu_group_lens, const std::optional<at::Tensor>& key_mask,
+                                        int64_t num_heads, std::optional<double> scale) {
+  const bool needs_grad = at::GradMode::is_enabled() &&
+                          (hidden.requires_grad() || norm_weight.requires_grad() || q_weight.requires_grad() ||
+                           k_weight.requires_grad() || v_weight.requires_grad() || o_weight.requires_grad());
+  TORCH_CHECK(!needs_grad,
+              "bridge_ops: bridge_block_decode has no backward (an inference op): call it under torch.no_grad(), "
+              "or train through BridgeBlock.forward");
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bridge_ops::bridge_block_decode", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
+                                               std::optional<double>)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(hidden, norm_weight, eps, q_weight, k_weight, v_weight, o_weight, cu_group_lens, key_mask,
+                 num_heads, scale);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bridge_ops, Autograd, m) { m.impl("bridge_attention", &bridge_attention_autograd); }
+TORCH_LIBRARY_IMPL(bridge_ops, Autograd, m) {
+  m.impl("bridge_attention", &bridge_attention_autograd);
+  m.impl("bridge_block_decode", &bridge_block_decode_autograd);
+}
 
 }  // namespace bridge_ops

@@ -2,8 +2,9 @@
 // module `bridge_ops._C` that reports how this build was made.
 //
 // Kernels live beside this file: csrc/cpu/*.cpp register TORCH_LIBRARY_IMPL(bridge_ops, CPU, ...),
-// csrc/cuda/*.cu register TORCH_LIBRARY_IMPL(bridge_ops, CUDA, ...). Autograd and fake (meta) kernels are
-// registered from Python (bridge_ops/ops.py), so torch.compile sees each op as one node.
+// csrc/cuda/*.cu register TORCH_LIBRARY_IMPL(bridge_ops, CUDA, ...); csrc/autograd.cpp the Autograd kernels and
+// csrc/bridge_block_decode.cpp the device-independent composite decode op. Fake kernels are registered from Python
+// (bridge_ops/ops.py), so torch.compile sees each op as one node.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -22,6 +23,13 @@ TORCH_LIBRARY(bridge_ops, m) {
       "bridge_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor lse, "
       "Tensor cu_group_lens, Tensor? key_mask=None, float? scale=None) -> (Tensor grad_q, Tensor grad_k, "
       "Tensor grad_v)");
+  // One inference step of a BridgeBlock, fused: hidden + o_proj(bridge_attention(q, k, v)) with q, k, v the
+  // projections of rms_norm(hidden). hidden: [B, S, D] (S = 1 when decoding); key_mask: bool [B, S] or None.
+  // No backward.
+  m.def(
+      "bridge_block_decode(Tensor hidden, Tensor norm_weight, float eps, Tensor q_weight, Tensor k_weight, "
+      "Tensor v_weight, Tensor o_weight, Tensor cu_group_lens, Tensor? key_mask, int num_heads, "
+      "float? scale=None) -> Tensor");
 }
 
 namespace {

@@ -1,0 +1,301 @@
+"""Interdependent generation: N samples per prompt that read each other through Bridge while they are written.
+
+`generate(model, prompts, width=N)` works on any HF causal LM (with Bridge blocks or without, for comparison):
+
+1. The P prompts are left-padded into one batch and **prefilled once per prompt** (the N members of a group share
+   the prompt, and Bridge over N identical rows is the identity, so this is exact).
+2. The KV cache (HF `DynamicCache`) is expanded to the N rows of each group by index selection; the rows of one
+   prompt are adjacent (the `num_return_sequences` layout); widths may differ per prompt.
+3. Each step feeds one token per row. A row that emitted EOS keeps its EOS position visible to its peers, is
+   hidden as a Bridge key from the next position on, and is fed padding. When every row of a group has finished,
+   the group's rows leave the batch and the cache (`compact=True`).
+
+Bridge keeps no cache of its own: peers' past reaches a row through its own KV cache, whose keys and values were
+computed from Bridge-mixed hidden states. With `compact=False` and the same sampling settings and seed,
+the tokens equal those of `model.generate(..., num_return_sequences=N)` (both draw every row every step).
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .aggregation import best_of_n, majority_vote
+from .groups import cu_group_lens_from_sizes
+from .hf.patch import is_bridged
+from .hf.runtime import runtime_of
+
+Prompts = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[str]]
+
+
+@dataclass
+class GenerationOutput:
+    """Generated continuations, `sequences[p][m]` = token ids of member m of prompt p (EOS included if emitted)."""
+
+    sequences: List[List[List[int]]]
+    log_probs: Optional[List[List[float]]]  # summed log-probability of each sequence under the sampling distribution
+    num_tokens: int
+    seconds: float
+    logits: Optional[List[List[torch.Tensor]]] = None  # [p][m]: float32 [len(sequences[p][m]), vocab], raw model logits
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    def texts(self, tokenizer, skip_special_tokens: bool = True) -> List[List[str]]:
+        return [[tokenizer.decode(s, skip_special_tokens=skip_special_tokens) for s in group] for group in self.sequences]
+
+    def majority_vote(self, extract_answer: Callable[[List[int]], Optional[object]]) -> List[Optional[object]]:
+        """Per prompt, the most frequent answer extracted from its N sequences (None answers do not vote)."""
+        return [majority_vote(extract_answer(s) for s in group) for group in self.sequences]
+
+    def best_of_n(self, score: Callable[[List[int]], float]) -> List[List[int]]:
+        """Per prompt, the sequence with the highest score."""
+        return [best_of_n(group, score) for group in self.sequences]
+
+
+def _left_padded(prompts: Prompts, attention_mask, pad_token_id: int, tokenizer, device):
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2 or prompts.shape[0] == 0:
+            raise ValueError(f"bridge_ops: input_ids must be [P, L] with P >= 1, got {list(prompts.shape)}")
+        mask = torch.ones_like(prompts) if attention_mask is None else attention_mask
+        return prompts.to(device), mask.to(device)
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("bridge_ops: no prompts given")
+    if isinstance(prompts[0], str):
+        if tokenizer is None:
+            raise ValueError("bridge_ops: text prompts need a tokenizer (pass tokenizer=...)")
+        prompts = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("bridge_ops: every prompt needs at least one token")
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+        mask[i, length - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _widths(width: Union[int, Sequence[int]], num_prompts: int) -> List[int]:
+    widths = [width] * num_prompts if isinstance(width, int) else list(width)
+    if len(widths) != num_prompts:
+        raise ValueError(f"bridge_ops: {len(widths)} widths given for {num_prompts} prompts")
+    if any(w < 1 for w in widths):
+        raise ValueError(f"bridge_ops: every width must be >= 1, got {widths}")
+    return widths
+
+
+def _sampler(do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float]):
+    """The logits processing of HF's sampling path (same warpers, same order), so seeded runs agree with it."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    processors = LogitsProcessorList()
+    if do_sample:
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            processors.append(TopKLogitsWarper(top_k=top_k))
+        if top_p is not None and top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p=top_p))
+
+    def pick(tokens_so_far: torch.Tensor, logits: torch.Tensor):
+        scores = processors(tokens_so_far, logits)
+        if do_sample:
+            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            next_tokens = torch.argmax(scores, dim=-1)
+        return next_tokens, scores
+
+    return pick
+
+
+class _Batch:
+    """The live rows of a generation: which original row each is, its group, and its per-row state."""
+
+    def __init__(self, widths: List[int], device):
+        self.widths = list(widths)  # sizes of the live groups
+        self.rows = torch.arange(sum(widths), device=device)  # original row index of each live row
+        self.finished = torch.zeros(sum(widths), dtype=torch.bool, device=device)
+
+    def cu_group_lens(self, device) -> torch.Tensor:
+        return cu_group_lens_from_sizes(self.widths, device=device)
+
+    def finished_groups(self) -> torch.Tensor:
+        """[live G] bool: every row of the group has finished."""
+        sizes = torch.as_tensor(self.widths, device=self.finished.device)
+        group = torch.repeat_interleave(torch.arange(len(self.widths), device=self.finished.device), sizes)
+        unfinished = torch.zeros(len(self.widths), dtype=torch.long, device=self.finished.device)
+        return unfinished.index_add_(0, group, (~self.finished).long()) == 0
+
+    def drop_groups(self, done: torch.Tensor) -> torch.Tensor:
+        """Removes the finished groups; returns the index of the kept live rows."""
+        keep_group = (~done).tolist()
+        sizes = torch.as_tensor(self.widths, device=self.finished.device)
+        keep_row = torch.repeat_interleave(~done, sizes)
+        self.widths = [w for w, k in zip(self.widths, keep_group) if k]
+        keep = torch.nonzero(keep_row).flatten()
+        self.rows, self.finished = self.rows[keep], self.finished[keep]
+        return keep
+
+
+@dataclass
+class Prefill:
+    """The state after the prompts were prefilled once and expanded to the members of their groups."""
+
+    cache: object  # transformers DynamicCache, [sum(widths), ...] rows
+    logits: torch.Tensor  # float32 [sum(widths), vocab]: next-token logits of every member
+    attention_mask: torch.Tensor  # [sum(widths), L]
+    last_position: torch.Tensor  # [sum(widths)]: position id of each row's last prompt token
+    expand: torch.Tensor  # [sum(widths)]: prompt index of each row
+
+
+@torch.no_grad()
+def prefill_once(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, widths: List[int]) -> Prefill:
+    """Runs the left-padded prompts [P, L] through the model once, one row per prompt (each its own group, so Bridge
+    sees only itself, exactly what it sees among N identical copies), then copies cache rows to the members."""
+    from transformers import DynamicCache
+
+    device, prompts_count = input_ids.device, input_ids.shape[0]
+    cache = DynamicCache(config=model.config)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    runtime = runtime_of(model) if is_bridged(model) else None
+    if runtime is not None:
+        runtime.set(torch.arange(prompts_count + 1, dtype=torch.int32, device=device), attention_mask.bool(),
+                    prompts_count)
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+    finally:
+        if runtime is not None:
+            runtime.clear()
+    expand = torch.repeat_interleave(torch.arange(prompts_count, device=device), torch.as_tensor(widths, device=device))
+    cache.batch_select_indices(expand)
+    return Prefill(cache, out.logits[:, -1].float()[expand], attention_mask[expand], positions[expand, -1], expand)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompts: Prompts,
+    width: Union[int, Sequence[int]] = 4,
+    max_new_tokens: int = 64,
+    *,
+    attention_mask: Optional[torch.Tensor] = None,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+    pad_token_id: Optional[int] = None,
+    compact: bool = True,
+    return_log_probs: bool = False,
+    return_logits: bool = False,
+    tokenizer=None,
+    progress: bool = False,
+) -> GenerationOutput:
+    """Generates `width` interdependent continuations of every prompt.
+
+    Args:
+        model: a HF causal LM, usually with `apply_bridge` (without Bridge the N samples are independent).
+        prompts: input_ids [P, L] (left-padded, with `attention_mask`), or P lists of token ids, or P strings (with
+            `tokenizer`).
+        width: samples per prompt, one int or one per prompt (ragged groups).
+        max_new_tokens: tokens generated per sequence at most.
+        do_sample, temperature, top_k, top_p: sampling as in HF (greedy when do_sample=False). The random numbers
+            come from torch's global generator: seed it with torch.manual_seed.
+        eos_token_id, pad_token_id: default to the model's generation config (pad falls back to EOS).
+        compact: drop groups whose rows have all finished from the batch and the cache.
+        return_log_probs: also return each sequence's summed log-probability under the sampling distribution.
+        return_logits: also return the raw logits each token was drawn from (memory: tokens x vocab floats).
+        progress: show a tqdm progress bar over decode steps.
+    """
+    config = getattr(model, "generation_config", None)
+    eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
+    pad = pad if pad is not None else (eos_ids[0] if eos_ids else 0)
+    if max_new_tokens < 1:
+        raise ValueError(f"bridge_ops: max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    input_ids, mask = _left_padded(prompts, attention_mask, pad, tokenizer, device)
+    widths = _widths(width, input_ids.shape[0])
+    runtime = runtime_of(model) if is_bridged(model) else None
+    if runtime is not None and runtime.context_active:
+        raise RuntimeError("bridge_ops: generate sets the groups itself; call it outside a groups(...) block")
+    pick = _sampler(do_sample, temperature, top_k, top_p)
+    eos_tensor = torch.as_tensor(eos_ids, dtype=torch.long, device=device)
+
+    start = time.perf_counter()
+    try:
+        # 1-2. Prefill once per prompt, then expand the cache to the groups' members.
+        state = prefill_once(model, input_ids, mask, widths)
+        cache, logits, mask, last_position = state.cache, state.logits, state.attention_mask, state.last_position
+        batch = _Batch(widths, device)
+        total_rows = batch.rows.numel()
+        generated = torch.full((total_rows, max_new_tokens), pad, dtype=torch.long, device=device)
+        lengths = torch.zeros(total_rows, dtype=torch.long, device=device)
+        log_probs = torch.zeros(total_rows, dtype=torch.float64, device=device)
+        step_logits = torch.zeros(total_rows, max_new_tokens, logits.shape[-1]) if return_logits else None
+        tokens_so_far = input_ids[state.expand]
+
+        steps = range(max_new_tokens)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="bridge_ops.generate", unit="step")
+        for step in steps:
+            # 3. Sample one token per live row; finished rows get padding.
+            next_tokens, scores = pick(tokens_so_far, logits)
+            next_tokens = torch.where(batch.finished, torch.full_like(next_tokens, pad), next_tokens)
+            live = ~batch.finished
+            generated[batch.rows[live], step] = next_tokens[live]
+            lengths[batch.rows[live]] += 1
+            if return_log_probs:
+                chosen = torch.log_softmax(scores, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)
+                log_probs[batch.rows[live]] += chosen[live].double()
+            if return_logits:
+                step_logits[batch.rows[live].cpu(), step] = logits[live].cpu()
+            visible = live  # a row's EOS position is still a visible key; later positions are not
+            batch.finished = batch.finished | torch.isin(next_tokens, eos_tensor)
+            if bool(batch.finished.all()) or step == max_new_tokens - 1:
+                break
+            if compact:
+                done = batch.finished_groups()
+                if bool(done.any()):
+                    keep = batch.drop_groups(done)
+                    cache.batch_select_indices(keep)
+                    mask, last_position = mask[keep], last_position[keep]
+                    next_tokens, visible, tokens_so_far = next_tokens[keep], visible[keep], tokens_so_far[keep]
+            # 4. One decode step for every live row.
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            last_position = last_position + 1
+            tokens_so_far = torch.cat([tokens_so_far, next_tokens[:, None]], dim=1)
+            if runtime is not None:
+                runtime.set(batch.cu_group_lens(device), visible[:, None], next_tokens.shape[0])
+            out = model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=last_position[:, None],
+                        past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+    finally:
+        if runtime is not None:
+            runtime.clear()
+    seconds = time.perf_counter() - start
+
+    sequences, scores_out, logits_out, row = [], [] if return_log_probs else None, [] if return_logits else None, 0
+    for w in widths:
+        members = range(row, row + w)
+        sequences.append([generated[r, : lengths[r]].tolist() for r in members])
+        if return_log_probs:
+            scores_out.append(log_probs[row : row + w].tolist())
+        if return_logits:
+            logits_out.append([step_logits[r, : lengths[r]] for r in members])
+        row += w
+    return GenerationOutput(sequences, scores_out, int(lengths.sum()), seconds, logits_out)

@@ -1,0 +1,177 @@
+"""Adding Bridge blocks to a loaded HuggingFace decoder (and taking them out again).
+
+`apply_bridge(model)` patches one *instance* (Liger-Kernel style: the class, and any other model in the process,
+stay untouched; the base weights are kept): every decoder layer gets a `bridge` submodule (a `BridgeBlock` in the
+model's dtype and device) and an instance-level `forward` that runs the original layer and then adds the Bridge
+residual, which is `h = h + Bridge(norm(h))` right after the layer's `h = h + MLP(norm(h))`. The model's `generate`
+is wrapped so `model.generate(..., num_return_sequences=N)` groups the N samples of each prompt. The Bridge
+hyper-parameters are recorded in `model.config.bridge`, so `save_pretrained` keeps them.
+"""
+
+import types
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, Optional
+
+from torch import nn
+
+from ..block import BridgeBlock
+from .runtime import BridgeRuntime, groups, runtime_of
+
+MIN_TRANSFORMERS = (4, 56)
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    d_bridge: int = 512
+    num_heads: Optional[int] = None
+    init_std: float = 0.02
+
+
+def _llama_like_norm(layer: nn.Module, config) -> nn.Module:
+    """The base model's own RMSNorm class, as the paper places it (norm = post_attention_layernorm's class)."""
+    return type(layer.post_attention_layernorm)(config.hidden_size, eps=config.rms_norm_eps)
+
+
+def _generic_norm(layer: nn.Module, config) -> nn.Module:
+    eps = getattr(config, "rms_norm_eps", None) or getattr(config, "layer_norm_epsilon", None) or 1e-6
+    return nn.RMSNorm(config.hidden_size, eps=eps)
+
+
+# model_type -> how to build the Bridge input norm of a layer. Layers are `<base model>.layers` for all of them.
+REGISTRY: Dict[str, Callable[[nn.Module, object], nn.Module]] = {
+    "llama": _llama_like_norm,
+    "mistral": _llama_like_norm,
+    "qwen2": _llama_like_norm,
+    "qwen3": _llama_like_norm,
+}
+
+
+def _check_transformers() -> None:
+    import transformers
+
+    version = tuple(int(p) for p in transformers.__version__.split(".")[:2])
+    if version < MIN_TRANSFORMERS:
+        raise RuntimeError(
+            f"bridge_ops: transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))} is required (Cache API), "
+            f"found {transformers.__version__}"
+        )
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers Bridge attaches to: `<base>.layers` for registered types, else the first ModuleList of
+    the base model whose every layer has an `mlp` submodule (the generic path)."""
+    model_type = getattr(model.config, "model_type", None)
+    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    if model_type in REGISTRY:
+        return base.layers
+    for child in base.children():
+        if isinstance(child, nn.ModuleList) and len(child) > 0 and all(hasattr(m, "mlp") for m in child):
+            return child
+    raise ValueError(
+        f"bridge_ops: cannot add Bridge to model type '{model_type}': it is not one of {sorted(REGISTRY)} and its "
+        "base model has no list of decoder layers with an `mlp` submodule"
+    )
+
+
+def _bridged_layer_forward(layer: nn.Module, *args, **kwargs):
+    out = layer._bridge_base_forward(*args, **kwargs)
+    hidden = out[0] if isinstance(out, tuple) else out
+    cu_group_lens, key_mask = layer._bridge_runtime.groups_for(hidden)
+    hidden = layer.bridge.residual(hidden, cu_group_lens, key_mask)
+    return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+
+def _bridged_generate(model: nn.Module, *args, **kwargs):
+    runtime = model._bridge_runtime
+    if runtime.context_active:  # the caller set the groups
+        return model._bridge_base_generate(*args, **kwargs)
+    config = kwargs.get("generation_config") or model.generation_config
+    width = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1
+    if (kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1) > 1:
+        raise ValueError("bridge_ops: beam search is not supported on a bridged model (use sampling or greedy)")
+    eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
+    with groups(model, width=width, eos_token_id=eos):
+        return model._bridge_base_generate(*args, **kwargs)
+
+
+def is_bridged(model: nn.Module) -> bool:
+    return getattr(model, "_bridge_runtime", None) is not None
+
+
+def apply_bridge(
+    model: nn.Module,
+    d_bridge: Optional[int] = None,
+    num_heads: Optional[int] = None,
+    *,
+    init_std: Optional[float] = None,
+) -> nn.Module:
+    """Adds a BridgeBlock after the feed-forward block of every decoder layer of `model` (in place; returns it).
+
+    Supported explicitly: llama, mistral, qwen2, qwen3 (the Bridge norm is the model's own RMSNorm class); any other
+    decoder whose layers have an `mlp` submodule goes through a generic path (torch.nn.RMSNorm). Defaults come from
+    `model.config.bridge` when present (a model saved after `apply_bridge`), else d_bridge=512, num_heads =
+    d_bridge // 128, init_std=0.02. The blocks' output projections are zero, so the model's outputs are unchanged.
+    """
+    _check_transformers()
+    if is_bridged(model):
+        raise ValueError("bridge_ops: this model already has Bridge blocks (remove_bridge(model) first)")
+    saved = getattr(model.config, "bridge", None) or {}
+    defaults = BridgeConfig(**saved) if saved else BridgeConfig()
+    cfg = BridgeConfig(
+        d_bridge=d_bridge if d_bridge is not None else defaults.d_bridge,
+        num_heads=num_heads if num_heads is not None else defaults.num_heads,
+        init_std=init_std if init_std is not None else defaults.init_std,
+    )
+    layers = decoder_layers(model)
+    make_norm = REGISTRY.get(getattr(model.config, "model_type", None), _generic_norm)
+    reference_param = next(model.parameters())
+    runtime = BridgeRuntime()
+    for layer in layers:
+        block = BridgeBlock(
+            model.config.hidden_size, cfg.d_bridge, cfg.num_heads, norm=make_norm(layer, model.config),
+            init_std=cfg.init_std,
+        )
+        layer.bridge = block.to(device=reference_param.device, dtype=reference_param.dtype)
+        layer._bridge_runtime = runtime
+        layer._bridge_base_forward = layer.forward
+        layer.forward = types.MethodType(_bridged_layer_forward, layer)
+    cfg = BridgeConfig(cfg.d_bridge, layers[0].bridge.num_heads, cfg.init_std)
+    model.config.bridge = asdict(cfg)
+    model._bridge_runtime = runtime
+    if hasattr(model, "generate"):
+        model._bridge_base_generate = model.generate
+        model.generate = types.MethodType(_bridged_generate, model)
+    return model
+
+
+def remove_bridge(model: nn.Module) -> nn.Module:
+    """Takes the Bridge blocks out again: the model is the original one (same modules, same weights)."""
+    runtime_of(model)
+    for layer in decoder_layers(model):
+        del layer.bridge
+        del layer.forward, layer._bridge_base_forward, layer._bridge_runtime
+    if hasattr(model, "_bridge_base_generate"):
+        del model.generate, model._bridge_base_generate
+    del model._bridge_runtime
+    if hasattr(model.config, "bridge"):
+        del model.config.bridge
+    return model
+
+
+def bridge_blocks(model: nn.Module):
+    """The BridgeBlock of every decoder layer, in layer order."""
+    runtime_of(model)
+    return [layer.bridge for layer in decoder_layers(model)]
+
+
+def parameter_share(model: nn.Module) -> Dict[str, float]:
+    """Bridge parameters, all parameters, and their ratio (the paper: 2.8-5.1% at d_bridge 512 on 1.5B-8B models)."""
+    bridge = sum(p.numel() for block in bridge_blocks(model) for p in block.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return {"bridge_parameters": bridge, "total_parameters": total, "share": bridge / total}
+
+
+def bridge_parameters(model: nn.Module):
+    """The Bridge parameters only (e.g. for an optimizer that trains Bridge with the base frozen)."""
+    return [p for block in bridge_blocks(model) for p in block.parameters()]
+

@@ -1,0 +1,73 @@
+"""The bridge-ops console script, the character-level model builder and the demo, end to end."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import bridge_ops  # noqa: E402
+from bridge_ops.charlm import char_tokenizer, tiny_causal_lm  # noqa: E402
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "bridge_ops.cli", *args], capture_output=True, text=True)
+
+
+def test_char_tokenizer_round_trips_and_left_pads():
+    tok = char_tokenizer()
+    ids = tok("12+7=")["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) == 6
+    assert tok.decode(ids, skip_special_tokens=True) == "12+7="
+    batch = tok(["a", "abc"], padding=True)["input_ids"]
+    assert batch[0][:2] == [tok.pad_token_id, tok.pad_token_id]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_tiny_causal_lm_matches_the_tokenizer(model_type):
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, model_type=model_type, hidden_size=32, num_layers=1)
+    assert model.config.vocab_size == len(tok) and model.config.eos_token_id == tok.eos_token_id
+    with torch.no_grad():
+        assert model(torch.tensor([tok("hi")["input_ids"]])).logits.shape == (1, 3, len(tok))
+
+
+def test_info_command():
+    result = run_cli("info")
+    assert result.returncode == 0 and "backends" in result.stdout
+
+
+def test_tiny_model_then_generate_with_and_without_bridge(tmp_path):
+    made = run_cli("tiny-model", str(tmp_path / "m"), "--hidden-size", "32", "--layers", "2", "--bridge", "16")
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "m" / "bridge.safetensors").exists()
+    args = ["generate", "--model", str(tmp_path / "m"), "--prompt", "1+2=", "--prompt", "hello", "--width", "3",
+            "--max-new-tokens", "5"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "Bridge weights from" in result.stdout and "tokens/s" in result.stdout
+    assert result.stdout.count("  [") == 6  # 2 prompts x 3 responses
+    plain = run_cli(*args, "--no-bridge", "--greedy")
+    assert plain.returncode == 0 and "independent samples" in plain.stdout
+
+
+def test_generate_command_fails_clearly_without_a_model(tmp_path):
+    result = run_cli("generate", "--model", str(tmp_path / "missing"), "--prompt", "x")
+    assert result.returncode != 0
+
+
+def test_demo_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge_ops.demo", "--hidden-size", "32", "--layers", "1", "--max-new-tokens", "4"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "with Bridge (interdependent samples)" in result.stdout and "tokens/s" in result.stdout
+
+
+def test_package_exports():
+    for name in ("apply_bridge", "remove_bridge", "save_bridge", "load_bridge", "groups", "generate",
+                 "bridge_block_decode", "majority_vote", "best_of_n", "parameter_share"):
+        assert callable(getattr(bridge_ops, name)), name

@@ -1,0 +1,360 @@
+"""Bridge in HuggingFace models: patching, group metadata, save/load, and generation with the KV cache."""
+
+import pytest
+import torch
+from hf_models import EOS, MODEL_TYPES, PAD, bridged_model, left_padded, tiny_config, tiny_model
+
+import bridge_ops
+from bridge_ops.hf import bridge_blocks
+
+pytest.importorskip("transformers")
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+
+
+def teacher_forced_logits(model, prompts, widths, result, eos=EOS):
+    """One forward over prompt + generated tokens of every member, with the groups and key mask generation used:
+    logits[r, t] is what predicted generated token t of row r."""
+    ids, mask = left_padded(prompts)
+    rows = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(widths))
+    members = [seq for group in result.sequences for seq in group]
+    steps = max(len(s) for s in members)
+    generated = torch.full((len(members), steps), PAD, dtype=torch.long)
+    key_visible = torch.zeros(len(members), steps, dtype=torch.bool)
+    for r, seq in enumerate(members):
+        generated[r, : len(seq)] = torch.tensor(seq)
+        key_visible[r, : len(seq)] = True  # up to and including its EOS
+    full_ids = torch.cat([ids[rows], generated], dim=1)
+    full_mask = torch.cat([mask[rows], torch.ones_like(generated)], dim=1)
+    key_mask = torch.cat([mask[rows].bool(), key_visible], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    cu = bridge_ops.cu_group_lens_from_sizes(widths)
+    with torch.no_grad(), bridge_ops.groups(model, cu_group_lens=cu, key_mask=key_mask):
+        logits = model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits
+    return logits[:, ids.shape[1] - 1 : -1].float(), members
+
+
+def assert_incremental_matches_teacher_forced(model, prompts, widths, result, atol=2e-4):
+    full, members = teacher_forced_logits(model, prompts, widths, result)
+    stepwise = [lg for group in result.logits for lg in group]
+    for r, (seq, step_logits) in enumerate(zip(members, stepwise)):
+        assert step_logits.shape[0] == len(seq)
+        err = (full[r, : len(seq)] - step_logits).abs().max().item() if seq else 0.0
+        assert err < atol, f"row {r}: incremental vs teacher-forced logits differ by {err:.2e}"
+
+
+def eos_after_two_steps(model, prompts, widths, seed):
+    """An EOS token that makes some (not all) rows finish early: a token row 0 draws at step 2."""
+    torch.manual_seed(seed)
+    probe = bridge_ops.generate(model, prompts, widths, max_new_tokens=6, eos_token_id=[], top_k=0)
+    return probe.sequences[0][0][2]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Patching
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_zero_initialized_bridge_leaves_logits_identical(model_type):
+    model = tiny_model(model_type)
+    ids, mask = left_padded([p for p in PROMPTS for _ in range(3)])
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).logits
+    bridge_ops.apply_bridge(model, d_bridge=32)
+    assert len(bridge_blocks(model)) == 2
+    assert all(type(b.norm) is type(model.model.layers[0].post_attention_layernorm) for b in bridge_blocks(model))
+    with torch.no_grad(), bridge_ops.groups(model, width=3):
+        bridged = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(bridged, base)
+    with bridge_ops.groups(model, width=3):  # with autograd, through BridgeBlock.forward instead of the fused op
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, base)
+
+
+def test_patch_is_per_instance_keeps_weights_and_is_removable():
+    model, other = tiny_model("qwen2"), tiny_model("qwen2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bridge_ops.apply_bridge(model, d_bridge=32)
+    assert not hasattr(other.model.layers[0], "bridge") and "forward" not in vars(other.model.layers[0])
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert {k for k in after if ".bridge." in k} == {
+        f"model.layers.{i}.bridge.{n}"
+        for i in range(2)
+        for n in ("norm.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")
+    }
+    assert model.config.bridge == {"d_bridge": 32, "num_heads": 1, "init_std": 0.02}
+    bridge_ops.remove_bridge(model)
+    assert set(model.state_dict()) == set(before) and not hasattr(model.config, "bridge")
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, other(ids).logits, rtol=0, atol=0)
+
+
+def test_bridge_parameters_are_in_the_models_dtype_and_the_share_is_reported():
+    model = bridge_ops.apply_bridge(tiny_model("llama").to(torch.bfloat16), d_bridge=16)
+    assert all(p.dtype == torch.bfloat16 for p in bridge_ops.bridge_parameters(model))
+    share = bridge_ops.parameter_share(model)
+    assert share["bridge_parameters"] == 2 * (4 * 64 * 16 + 64)
+    assert share["share"] == pytest.approx(share["bridge_parameters"] / share["total_parameters"])
+
+
+def test_generic_path_and_unsupported_models():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
+    ids = torch.tensor([[3, 4, 5], [3, 4, 5], [6, 7, 8], [6, 7, 8]])
+    with torch.no_grad():
+        base = gpt2(ids).logits
+    bridge_ops.apply_bridge(gpt2, d_bridge=16)  # GPT-2 is not registered: its blocks have an `mlp`
+    assert len(bridge_blocks(gpt2)) == 2 and isinstance(bridge_blocks(gpt2)[0].norm, torch.nn.RMSNorm)
+    with torch.no_grad(), bridge_ops.groups(gpt2, width=2):
+        assert torch.equal(gpt2(ids).logits, base)
+
+    class Toy(torch.nn.Module):
+        base_model_prefix = "body"
+
+        def __init__(self):
+            super().__init__()
+            self.config = type("Cfg", (), {"model_type": "toy-lm", "hidden_size": 8})()
+            self.body = torch.nn.Module()
+            self.body.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8)])
+
+    with pytest.raises(ValueError, match="model type 'toy-lm'"):
+        bridge_ops.apply_bridge(Toy())
+
+
+def test_forward_without_groups_explains_what_to_do():
+    model = bridge_ops.apply_bridge(tiny_model("llama"), d_bridge=16)
+    with pytest.raises(RuntimeError, match="with bridge_ops.groups"):
+        model(torch.tensor([PROMPTS[0]]))
+    with pytest.raises(ValueError, match="not a positive multiple of width 2"), bridge_ops.groups(model, width=2):
+        model(torch.tensor([PROMPTS[0]] * 3))
+    with pytest.raises(ValueError, match="exactly one of"):
+        with bridge_ops.groups(model, width=2, sizes=[1, 1]):
+            pass
+    with pytest.raises(ValueError, match="already has Bridge"):
+        bridge_ops.apply_bridge(model)
+
+
+def test_groups_context_hides_keys_after_eos():
+    """Inside groups(..., eos_token_id=...), a row's keys vanish right after its EOS: peers' outputs at later
+    positions equal those of a run where the finished row's later tokens are arbitrary."""
+    model = bridged_model("llama")
+    prompt = torch.tensor([[5, 6, 7]] * 2)
+    outs = []
+    for late in (20, 30):
+        with torch.no_grad(), bridge_ops.groups(model, width=2, eos_token_id=EOS):
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=model.config)
+            model(input_ids=prompt, past_key_values=cache, use_cache=True)
+            model(input_ids=torch.tensor([[EOS], [9]]), past_key_values=cache, use_cache=True)
+            outs.append(model(input_ids=torch.tensor([[late], [10]]), past_key_values=cache, use_cache=True).logits)
+    assert torch.equal(outs[0][1], outs[1][1])  # row 1 does not see row 0 after its EOS
+    assert not torch.equal(outs[0][0], outs[1][0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Save and load
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    model = bridged_model("qwen3")
+    bridge_ops.save_bridge(model, tmp_path / "bridge")
+    fresh = tiny_model("qwen3")
+    bridge_ops.load_bridge(fresh, tmp_path / "bridge")  # adds the blocks from the saved config
+    for a, b in zip(bridge_ops.bridge_parameters(model), bridge_ops.bridge_parameters(fresh)):
+        assert torch.equal(a, b)
+    assert fresh.config.bridge == model.config.bridge
+
+
+def test_save_pretrained_reload_apply_and_load(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = bridged_model("mistral")
+    model.save_pretrained(tmp_path / "model")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    assert reloaded.config.bridge == model.config.bridge
+    bridge_ops.apply_bridge(reloaded)  # hyper-parameters from config.bridge
+    bridge_ops.load_bridge(reloaded, tmp_path / "model")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+    ids = torch.tensor([PROMPTS[0]] * 2)
+    with torch.no_grad(), bridge_ops.groups(model, width=2), bridge_ops.groups(reloaded, width=2):
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
+def test_loading_into_another_shape_fails_clearly(tmp_path):
+    bridge_ops.save_bridge(bridged_model("llama"), tmp_path)
+    with pytest.raises(ValueError, match="hidden_size 64 \\(saved\\) vs 32 \\(model\\)"):
+        bridge_ops.load_bridge(tiny_model("llama", hidden_size=32, head_dim=8), tmp_path)
+    with pytest.raises(ValueError, match="num_layers 2 \\(saved\\) vs 3 \\(model\\)"):
+        bridge_ops.load_bridge(tiny_model("llama", num_hidden_layers=3), tmp_path)
+    other_width = bridge_ops.apply_bridge(tiny_model("llama"), d_bridge=16)
+    with pytest.raises(ValueError, match="d_bridge 32 \\(saved\\) vs 16 \\(model\\)"):
+        bridge_ops.load_bridge(other_width, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("compact", [True, False])
+def test_incremental_decoding_equals_teacher_forced_forward(model_type, compact):
+    model = bridged_model(model_type)
+    widths = [3, 1, 2]
+    eos = eos_after_two_steps(model, PROMPTS, widths, seed=3)
+    torch.manual_seed(3)
+    result = bridge_ops.generate(model, PROMPTS, widths, max_new_tokens=8, eos_token_id=eos, top_k=0,
+                                 compact=compact, return_logits=True)
+    lengths = [len(s) for g in result.sequences for s in g]
+    assert min(lengths) < 8 and max(lengths) == 8, lengths  # some rows finished early, some did not
+    assert all(s[-1] == eos for g in result.sequences for s in g if len(s) < 8)
+    assert_incremental_matches_teacher_forced(model, PROMPTS, widths, result)
+
+
+def test_bridge_really_mixes_members_during_generation():
+    """Member 0's logits depend on its peers: teacher-forcing its own tokens without them gives other logits
+    (except at the first token, which comes from the shared prompt)."""
+    model = bridged_model("llama")
+    torch.manual_seed(0)
+    together = bridge_ops.generate(model, [PROMPTS[0]], 3, max_new_tokens=6, eos_token_id=[], top_k=0,
+                                   return_logits=True)
+    member = bridge_ops.GenerationOutput([[together.sequences[0][0]]], None, 6, 1.0)
+    alone, _ = teacher_forced_logits(model, [PROMPTS[0]], [1], member)
+    with_peers = together.logits[0][0]
+    torch.testing.assert_close(alone[0, :1], with_peers[:1], rtol=0, atol=1e-5)
+    assert (alone[0, 1:] - with_peers[1:]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("width", [1, 2, 8, 16])
+def test_width_agnostic(width):
+    """Bridge has no positional encoding among members: a model built and trained at width 4 runs at any width."""
+    model = bridged_model("qwen2")
+    torch.manual_seed(width)
+    result = bridge_ops.generate(model, PROMPTS[:2], width, max_new_tokens=5, top_k=0, return_logits=True)
+    assert [len(g) for g in result.sequences] == [width, width]
+    assert_incremental_matches_teacher_forced(model, PROMPTS[:2], [width, width], result)
+
+
+def test_prefill_once_equals_expanded_prefill():
+    from transformers import DynamicCache
+
+    model = bridged_model("llama")
+    ids, mask = left_padded(PROMPTS)
+    width = 4
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    once = DynamicCache(config=model.config)
+    with torch.no_grad(), bridge_ops.groups(model, width=1):
+        logits_once = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=once).logits
+    rows = torch.arange(len(PROMPTS)).repeat_interleave(width)
+    once.batch_select_indices(rows)
+    naive = DynamicCache(config=model.config)
+    with torch.no_grad(), bridge_ops.groups(model, width=width):
+        logits_naive = model(input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions[rows],
+                             past_key_values=naive).logits
+    torch.testing.assert_close(logits_once[rows], logits_naive, rtol=0, atol=1e-5)
+    for layer_once, layer_naive in zip(once.layers, naive.layers):
+        torch.testing.assert_close(layer_once.keys, layer_naive.keys, rtol=0, atol=1e-5)
+        torch.testing.assert_close(layer_once.values, layer_naive.values, rtol=0, atol=1e-5)
+
+
+def test_groups_of_different_prompts_do_not_interact():
+    model = bridged_model("llama")
+    a = bridge_ops.generate(model, [PROMPTS[0], [20, 21, 22]], [3, 2], max_new_tokens=6, do_sample=False,
+                            return_logits=True)
+    b = bridge_ops.generate(model, [PROMPTS[0], [30, 31, 32]], [3, 2], max_new_tokens=6, do_sample=False,
+                            return_logits=True)
+    assert a.sequences[0] == b.sequences[0]
+    assert all(torch.equal(x, y) for x, y in zip(a.logits[0], b.logits[0]))
+    assert a.sequences[1] != b.sequences[1]
+
+
+def test_compaction_does_not_change_surviving_rows():
+    model = bridged_model("qwen3")
+    widths = [2, 3, 1]
+    eos = eos_after_two_steps(model, PROMPTS, widths, seed=5)
+    runs = [
+        bridge_ops.generate(model, PROMPTS, widths, max_new_tokens=10, do_sample=False, eos_token_id=eos,
+                            compact=compact, return_logits=True)
+        for compact in (True, False)
+    ]
+    assert runs[0].sequences == runs[1].sequences
+    for x, y in zip(sum(runs[0].logits, []), sum(runs[1].logits, [])):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+
+
+def test_hf_generate_with_num_return_sequences_matches_bridge_ops_generate():
+    model = bridged_model("llama")
+    ids, mask = left_padded(PROMPTS)
+    width, steps = 4, 8
+    eos = eos_after_two_steps(model, PROMPTS, [width] * 3, seed=11)
+    torch.manual_seed(11)
+    ours = bridge_ops.generate(model, ids, width, max_new_tokens=steps, attention_mask=mask, eos_token_id=eos,
+                               top_k=0, compact=False)
+    torch.manual_seed(11)
+    theirs = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, num_return_sequences=width,
+                            max_new_tokens=steps, top_k=0, eos_token_id=eos, pad_token_id=PAD)
+    generated = theirs[:, ids.shape[1] :].tolist()
+    ours_flat = [s for g in ours.sequences for s in g]
+    assert any(len(s) < steps for s in ours_flat)
+    for mine, hf in zip(ours_flat, generated):
+        assert mine == hf[: len(mine)]
+    # greedy at width 1
+    greedy_ours = bridge_ops.generate(model, ids, 1, max_new_tokens=steps, attention_mask=mask, do_sample=False,
+                                      eos_token_id=eos)
+    greedy_hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=steps,
+                               eos_token_id=eos, pad_token_id=PAD)[:, ids.shape[1] :].tolist()
+    for (mine,), hf in zip(greedy_ours.sequences, greedy_hf):
+        assert mine == hf[: len(mine)]
+
+
+def test_generation_inputs_and_errors():
+    model = bridged_model("llama")
+    with pytest.raises(ValueError, match="2 widths given for 3 prompts"):
+        bridge_ops.generate(model, PROMPTS, [2, 2])
+    with pytest.raises(ValueError, match="every width must be >= 1"):
+        bridge_ops.generate(model, PROMPTS, 0)
+    with pytest.raises(ValueError, match="text prompts need a tokenizer"):
+        bridge_ops.generate(model, ["hello"], 2)
+    with pytest.raises(ValueError, match="at least one token"):
+        bridge_ops.generate(model, [[]], 2)
+    with pytest.raises(RuntimeError, match="outside a groups"), bridge_ops.groups(model, width=2):
+        bridge_ops.generate(model, PROMPTS, 2)
+    with pytest.raises(ValueError, match="beam search"):
+        model.generate(torch.tensor([PROMPTS[0]]), num_beams=2, max_new_tokens=2)
+    # works without Bridge too (independent samples), returning one list per prompt
+    plain = bridge_ops.generate(tiny_model("llama"), PROMPTS, 2, max_new_tokens=3, return_log_probs=True)
+    assert [len(g) for g in plain.sequences] == [2, 2, 2] and len(plain.log_probs[0]) == 2
+    assert plain.num_tokens == sum(len(s) for g in plain.sequences for s in g)
+
+
+def test_aggregation_helpers():
+    out = bridge_ops.GenerationOutput([[[1, 2], [3], [1, 2]], [[4], [5]]], None, 6, 1.0)
+    assert out.majority_vote(lambda s: s[0]) == [1, 4]
+    assert out.majority_vote(lambda s: None) == [None, None]
+    assert out.best_of_n(len) == [[1, 2], [4]]
+    assert bridge_ops.majority_vote(["b", None, "a", "a", "b"]) == "b"  # tie: first seen
+    with pytest.raises(ValueError):
+        bridge_ops.best_of_n([], len)
+
+
+def test_decode_steps_use_the_fused_op(monkeypatch):
+    calls = []
+    real = torch.ops.bridge_ops.bridge_block_decode
+
+    class Counting:
+        def __call__(self, *args):
+            calls.append(args[0].shape)
+            return real(*args)
+
+    monkeypatch.setattr(bridge_ops.ops.torch.ops.bridge_ops, "bridge_block_decode", Counting())
+    model = bridged_model("llama")
+    bridge_ops.generate(model, PROMPTS, 2, max_new_tokens=3, do_sample=False, eos_token_id=[])
+    decode_calls = [s for s in calls if s[1] == 1]
+    assert len(decode_calls) == 2 * 2  # 2 layers x 2 decode steps (the first token comes from the prefill)
+    assert tiny_config("llama").num_hidden_layers == 2
