@@ -1,6 +1,7 @@
-"""Turns a pytest-benchmark JSON of bench/test_bench_bridge_attention.py into the README's Markdown table.
+"""Turns pytest-benchmark JSON files of bench/ into the README's Markdown tables.
 
-    python bench/report.py bench/results/cpu.json
+    python bench/report.py bench/results/cpu.json          # bridge_attention: fused vs reference vs dense SDPA
+    python bench/report.py bench/results/generation.json   # decode, block decode step, prefill once
 """
 
 import json
@@ -8,32 +9,70 @@ import sys
 from collections import defaultdict
 
 
-def main(path: str) -> None:
-    with open(path) as f:
-        data = json.load(f)
+def fmt(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    return f"{seconds * 1e3:.2f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} us"
+
+
+def header(data) -> str:
+    first = data["benchmarks"][0]["extra_info"]
+    machine = data["machine_info"]
+    cpu = machine.get("cpu", {}).get("brand_raw") or machine["processor"]
+    threads = first.get("threads", "?")
+    return f"{cpu}, {threads} threads, torch {first.get('torch', '?')}; medians of pytest-benchmark rounds"
+
+
+def attention_table(data) -> None:
     rows = defaultdict(dict)
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
         rows[(info["shape"], info["mode"])][info["impl"]] = (bench["stats"]["median"], info["peak_memory_bytes"])
-    machine = data["machine_info"]
-    first = data["benchmarks"][0]["extra_info"]
-    cpu = machine.get("cpu", {}).get("brand_raw") or machine["processor"]
-    print(f"{cpu}, {first['threads']} threads, torch {first['torch']}, float32, H=4, Dh=128; medians")
-    print()
     print("| shape | pass | fused | reference | dense SDPA | fused vs reference | fused vs dense | peak memory "
           "fused / reference / dense |")
     print("|---|---|---|---|---|---|---|---|")
     for (shape, mode), impls in rows.items():
         (tf, mf), (tr, mr), (td, md) = impls["fused"], impls["reference"], impls["dense_sdpa"]
         mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
-        print(
-            f"| {shape} | {mode} | {fmt(tf)} | {fmt(tr)} | {fmt(td)} | **{tr / tf:.1f}x** | {td / tf:.1f}x | "
-            f"{mib(mf)} / {mib(mr)} / {mib(md)} MiB |"
-        )
+        print(f"| {shape} | {mode} | {fmt(tf)} | {fmt(tr)} | {fmt(td)} | **{tr / tf:.1f}x** | {td / tf:.1f}x | "
+              f"{mib(mf)} / {mib(mr)} / {mib(md)} MiB |")
 
 
-def fmt(seconds: float) -> str:
-    return f"{seconds * 1e6:.0f} us" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"
+def generation_tables(data) -> None:
+    by_kind = defaultdict(list)
+    for bench in data["benchmarks"]:
+        by_kind[bench["extra_info"]["kind"]].append((bench["extra_info"], bench["stats"]["median"]))
+    (decode, _), = by_kind["decode"]
+    print("| decode (4 prompts x width 4, 32 new tokens; runs alternated) | time | tokens/s |")
+    print("|---|---|---|")
+    print(f"| without Bridge | {fmt(decode['unbridged'])} | {decode['tokens'] / decode['unbridged']:.0f} |")
+    print(f"| with Bridge ({decode['bridge_share']:.1%} parameters) | {fmt(decode['bridged'])} | "
+          f"{decode['tokens'] / decode['bridged']:.0f} |")
+    print(f"| **bridged / unbridged** (median of per-round ratios) | **{decode['ratio']:.3f}x** (target <= 1.10x) | |")
+    print()
+    block = {info["impl"]: t for info, t in by_kind["block"]}
+    print("| one BridgeBlock decode step (16 rows, D=1024, d_bridge=192) | time | vs fused |")
+    print("|---|---|---|")
+    for impl, label in (("fused", "fused `bridge_block_decode`"), ("reference", "plain PyTorch calls (reference)"),
+                        ("module", "`hidden + BridgeBlock(hidden)`")):
+        print(f"| {label} | {fmt(block[impl])} | {block[impl] / block['fused']:.1f}x |")
+    print()
+    print("| prefill, 4 prompts x 64 tokens | once + cache copy | expanded (N copies) | once / expanded | target 1.2/N |")
+    print("|---|---|---|---|---|")
+    for info, _ in sorted(by_kind["prefill"], key=lambda item: item[0]["width"]):
+        print(f"| N = {info['width']} | {fmt(info['once'])} | {fmt(info['expanded'])} | **{info['ratio']:.3f}** | "
+              f"{1.2 / info['width']:.3f} |")
+
+
+def main(path: str) -> None:
+    with open(path) as f:
+        data = json.load(f)
+    print(header(data))
+    print()
+    if "kind" in data["benchmarks"][0]["extra_info"]:
+        generation_tables(data)
+    else:
+        attention_table(data)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ parameters), float32; Bridge with d_bridge = 192 (one head of 192) adds 3.9% par
   bridged vs the same model without Bridge. Target: bridged time <= 1.10x unbridged.
 - block: one decode step of a BridgeBlock (16 rows, S=1): the fused `bridge_block_decode` op vs the same step as
   plain PyTorch calls (its reference twin) vs the module path (`hidden + block(hidden)`).
-- prefill: 2 prompts of 64 tokens at width N = 4, 8, 16: prefill once per prompt and copy the cache rows to the
+- prefill: 4 prompts of 64 tokens at width N = 4, 8, 16: prefill once per prompt and copy the cache rows to the
   members (`bridge_ops.generation.prefill_once`) vs the expanded prefill HF's generate does (N copies of each
   prompt through the model). Target: once <= 1.2 / N of expanded.
 """
+
+import statistics
+import time
 
 import pytest
 import torch
@@ -22,6 +25,7 @@ from bridge_ops.generation import prefill_once
 
 D_BRIDGE = 192
 PROMPTS, PROMPT_LEN, WIDTH, NEW_TOKENS = 4, 32, 4, 32
+PREFILL_PROMPTS = 4
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +50,39 @@ def prompts(count, length, seed=0):
     return torch.randint(3, 32000, (count, length), generator=gen)
 
 
-@pytest.mark.parametrize("variant", ["unbridged", "bridged"])
-def test_decode(benchmark, models, variant):
-    model = models[variant]
+def paired_rounds(benchmark, first, second, rounds):
+    """Times `first` and `second` alternately in each round (drift of a shared machine hits both alike);
+    returns the medians of each and the median of the per-round ratios second / first."""
+    times = ([], [])
+
+    def pair():
+        for fn, out in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+
+    benchmark.pedantic(pair, rounds=rounds, warmup_rounds=1)
+    ratios = [b / a for a, b in zip(*times)]
+    return statistics.median(times[0]), statistics.median(times[1]), statistics.median(ratios)
+
+
+def test_decode(benchmark, models):
     ids = prompts(PROMPTS, PROMPT_LEN)
 
-    def run():
+    def run(model):
         torch.manual_seed(0)
         return bridge_ops.generate(model, ids, WIDTH, NEW_TOKENS, eos_token_id=[], top_k=0)
 
-    result = run()
+    tokens = run(models["bridged"]).num_tokens
     benchmark.group = "decode"
-    share = bridge_ops.parameter_share(model)["share"] if variant == "bridged" else 0.0
-    benchmark.extra_info.update(kind="decode", variant=variant, tokens=result.num_tokens, bridge_share=share,
-                                threads=torch.get_num_threads(), torch=torch.__version__)
-    benchmark.pedantic(run, rounds=3, warmup_rounds=0)
+    unbridged, bridged, ratio = paired_rounds(
+        benchmark, lambda: run(models["unbridged"]), lambda: run(models["bridged"]), rounds=5
+    )
+    benchmark.extra_info.update(
+        kind="decode", tokens=tokens, unbridged=unbridged, bridged=bridged, ratio=ratio,
+        bridge_share=bridge_ops.parameter_share(models["bridged"])["share"], threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )
 
 
 @pytest.mark.parametrize("impl", ["fused", "reference", "module"])
@@ -78,30 +100,29 @@ def test_block_decode_step(benchmark, models, impl):
         "module": lambda: hidden + block(hidden, cu, mask),
     }
     benchmark.group = "block decode step"
-    benchmark.extra_info.update(kind="block", impl=impl)
+    benchmark.extra_info.update(kind="block", impl=impl, threads=torch.get_num_threads(), torch=torch.__version__)
     with torch.no_grad():
         benchmark(calls[impl])
 
 
 @pytest.mark.parametrize("width", [4, 8, 16])
-@pytest.mark.parametrize("mode", ["once", "expanded"])
-def test_prefill(benchmark, models, mode, width):
+def test_prefill(benchmark, models, width):
     from transformers import DynamicCache
 
     model = models["bridged"]
-    ids = prompts(2, 64)
+    ids = prompts(PREFILL_PROMPTS, 64)
     mask = torch.ones_like(ids)
-    widths = [width] * ids.shape[0]
+    rows = torch.arange(ids.shape[0]).repeat_interleave(width)
 
     def once():
-        return prefill_once(model, ids, mask, widths)
+        return prefill_once(model, ids, mask, [width] * ids.shape[0])
 
     def expanded():
-        rows = torch.arange(ids.shape[0]).repeat_interleave(width)
         with torch.no_grad(), bridge_ops.groups(model, width=width):
             return model(input_ids=ids[rows], attention_mask=mask[rows], past_key_values=DynamicCache(config=model.config),
                          use_cache=True, logits_to_keep=1)
 
     benchmark.group = f"prefill N={width}"
-    benchmark.extra_info.update(kind="prefill", mode=mode, width=width)
-    benchmark.pedantic(once if mode == "once" else expanded, rounds=3, warmup_rounds=1)
+    expanded_time, once_time, ratio = paired_rounds(benchmark, expanded, once, rounds=3)
+    benchmark.extra_info.update(kind="prefill", width=width, once=once_time, expanded=expanded_time, ratio=ratio,
+                                threads=torch.get_num_threads(), torch=torch.__version__)
