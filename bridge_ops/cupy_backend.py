@@ -274,7 +274,7 @@ def backward(launcher, grad_out, grad_lse, q, k, v, lse, cu_group_lens, key_mask
 # The cupy launcher and the registration as torch's CUDA kernels
 # ---------------------------------------------------------------------------------------------------------------
 
-NVRTC_OPTIONS = ("--std=c++17", "-DBRIDGE_OPS_NVRTC")
+NVRTC_OPTIONS = ("--std=c++17", "-DBRIDGE_OPS_NVRTC") + tuple(os.environ.get("BRIDGE_OPS_NVRTC_FLAGS", "").split())
 
 
 class CupyLauncher:

@@ -45,6 +45,15 @@
 #define BRIDGE_MAX_WARPS 4       // warps per block at most
 #define BRIDGE_SIMPLE_THREADS 128
 #define BRIDGE_SMEM_LIMIT 49152  // dynamic shared memory per block without an opt-in
+// Minimum resident blocks per multiprocessor asked of the compiler (__launch_bounds__): 1 lets it use up to 255
+// registers (no spills); raising it caps registers for more warps in flight. Override with -D (nvcc flags through
+// BRIDGE_OPS_NVCC_FLAGS at build time, NVRTC options through BRIDGE_OPS_NVRTC_FLAGS for the cupy backend).
+#ifndef BRIDGE_FWD_MIN_BLOCKS
+#define BRIDGE_FWD_MIN_BLOCKS 1
+#endif
+#ifndef BRIDGE_BWD_MIN_BLOCKS
+#define BRIDGE_BWD_MIN_BLOCKS 1
+#endif
 
 #ifdef BRIDGE_OPS_EMULATE
 #include "bridge_emulator_shim.h"  // host definitions of the CUDA intrinsics used below (tests only)
@@ -294,19 +303,32 @@ struct RowRegs {
   }
 };
 
+// A row's raw chunks, loaded now and converted later (so several loads can be in flight at once).
+template <typename T, int TD>
+struct RowLoad {
+  typename Chunk<T>::raw raw[TD];
+  __device__ __forceinline__ void load(const T* row, int dim, bool aligned, int c) {
+#pragma unroll
+    for (int t = 0; t < TD; ++t) {
+      const int d = 32 * t + 4 * c;
+      if (aligned) {
+        raw[t] = d < dim ? Chunk<T>::load_aligned(row + d) : Chunk<T>::zero();
+      } else {
+        raw[t] = Chunk<T>::load_partial(row + d, dim - d);
+      }
+    }
+  }
+  __device__ __forceinline__ void unpack(RowRegs<TD>& r) const {
+#pragma unroll
+    for (int t = 0; t < TD; ++t) Chunk<T>::unpack(raw[t], r.x[t]);
+  }
+};
+
 template <typename T, int TD>
 __device__ __forceinline__ void load_row(const T* row, int dim, bool aligned, int c, RowRegs<TD>& r) {
-#pragma unroll
-  for (int t = 0; t < TD; ++t) {
-    const int d = 32 * t + 4 * c;
-    typename Chunk<T>::raw raw;
-    if (aligned) {
-      raw = d < dim ? Chunk<T>::load_aligned(row + d) : Chunk<T>::zero();
-    } else {
-      raw = Chunk<T>::load_partial(row + d, dim - d);
-    }
-    Chunk<T>::unpack(raw, r.x[t]);
-  }
+  RowLoad<T, TD> l;
+  l.load(row, dim, aligned, c);
+  l.unpack(r);
 }
 
 template <typename T, int TD>
@@ -364,43 +386,61 @@ __device__ __forceinline__ void axpy_tile(RowRegs<TD>& acc, float w, const float
   }
 }
 
-// Copies rows row0 .. row0 + count - 1 (count <= BRIDGE_KEY_TILE) of a and b at (s, h) into the float tiles ta, tb
-// ([BRIDGE_KEY_TILE][32 TD]); every other element of the tiles becomes 0. All loads of one tensor are issued before
-// the first shared-memory store. Warp-wide; the caller syncs the warp before and after.
+// Staging of rows row0 .. row0 + count - 1 (count <= BRIDGE_KEY_TILE) of a [B, S, H, Dh] tensor at (s, h) into a
+// float tile [BRIDGE_KEY_TILE][32 TD] (every other element of the tile becomes 0), in two steps so that callers can
+// put the loads of several tensors in flight before the first shared-memory store waits for any of them.
 template <typename T, int TD>
-__device__ __forceinline__ void stage_one(const Rows<const T>& a, const Problem& p, i64 row0, int count, int s, int h,
-                                          float* ta, int lane) {
-  constexpr int CHUNKS_PER_ROW = 8 * TD;
-  constexpr int ITERS = BRIDGE_KEY_TILE * CHUNKS_PER_ROW / 32;
+struct TileLoad {
+  static constexpr int CHUNKS_PER_ROW = 8 * TD;
+  static constexpr int ITERS = BRIDGE_KEY_TILE * CHUNKS_PER_ROW / 32;
   typename Chunk<T>::raw raw[ITERS];
+
+  __device__ __forceinline__ void load(const Rows<const T>& a, const Problem& p, i64 row0, int count, int s, int h,
+                                       int lane) {
 #pragma unroll
-  for (int it = 0; it < ITERS; ++it) {
-    const int chunk = it * 32 + lane;
-    const int r = chunk / CHUNKS_PER_ROW;
-    const int d = (chunk % CHUNKS_PER_ROW) * 4;
-    raw[it] = Chunk<T>::zero();
-    if (r < count) {
-      const T* src = a.row(row0 + r, s, h) + d;
-      if (p.aligned) {
-        if (d < p.dim) raw[it] = Chunk<T>::load_aligned(src);
-      } else {
-        raw[it] = Chunk<T>::load_partial(src, p.dim - d);
+    for (int it = 0; it < ITERS; ++it) {
+      const int chunk = it * 32 + lane;
+      const int r = chunk / CHUNKS_PER_ROW;
+      const int d = (chunk % CHUNKS_PER_ROW) * 4;
+      raw[it] = Chunk<T>::zero();
+      if (r < count) {
+        const T* src = a.row(row0 + r, s, h) + d;
+        if (p.aligned) {
+          if (d < p.dim) raw[it] = Chunk<T>::load_aligned(src);
+        } else {
+          raw[it] = Chunk<T>::load_partial(src, p.dim - d);
+        }
       }
     }
   }
+  __device__ __forceinline__ void store(float* tile, int lane) const {
 #pragma unroll
-  for (int it = 0; it < ITERS; ++it) {
-    float v[4];
-    Chunk<T>::unpack(raw[it], v);
-    reinterpret_cast<float4*>(ta)[it * 32 + lane] = make_float4(v[0], v[1], v[2], v[3]);
+    for (int it = 0; it < ITERS; ++it) {
+      float v[4];
+      Chunk<T>::unpack(raw[it], v);
+      reinterpret_cast<float4*>(tile)[it * 32 + lane] = make_float4(v[0], v[1], v[2], v[3]);
+    }
   }
-}
+};
 
+// Stages the same rows of a and b into ta and tb. Warp-wide; the caller syncs the warp before and after. Both
+// tensors' loads are in flight together when their raw chunks fit in 32 registers each (else one after the other).
 template <typename T, int TD>
 __device__ __forceinline__ void stage_pair(const Rows<const T>& a, const Rows<const T>& b, const Problem& p, i64 row0,
                                            int count, int s, int h, float* ta, float* tb, int lane) {
-  stage_one<T, TD>(a, p, row0, count, s, h, ta, lane);
-  stage_one<T, TD>(b, p, row0, count, s, h, tb, lane);
+  constexpr bool kTogether = sizeof(typename Chunk<T>::raw) * TileLoad<T, TD>::ITERS <= 128;
+  TileLoad<T, TD> la;
+  la.load(a, p, row0, count, s, h, lane);
+  if (kTogether) {
+    TileLoad<T, TD> lb;
+    lb.load(b, p, row0, count, s, h, lane);
+    la.store(ta, lane);
+    lb.store(tb, lane);
+  } else {
+    la.store(ta, lane);
+    la.load(b, p, row0, count, s, h, lane);
+    la.store(tb, lane);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -419,16 +459,22 @@ __device__ __forceinline__ void attend_rows_forward(const Problem& p, const Task
   const int n = task.n, n_tiles = (n + KB - 1) / KB;
   const float NEG_INF = neg_inf_f();
   unsigned int vis = 0;
-  if (n_tiles == 1) {
-    stage_pair<T, TD>(K, V, p, task.first, n, task.s, task.h, Ks, Vs, lane);
-    vis = tile_visibility(p, task, 0, n, lane);
-    __syncwarp();
+  RowRegs<TD> q, o;
+  {
+    // The first pass's query row is loaded together with the K/V tile: one global round trip, not two.
+    RowLoad<T, TD> first_q;
+    first_q.load(Q.row(task.first + imin(rg, n - 1), task.s, task.h), p.dim, p.aligned, c);
+    if (n_tiles == 1) {
+      stage_pair<T, TD>(K, V, p, task.first, n, task.s, task.h, Ks, Vs, lane);
+      vis = tile_visibility(p, task, 0, n, lane);
+      __syncwarp();
+    }
+    first_q.unpack(q);
   }
   for (int i0 = 0; i0 < n; i0 += BRIDGE_ROWS_PER_PASS) {
     const bool active = i0 + rg < n;
     const int i = imin(i0 + rg, n - 1);
-    RowRegs<TD> q, o;
-    load_row<T, TD>(Q.row(task.first + i, task.s, task.h), p.dim, p.aligned, c, q);
+    if (i0 > 0) load_row<T, TD>(Q.row(task.first + i, task.s, task.h), p.dim, p.aligned, c, q);
     o.zero();
     float m = NEG_INF, l = 0.f;
     for (int kt = 0; kt < n_tiles; ++kt) {
@@ -482,7 +528,7 @@ __device__ __forceinline__ void attend_rows_forward(const Problem& p, const Task
 }
 
 template <typename T, int TD>
-__global__ void __launch_bounds__(32 * BRIDGE_MAX_WARPS)
+__global__ void __launch_bounds__(32 * BRIDGE_MAX_WARPS, BRIDGE_FWD_MIN_BLOCKS)
     bridge_attention_fwd(const T* q, i64 q_sb, i64 q_ss, i64 q_sh, const T* k, i64 k_sb, i64 k_ss, i64 k_sh,
                          const T* v, i64 v_sb, i64 v_ss, i64 v_sh, T* out, i64 o_sb, i64 o_ss, i64 o_sh, float* lse,
                          const int* cu, const unsigned char* mask, i64 m_sb, i64 m_ss, int batch, int seqlen,
@@ -526,7 +572,7 @@ __device__ __forceinline__ void poison_rows(const Task& task, const Problem& p, 
 }
 
 template <typename T, int TD>
-__global__ void __launch_bounds__(32 * BRIDGE_MAX_WARPS)
+__global__ void __launch_bounds__(32 * BRIDGE_MAX_WARPS, BRIDGE_BWD_MIN_BLOCKS)
     bridge_attention_bwd(const T* dout, i64 do_sb, i64 do_ss, i64 do_sh, const T* q, i64 q_sb, i64 q_ss, i64 q_sh,
                          const T* k, i64 k_sb, i64 k_ss, i64 k_sh, const T* v, i64 v_sb, i64 v_ss, i64 v_sh,
                          const float* lse, const float* dlse, T* dq, i64 dq_sb, i64 dq_ss, i64 dq_sh, T* dk,
@@ -559,8 +605,21 @@ __global__ void __launch_bounds__(32 * BRIDGE_MAX_WARPS)
   float* dSm = Pm + KB * KB;  // [KB][KB]: dS
 
   if (n <= KB) {
-    stage_pair<T, TD>(Q, dO, p, task.first, n, task.s, task.h, Qs, Os, lane);
-    stage_pair<T, TD>(K, V, p, task.first, n, task.s, task.h, Ks, Vs, lane);
+    constexpr bool kFourTogether = sizeof(typename Chunk<T>::raw) * TileLoad<T, TD>::ITERS <= 64;
+    if (kFourTogether) {  // all four tensors' loads in flight at once (16-bit types, head_dim <= 128)
+      TileLoad<T, TD> lq, lo, lk, lv;
+      lq.load(Q, p, task.first, n, task.s, task.h, lane);
+      lo.load(dO, p, task.first, n, task.s, task.h, lane);
+      lk.load(K, p, task.first, n, task.s, task.h, lane);
+      lv.load(V, p, task.first, n, task.s, task.h, lane);
+      lq.store(Qs, lane);
+      lo.store(Os, lane);
+      lk.store(Ks, lane);
+      lv.store(Vs, lane);
+    } else {
+      stage_pair<T, TD>(Q, dO, p, task.first, n, task.s, task.h, Qs, Os, lane);
+      stage_pair<T, TD>(K, V, p, task.first, n, task.s, task.h, Ks, Vs, lane);
+    }
     const unsigned int vis = tile_visibility(p, task, 0, n, lane);
     __syncwarp();
     // Query-major: row i = i0 + rg.
