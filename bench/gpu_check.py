@@ -11,6 +11,7 @@ BRIDGE_OPS_GPU_CHECK_BUDGET seconds, default 450 = 7.5 minutes):
   cupy-tests the same selection with BRIDGE_OPS_GPU_BACKEND=cupy (the NVRTC build of the same kernels, registered
              as the ops' CUDA kernels)
   bench      pytest bench/test_bench_gpu.py --benchmark-json (fused vs reference vs dense SDPA, CUDA events)
+  bench-cupy-*  the fused kernel through the cupy backend, default and register-capped builds (if time remains)
 
 Writes to OUT_DIR (argument, else $OUT, else bench/results/gpu-<date>): gpu_check.json (every stage's status,
 time, log tail; the benchmark summary and targets), gpu_check.md (the same for people, with the README table),
@@ -54,6 +55,8 @@ def run_stage(name, cmd, out_dir, limit, env=None, results=None):
     seconds = time.monotonic() - began
     with open(log_path) as log:
         tail = log.read()[-3000:]
+    if status == "passed" and cmd[1:3] == ["-m", "pytest"] and " passed" not in tail:
+        status = "nothing ran (no GPU?)"  # every test skipped: not a pass
     entry = {"status": status, "returncode": rc, "seconds": round(seconds, 1), "limit_s": round(limit), "tail": tail}
     results[name] = entry
     print(f"[gpu_check] {name}: {status} in {seconds:.0f}s (limit {limit:.0f}s)", flush=True)
@@ -106,6 +109,31 @@ def main() -> int:
         results=stages,
     )
 
+    # Fused kernel only, through the cupy backend: the default build and a register-capped variant (more warps in
+    # flight per multiprocessor), to choose BRIDGE_FWD/BWD_MIN_BLOCKS from data. Only while the budget allows.
+    variants = {"cupy-default": "", "cupy-minblocks-4-3": "-DBRIDGE_FWD_MIN_BLOCKS=4 -DBRIDGE_BWD_MIN_BLOCKS=3"}
+    variant_results = {}
+    for name, flags in variants.items():
+        if remaining() < 75:
+            stages[f"bench-{name}"] = {"status": "skipped (time budget)", "seconds": 0}
+            continue
+        path = os.path.join(out_dir, f"bench-{name}.json")
+        run_stage(
+            f"bench-{name}",
+            [PY, "-m", "pytest", "bench/test_bench_gpu.py", "-q", "-p", "no:cacheprovider", "-k", "fused",
+             f"--benchmark-json={path}"],
+            out_dir,
+            90,
+            env={"BRIDGE_OPS_GPU_BACKEND": "cupy", "BRIDGE_OPS_NVRTC_FLAGS": flags, "BRIDGE_OPS_BENCH_ITERS": "30"},
+            results=stages,
+        )
+        if os.path.exists(path):
+            with open(path) as f:
+                variant_results[name] = {
+                    f"{b['extra_info']['shape']} {b['extra_info']['mode']}": round(b["extra_info"]["event_median_s"] * 1e6, 1)
+                    for b in json.load(f)["benchmarks"]
+                }
+
     summary, table = {}, "(no benchmark results)\n"
     if os.path.exists(bench_json):
         import gpu_report
@@ -118,12 +146,19 @@ def main() -> int:
         "total_seconds": round(time.monotonic() - START, 1),
         "stages": stages,
         "bench": summary,
+        "fused_us_by_variant": variant_results,
     }
     with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
         json.dump(report, f, indent=2)
     md = [f"# bridge_ops GPU check, {report['date']}", "", "| stage | status | seconds |", "|---|---|---|"]
     md += [f"| {name} | {s['status']} | {s.get('seconds', 0)} |" for name, s in stages.items()]
     md += ["", table]
+    if variant_results:
+        keys = sorted({k for v in variant_results.values() for k in v})
+        md += ["Fused kernel through the cupy backend, build variants (CUDA-event medians, us):", "",
+               "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        md += [f"| {name} | " + " | ".join(str(v.get(k, "")) for k in keys) + " |" for name, v in variant_results.items()]
+        md += [""]
     for name, s in stages.items():
         if s["status"] not in ("passed",) and s.get("tail"):
             md += [f"## {name} ({s['status']}): end of log", "", "```", s["tail"][-1500:], "```", ""]

@@ -225,6 +225,8 @@ def forward(launcher, q, k, v, cu_group_lens, key_mask=None, scale=None) -> Tupl
     out = _empty_rows(q)
     lse = torch.empty(batch, seqlen, heads, dtype=checks.lse_dtype(q.dtype), device=q.device)
     plan = plan_launch(q.dtype == torch.float64, dim, seqlen * groups * heads, launcher.num_sms(q.device), False, max_group)
+    if plan.blocks == 0:  # S = 0: nothing to compute (an empty grid is a launch error)
+        return out, lse
     shape = [Arg("i32", batch), Arg("i32", seqlen), Arg("i32", heads), Arg("i32", dim), Arg("i32", groups)]
     if plan.fast:
         aligned = _is_aligned([q, k, v, out], dim)
@@ -254,6 +256,8 @@ def backward(launcher, grad_out, grad_lse, q, k, v, lse, cu_group_lens, key_mask
     grad_lse = None if grad_lse is None else grad_lse.to(stat).contiguous()
     cu = cu_group_lens.contiguous()
     plan = plan_launch(q.dtype == torch.float64, dim, seqlen * groups * heads, launcher.num_sms(q.device), True, max_group)
+    if plan.blocks == 0:  # S = 0
+        return tuple(_empty_rows(q) for _ in range(3))
     shape = [Arg("i32", batch), Arg("i32", seqlen), Arg("i32", heads), Arg("i32", dim), Arg("i32", groups)]
     inputs = _rows(grad_out) + _rows(q) + _rows(k) + _rows(v) + [_ptr(lse), _ptr(grad_lse)]
     if plan.fast:
@@ -324,6 +328,7 @@ class CupyLauncher:
 
 _LAUNCHER = None
 _LIBRARY = None
+REGISTRATION_ERROR: Optional[str] = None  # set by dispatch.register_gpu_backend when registration fails
 
 
 def launcher() -> CupyLauncher:
@@ -356,6 +361,8 @@ def unavailable_reason() -> Optional[str]:
     """Why this backend cannot serve CUDA tensors here (None: it can). Imports cupy only on a machine with a GPU."""
     if os.environ.get("BRIDGE_OPS_DISABLE_CUPY", "0").lower() in ("1", "true", "yes", "on"):
         return "disabled by BRIDGE_OPS_DISABLE_CUPY=1"
+    if REGISTRATION_ERROR is not None:
+        return REGISTRATION_ERROR
     if kernel_source_path() is None:
         return f"the kernel source {KERNEL_FILE} is not installed with the package"
     if importlib.util.find_spec("cupy") is None:

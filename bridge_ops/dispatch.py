@@ -96,5 +96,12 @@ def gpu_backend_summary() -> str:
 def register_gpu_backend() -> None:
     """Registers the cupy kernels as the CUDA kernels of the ops when cupy is the backend that serves CUDA (over
     _C's own CUDA kernels when BRIDGE_OPS_GPU_BACKEND=cupy forces it; torch then warns that it overrides them)."""
-    if torch.cuda.is_available() and backend_for("cuda").name == "cupy":
-        cupy_backend.register()
+    try:
+        if torch.cuda.is_available() and backend_for("cuda").name == "cupy":
+            cupy_backend.register()
+    except Exception as error:  # importing bridge_ops must never fail; CUDA tensors then use the reference
+        import warnings
+
+        cupy_backend.REGISTRATION_ERROR = f"registering its kernels failed ({type(error).__name__}: {error})"
+        warnings.warn(f"bridge_ops: could not register the cupy CUDA kernels ({type(error).__name__}: {error})",
+                      RuntimeWarning, stacklevel=2)

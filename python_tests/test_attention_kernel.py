@@ -345,3 +345,12 @@ def test_cuda_graph_capture_and_replay():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_sequence(device):
+    q, k, v, cu, mask = make_inputs([2, 1], 0, 2, 8, torch.float32, requires_grad=True, device=device)
+    out, lse = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)
+    assert out.shape == q.shape and lse.shape == (3, 0, 2)
+    grads = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
+    assert all(g.shape == q.shape for g in grads)

@@ -165,3 +165,10 @@ def test_every_kernel_name_the_backend_asks_for_exists():
         for name in cupy_backend.all_kernel_names(dtype):
             plan = cupy_backend.LaunchPlan(True, 1, 32, 0, 0, False)  # zero blocks: resolves the name, runs nothing
             EMU.emulator().launch(name, plan, [])
+
+
+def test_emulated_empty_sequence():
+    q, k, v, cu, mask = make_inputs([2, 1], 0, 2, 8, torch.float32)
+    out, lse = EMU.forward(q, k, v, cu, mask)
+    assert out.shape == q.shape and lse.shape == (3, 0, 2)
+    assert all(g.shape == q.shape for g in EMU.backward(torch.zeros_like(q), None, q, k, v, lse, cu, mask))

@@ -99,11 +99,19 @@ struct Setup {
   int sms;
 };
 
-Setup setup(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu,
-            const std::optional<at::Tensor>& key_mask) {
-  Setup s;
-  s.d = check_attention_args(q, k, v, cu, key_mask);
+// Shape/dtype/device checks only (no device work): run before the device guard, so that a tensor on the wrong
+// device is named in a ValueError rather than failing in the guard.
+AttentionDims check_cuda_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu,
+                              const std::optional<at::Tensor>& key_mask) {
+  const AttentionDims d = check_attention_args(q, k, v, cu, key_mask);
   BRIDGE_CHECK(q.is_cuda(), "the CUDA kernel got q on ", q.device());
+  return d;
+}
+
+// Under the device guard: offsets validation (once per cu_group_lens tensor), dims as kernel ints.
+Setup setup(const AttentionDims& d, const at::Tensor& q, const at::Tensor& cu) {
+  Setup s;
+  s.d = d;
   constexpr int64_t kIntMax = 2147483647;
   BRIDGE_CHECK(s.d.batch <= kIntMax && s.d.seqlen <= kIntMax && s.d.heads <= kIntMax && s.d.head_dim <= kIntMax,
                "the CUDA kernels take B, S, H and Dh below 2^31, got shape ", q.sizes());
@@ -185,8 +193,9 @@ std::tuple<at::Tensor, at::Tensor> bridge_attention_cuda(const at::Tensor& q_in,
                                                          const at::Tensor& v_in, const at::Tensor& cu_group_lens,
                                                          const std::optional<at::Tensor>& key_mask,
                                                          std::optional<double> scale) {
+  const AttentionDims d = check_cuda_args(q_in, k_in, v_in, cu_group_lens, key_mask);
   c10::cuda::CUDAGuard guard(q_in.device());
-  const Setup s = setup(q_in, k_in, v_in, cu_group_lens, key_mask);
+  const Setup s = setup(d, q_in, cu_group_lens);
   const at::Tensor q = with_unit_last_stride(q_in), k = with_unit_last_stride(k_in), v = with_unit_last_stride(v_in);
   const at::Tensor cu = cu_group_lens.contiguous();
   const at::ScalarType dtype = q.scalar_type();
@@ -194,6 +203,7 @@ std::tuple<at::Tensor, at::Tensor> bridge_attention_cuda(const at::Tensor& q_in,
   at::Tensor lse = at::empty({s.d.batch, s.d.seqlen, s.d.heads}, q.options().dtype(lse_dtype(dtype)));
   const kn::LaunchPlan plan = kn::plan_launch(dtype == at::kDouble, s.dim, s.tasks, s.sms, 0, s.max_group);
   check_plan(plan);
+  if (plan.blocks == 0) return {out, lse};  // S = 0: nothing to compute (an empty grid is a launch error)
   ForwardCall c{q,     k,
                 v,     cu,
                 out,   lse,
@@ -276,9 +286,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bridge_attention_backward_cuda(
     const at::Tensor& grad_out_in, const std::optional<at::Tensor>& grad_lse_in, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& lse_in, const at::Tensor& cu_group_lens,
     const std::optional<at::Tensor>& key_mask, std::optional<double> scale) {
-  c10::cuda::CUDAGuard guard(q_in.device());
-  const Setup s = setup(q_in, k_in, v_in, cu_group_lens, key_mask);
+  const AttentionDims d = check_cuda_args(q_in, k_in, v_in, cu_group_lens, key_mask);
   check_attention_backward_args(grad_out_in, grad_lse_in, q_in, lse_in);
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const Setup s = setup(d, q_in, cu_group_lens);
   const at::ScalarType dtype = q_in.scalar_type(), stat = lse_dtype(dtype);
   const at::Tensor q = with_unit_last_stride(q_in), k = with_unit_last_stride(k_in), v = with_unit_last_stride(v_in);
   const at::Tensor grad_out = with_unit_last_stride(grad_out_in);
@@ -290,6 +301,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bridge_attention_backward_cuda(
   check_plan(plan);
   const at::ScalarType grad_dtype = plan.fast ? dtype : stat;  // the simple kernels write accumulation-type grads
   at::Tensor dq = empty_rows(q, grad_dtype), dk = empty_rows(q, grad_dtype), dv = empty_rows(q, grad_dtype);
+  if (plan.blocks == 0) {  // S = 0
+    return {empty_rows(q, dtype), empty_rows(q, dtype), empty_rows(q, dtype)};
+  }
   at::Tensor ws;
   if (plan.workspace) ws = at::empty({s.d.batch * s.d.seqlen * s.d.heads * 2}, q.options().dtype(at::kFloat));
   BackwardCall c{grad_out,
