@@ -6,7 +6,7 @@ BRIDGE_OPS_GPU_CHECK_BUDGET seconds, default 450 = 7.5 minutes):
   env        nvidia-smi, python/torch/cupy versions
   build      python setup.py build_ext --inplace (TORCH_CUDA_ARCH_LIST=9.0, BRIDGE_OPS_FORCE_CUDA=1, MAX_JOBS=16),
              then `python -m bridge_ops.info`
-  cuda-tests pytest python_tests -k cuda (the CUDA kernels of _C through torch.ops: grid, tile/head-dim
+  cuda-tests pytest python_tests -k "cuda or cupy" (the CUDA kernels of _C through torch.ops: grid, tile/head-dim
              boundaries, masks, gradcheck, opcheck, torch.compile, graphs, errors)
   cupy-tests the same selection with BRIDGE_OPS_GPU_BACKEND=cupy (the NVRTC build of the same kernels, registered
              as the ops' CUDA kernels)
@@ -92,7 +92,7 @@ def main() -> int:
         env=build_env,
         results=stages,
     )
-    pytest_cmd = [PY, "-m", "pytest", "python_tests", "-k", "cuda", "--ignore=python_tests/test_cuda_emulated.py",
+    pytest_cmd = [PY, "-m", "pytest", "python_tests", "-k", "cuda or cupy", "--ignore=python_tests/test_cuda_emulated.py",
                   "-q", "-p", "no:cacheprovider", "-x" if os.environ.get("BRIDGE_OPS_GPU_CHECK_X") else "-rN",
                   "--durations=5"]
     if build["status"] == "passed":

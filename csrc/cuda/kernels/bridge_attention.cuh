@@ -386,6 +386,27 @@ __device__ __forceinline__ void axpy_tile(RowRegs<TD>& acc, float w, const float
   }
 }
 
+// Reductions over the 8 lanes of a row group; every lane gets the bitwise-same result.
+__device__ __forceinline__ float group_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  x += __shfl_xor_sync(0xffffffffu, x, 4);
+  return x;
+}
+__device__ __forceinline__ float group_max(float x) {
+  x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, 4));
+  return x;
+}
+// Per-key values live one per lane: lane c of a row group holds the value of key c of the current tile
+// (BRIDGE_KEY_TILE == BRIDGE_LANES_PER_ROW), so no register array is indexed by a run-time key index and the key
+// loops need not be unrolled. slot(x, lane, jj) reads key jj's value from the row group's lane jj.
+static_assert(BRIDGE_KEY_TILE == BRIDGE_LANES_PER_ROW, "one key of a tile per lane of a row group");
+__device__ __forceinline__ float slot(float x, int lane, int jj) {
+  return __shfl_sync(0xffffffffu, x, (lane & ~(BRIDGE_LANES_PER_ROW - 1)) + jj);
+}
+
 // Staging of rows row0 .. row0 + count - 1 (count <= BRIDGE_KEY_TILE) of a [B, S, H, Dh] tensor at (s, h) into a
 // float tile [BRIDGE_KEY_TILE][32 TD] (every other element of the tile becomes 0), in two steps so that callers can
 // put the loads of several tensors in flight before the first shared-memory store waits for any of them.
@@ -485,40 +506,32 @@ __device__ __forceinline__ void attend_rows_forward(const Problem& p, const Task
         vis = tile_visibility(p, task, j0, count, lane);
         __syncwarp();
       }
-      float sc[KB];
-      float tile_max = NEG_INF;
-#pragma unroll
-      for (int jj = 0; jj < KB; ++jj) {
-        sc[jj] = NEG_INF;
-        if (jj < count) {  // warp-uniform
-          const float d = dot_tile<TD>(q, Ks + jj * DP, c) * scale;
-          if (((vis >> jj) & 1u) || j0 + jj == i) {
-            sc[jj] = d;
-            tile_max = nan_max(tile_max, d);
-          }
-        }
+      // Lane c keeps the scaled score of key j0 + c, or -inf when this row may not see it.
+      float my_s = NEG_INF;
+#pragma unroll 2
+      for (int jj = 0; jj < count; ++jj) {  // warp-uniform trip count
+        const float d = dot_tile<TD>(q, Ks + jj * DP, c) * scale;
+        if (jj == c && (((vis >> jj) & 1u) || j0 + jj == i)) my_s = d;
       }
-      if (tile_max != NEG_INF) {  // this row sees a key in the tile (row groups may differ: no collectives here)
-        const float m_new = nan_max(m, tile_max);
-        const float corr = m == NEG_INF ? 0.f : expf(m - m_new);
-        l *= corr;
+      // Online softmax update, branch-free across row groups (the loops below hold warp collectives).
+      const float tile_max = group_max(my_s);
+      const float m_new = tile_max == NEG_INF ? m : nan_max(m, tile_max);
+      const float corr = m == NEG_INF ? 0.f : expf(m - m_new);
+      const float my_p = my_s == NEG_INF ? 0.f : expf(my_s - m_new);
+      l = l * corr + group_sum(my_p);
 #pragma unroll
-        for (int t = 0; t < TD; ++t) {
-          o.x[t][0] *= corr;
-          o.x[t][1] *= corr;
-          o.x[t][2] *= corr;
-          o.x[t][3] *= corr;
-        }
-#pragma unroll
-        for (int jj = 0; jj < KB; ++jj) {
-          if (jj < count && sc[jj] != NEG_INF) {
-            const float pr = expf(sc[jj] - m_new);
-            l += pr;
-            axpy_tile<TD>(o, pr, Vs + jj * DP, c);
-          }
-        }
-        m = m_new;
+      for (int t = 0; t < TD; ++t) {
+        o.x[t][0] *= corr;
+        o.x[t][1] *= corr;
+        o.x[t][2] *= corr;
+        o.x[t][3] *= corr;
       }
+#pragma unroll 2
+      for (int jj = 0; jj < count; ++jj) {
+        const float pr = slot(my_p, lane, jj);
+        if (((vis >> jj) & 1u) || j0 + jj == i) axpy_tile<TD>(o, pr, Vs + jj * DP, c);
+      }
+      m = m_new;
     }
     if (active) {
       store_row<T, TD>(O.row(task.first + i, task.s, task.h), p.dim, p.aligned, c, o, 1.f / l);
@@ -632,50 +645,34 @@ __global__ void __launch_bounds__(32 * BRIDGE_MAX_WARPS, BRIDGE_BWD_MIN_BLOCKS)
       const i64 st = stat_index(p, task, i);
       const float lse_i = lse[st];
       const float dlse_i = dlse == nullptr ? 0.f : dlse[st];
-      float pr[KB], dp[KB];
-      float sum = 0.f;
-#pragma unroll
-      for (int jj = 0; jj < KB; ++jj) {
-        pr[jj] = 0.f;
-        dp[jj] = 0.f;
-        if (jj < n) {  // warp-uniform
-          const float s = dot_tile<TD>(qi, Ks + jj * DP, c);
-          dp[jj] = dot_tile<TD>(doi, Vs + jj * DP, c);
-          if (((vis >> jj) & 1u) || jj == i) {
-            pr[jj] = expf(s * scale - lse_i);
-            sum += pr[jj];
-          }
+      // Lane c keeps key c's score and dP.
+      float my_s = 0.f, my_dp = 0.f;
+#pragma unroll 2
+      for (int jj = 0; jj < n; ++jj) {  // warp-uniform trip count
+        const float sv = dot_tile<TD>(qi, Ks + jj * DP, c);
+        const float dpv = dot_tile<TD>(doi, Vs + jj * DP, c);
+        if (jj == c) {
+          my_s = sv;
+          my_dp = dpv;
         }
       }
-      const float inv = 1.f / sum;
-      float delta = 0.f;
-#pragma unroll
-      for (int jj = 0; jj < KB; ++jj) {
-        if (jj < n && (((vis >> jj) & 1u) || jj == i)) {
-          pr[jj] *= inv;
-          delta += pr[jj] * dp[jj];
-        }
-      }
+      const bool my_ok = c < n && (((vis >> c) & 1u) || c == i);
+      const float my_pt = my_ok ? expf(my_s * scale - lse_i) : 0.f;
+      const float inv = 1.f / group_sum(my_pt);
+      const float my_pr = my_pt * inv;
+      const float delta = group_sum(my_ok ? my_pr * my_dp : 0.f);
+      const float my_ds = my_ok ? my_pr * ((my_dp - delta) + dlse_i) * scale : 0.f;
       RowRegs<TD> dqi;
       dqi.zero();
-      float ds[KB];
-#pragma unroll
-      for (int jj = 0; jj < KB; ++jj) {
-        ds[jj] = 0.f;
-        if (jj < n && (((vis >> jj) & 1u) || jj == i)) {
-          ds[jj] = pr[jj] * ((dp[jj] - delta) + dlse_i) * scale;
-          axpy_tile<TD>(dqi, ds[jj], Ks + jj * DP, c);
-        }
+#pragma unroll 2
+      for (int jj = 0; jj < n; ++jj) {
+        const float ds = slot(my_ds, lane, jj);
+        if (((vis >> jj) & 1u) || jj == i) axpy_tile<TD>(dqi, ds, Ks + jj * DP, c);
       }
       if (active) {
         store_row<T, TD>(dQ.row(task.first + i, task.s, task.h), p.dim, p.aligned, c, dqi, 1.f);
-#pragma unroll
-        for (int jj = 0; jj < KB; ++jj) {
-          if (jj % BRIDGE_LANES_PER_ROW == c) {
-            Pm[i * KB + jj] = pr[jj];
-            dSm[i * KB + jj] = ds[jj];
-          }
-        }
+        Pm[i * KB + c] = my_pr;
+        dSm[i * KB + c] = my_ds;
       }
     }
     __syncwarp();
@@ -687,9 +684,9 @@ __global__ void __launch_bounds__(32 * BRIDGE_MAX_WARPS, BRIDGE_BWD_MIN_BLOCKS)
       RowRegs<TD> dkj, dvj;
       dkj.zero();
       dvj.zero();
-#pragma unroll
-      for (int ii = 0; ii < KB; ++ii) {
-        if (ii < n && (j_visible || ii == j)) {
+#pragma unroll 2
+      for (int ii = 0; ii < n; ++ii) {
+        if (j_visible || ii == j) {
           axpy_tile<TD>(dkj, dSm[ii * KB + j], Qs + ii * DP, c);
           axpy_tile<TD>(dvj, Pm[ii * KB + j], Os + ii * DP, c);
         }
@@ -722,21 +719,28 @@ __global__ void __launch_bounds__(32 * BRIDGE_MAX_WARPS, BRIDGE_BWD_MIN_BLOCKS)
         stage_pair<T, TD>(K, V, p, task.first + j0, count, task.s, task.h, Ks, Vs, lane);
         const unsigned int vis = tile_visibility(p, task, j0, count, lane);
         __syncwarp();
-#pragma unroll
-        for (int jj = 0; jj < KB; ++jj) {
-          if (jj < count) {  // warp-uniform
-            const float s = dot_tile<TD>(qi, Ks + jj * DP, c);
-            const float dpv = dot_tile<TD>(doi, Vs + jj * DP, c);
-            if (((vis >> jj) & 1u) || j0 + jj == i) {
-              const float pt = expf(s * scale - lse_i);
-              if (pass == 0) {
-                sum += pt;
-                dsum += pt * dpv;
-              } else {
-                const float pij = pt * inv;
-                axpy_tile<TD>(dqi, pij * ((dpv - delta) + dlse_i) * scale, Ks + jj * DP, c);
-              }
-            }
+        float my_s = 0.f, my_dp = 0.f;
+#pragma unroll 2
+        for (int jj = 0; jj < count; ++jj) {  // warp-uniform trip count
+          const float sv = dot_tile<TD>(qi, Ks + jj * DP, c);
+          const float dpv = dot_tile<TD>(doi, Vs + jj * DP, c);
+          if (jj == c) {
+            my_s = sv;
+            my_dp = dpv;
+          }
+        }
+        const bool my_ok = c < count && (((vis >> c) & 1u) || j0 + c == i);
+        const float my_pt = my_ok ? expf(my_s * scale - lse_i) : 0.f;
+        if (pass == 0) {  // warp-uniform
+          sum += group_sum(my_pt);
+          dsum += group_sum(my_ok ? my_pt * my_dp : 0.f);
+        } else {
+          const float my_pr = my_pt * inv;
+          const float my_ds = my_ok ? my_pr * ((my_dp - delta) + dlse_i) * scale : 0.f;
+#pragma unroll 2
+          for (int jj = 0; jj < count; ++jj) {
+            const float ds = slot(my_ds, lane, jj);
+            if (((vis >> jj) & 1u) || j0 + jj == i) axpy_tile<TD>(dqi, ds, Ks + jj * DP, c);
           }
         }
       }
@@ -778,21 +782,19 @@ __global__ void __launch_bounds__(32 * BRIDGE_MAX_WARPS, BRIDGE_BWD_MIN_BLOCKS)
         my_delta = ws[2 * st + 1];
       }
       __syncwarp();
-#pragma unroll
-      for (int jj = 0; jj < KB; ++jj) {
-        if (jj < count) {  // warp-uniform
-          const float s = dot_tile<TD>(kj, Qs + jj * DP, c);
-          const float dpv = dot_tile<TD>(vj, Os + jj * DP, c);
-          const float lse_i = __shfl_sync(0xffffffffu, my_lse, jj);
-          const float dlse_i = __shfl_sync(0xffffffffu, my_dlse, jj);
-          const float inv_i = __shfl_sync(0xffffffffu, my_inv, jj);
-          const float delta_i = __shfl_sync(0xffffffffu, my_delta, jj);
-          if (j_visible || r0 + jj == j) {
-            const float pij = expf(s * scale - lse_i) * inv_i;
-            const float dsij = pij * ((dpv - delta_i) + dlse_i) * scale;
-            axpy_tile<TD>(dkj, dsij, Qs + jj * DP, c);
-            axpy_tile<TD>(dvj, pij, Os + jj * DP, c);
-          }
+#pragma unroll 2
+      for (int jj = 0; jj < count; ++jj) {  // warp-uniform trip count
+        const float sv = dot_tile<TD>(kj, Qs + jj * DP, c);
+        const float dpv = dot_tile<TD>(vj, Os + jj * DP, c);
+        const float lse_i = __shfl_sync(0xffffffffu, my_lse, jj);
+        const float dlse_i = __shfl_sync(0xffffffffu, my_dlse, jj);
+        const float inv_i = __shfl_sync(0xffffffffu, my_inv, jj);
+        const float delta_i = __shfl_sync(0xffffffffu, my_delta, jj);
+        if (j_visible || r0 + jj == j) {
+          const float pij = expf(sv * scale - lse_i) * inv_i;
+          const float dsij = pij * ((dpv - delta_i) + dlse_i) * scale;
+          axpy_tile<TD>(dkj, dsij, Qs + jj * DP, c);
+          axpy_tile<TD>(dvj, pij, Os + jj * DP, c);
         }
       }
     }
