@@ -10,14 +10,17 @@ Environment variables:
     TORCH_CUDA_ARCH_LIST           CUDA architectures, e.g. "9.0" (default "9.0" for forced builds)
     CUDA_HOME                      CUDA toolkit root (e.g. /usr/local/cuda)
     MAX_JOBS                       parallel compile jobs (ninja); NVCC_THREADS: nvcc --threads (default 2)
+    BRIDGE_OPS_NVCC_FLAGS          extra nvcc flags, e.g. "-Xptxas -v" or "-DBRIDGE_FWD_MIN_BLOCKS=4"
     BRIDGE_OPS_DEBUG=1             -O0 -g instead of -O3 -g0
 """
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 try:
     import torch
@@ -61,7 +64,8 @@ def extensions() -> list:
     if want_cuda() and cuda_sources:
         cuda_version = torch.version.cuda or "unknown"
         defines = ["-DBRIDGE_OPS_WITH_CUDA", f'-DBRIDGE_OPS_CUDA_VERSION="{cuda_version}"']
-        nvcc = opt + ["--threads", os.environ.get("NVCC_THREADS", "2"), "-lineinfo"] + defines
+        nvcc = (["-O0", "-g"] if debug else ["-O3"]) + ["--threads", os.environ.get("NVCC_THREADS", "2"), "-lineinfo"]
+        nvcc += defines + os.environ.get("BRIDGE_OPS_NVCC_FLAGS", "").split()  # e.g. -DBRIDGE_FWD_MIN_BLOCKS=4
         print(f"bridge_ops: building CPU + CUDA kernels (arch list {os.environ.get('TORCH_CUDA_ARCH_LIST')})")
         return [
             CUDAExtension(
@@ -75,4 +79,19 @@ def extensions() -> list:
     return [CppExtension("bridge_ops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+class BuildPyWithKernelSource(build_py):
+    """Ships csrc/cuda/kernels/*.cuh inside the package (bridge_ops/_kernels): the cupy backend compiles them at run
+    time. A source checkout (and an editable install) reads them from csrc/ directly."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "bridge_ops", "_kernels")
+        os.makedirs(target, exist_ok=True)
+        for source in glob.glob(os.path.join(ROOT, "csrc", "cuda", "kernels", "*.cuh")):
+            shutil.copy(source, target)
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithKernelSource},
+)

@@ -58,7 +58,8 @@ def check_attention_args(
             fail(f"key_mask is on {key_mask.device} but q is on {q.device}; all tensors must be on one device")
 
 
-def check_cu_group_lens_values(cu_group_lens: torch.Tensor, batch: int) -> None:
+def check_cu_group_lens_values(cu_group_lens: torch.Tensor, batch: int) -> int:
+    """Validates the offsets (reads them: a sync on GPU) and returns the largest group size."""
     cu = cu_group_lens.tolist()
     if cu[0] != 0:
         fail(f"cu_group_lens must start at 0, got cu_group_lens[0] = {cu[0]}")
@@ -70,6 +71,7 @@ def check_cu_group_lens_values(cu_group_lens: torch.Tensor, batch: int) -> None:
             )
     if cu[-1] != batch:
         fail(f"cu_group_lens must end at the batch size B = {batch}, got cu_group_lens[-1] = {cu[-1]}")
+    return max(b - a for a, b in zip(cu[:-1], cu[1:]))
 
 
 def check_attention_backward_args(

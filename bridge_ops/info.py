@@ -6,7 +6,7 @@ import sys
 import torch
 
 from ._loader import LOAD_ERROR, build_info
-from .dispatch import BACKENDS, backend_for
+from .dispatch import BACKENDS, backend_for, gpu_backend_summary
 from .version import __version__
 
 
@@ -33,6 +33,7 @@ def report() -> str:
         lines.append(f"  {b.name:<{width}}  {b.description}: {status}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     lines.append("serving now: " + ", ".join(f"{d} -> {backend_for(d).name}" for d in devices))
+    lines.append(gpu_backend_summary())
     return "\n".join(lines)
 
 

@@ -11,8 +11,9 @@ import torch
 
 from . import checks, reference
 from ._loader import _C
-from .dispatch import compiled_device_types
+from .dispatch import compiled_device_types, register_gpu_backend
 
+register_gpu_backend()  # cupy kernels as the ops' CUDA kernels, when _C has none and cupy + a GPU are present
 _COMPILED = compiled_device_types()
 
 

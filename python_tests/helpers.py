@@ -2,12 +2,18 @@
 
 from typing import Optional, Sequence
 
+import pytest
 import torch
 
 import bridge_ops
 from bridge_ops import reference
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+# Devices the kernel tests run on: the CPU always; CUDA where a GPU is visible (skipped cleanly elsewhere). On a GPU
+# the CUDA kernels of _C serve, or the cupy backend (BRIDGE_OPS_GPU_BACKEND=cupy forces it, see bench/gpu_check.sh).
+HAS_GPU = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason="no CUDA device"))]
 
 # Rounding allowance of the error rule, in units of eps(dtype) * magnitude (see `assert_flash_rule`).
 # bfloat16/float16: one unit; the kernel (float32 accumulation) is far more accurate than the reference run in the

@@ -1,4 +1,9 @@
-"""The fused bridge_attention kernels (torch.ops.bridge_ops.*) against the PyTorch reference."""
+"""The fused bridge_attention kernels (torch.ops.bridge_ops.*) against the PyTorch reference.
+
+Every test runs on the CPU kernels and, where a GPU is visible, on the CUDA kernels (whichever GPU backend serves:
+_C's compiled kernels, or the cupy backend); CUDA cases are skipped cleanly without a GPU. The same kernels run on
+the CPU through the warp emulator in test_cuda_emulated.py.
+"""
 
 import os
 import subprocess
@@ -8,7 +13,9 @@ import textwrap
 import pytest
 import torch
 from helpers import (
+    DEVICES,
     DTYPES,
+    HAS_GPU,
     assert_flash_rule,
     term_magnitudes,
     make_inputs,
@@ -30,18 +37,23 @@ LAYOUTS = {
 FINISHED = {"ragged": (2,)}
 
 
-def fused_with_grads(q, k, v, cu, key_mask, grad_out, grad_lse):
+def op_attention(q, k, v, cu, key_mask, scale=None):
+    return torch.ops.bridge_ops.bridge_attention(q, k, v, cu, key_mask, scale)
+
+
+def fused_with_grads(q, k, v, cu, key_mask, grad_out, grad_lse, attention=op_attention):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out, lse = torch.ops.bridge_ops.bridge_attention(*leaves, cu, key_mask, None)
+    out, lse = attention(*leaves, cu, key_mask, None)
     torch.autograd.backward([out, lse], [grad_out.to(out.dtype), grad_lse.to(lse.dtype)])
     return out.detach(), lse.detach(), [t.grad for t in leaves]
 
 
-def check_against_reference(q, k, v, cu, key_mask, dtype):
+def check_against_reference(q, k, v, cu, key_mask, dtype, attention=op_attention):
+    """out, lse, dq, dk, dv of `attention` against the float64 reference, by the flash-attn error rule."""
     gen = torch.Generator().manual_seed(1)
-    grad_out = torch.randn(q.shape, generator=gen, dtype=torch.float64)
-    grad_lse = torch.randn(q.shape[:3], generator=gen, dtype=torch.float64)
-    out, lse, grads = fused_with_grads(q, k, v, cu, key_mask, grad_out, grad_lse)
+    grad_out = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(q.device)
+    grad_lse = torch.randn(q.shape[:3], generator=gen, dtype=torch.float64).to(q.device)
+    out, lse, grads = fused_with_grads(q, k, v, cu, key_mask, grad_out, grad_lse, attention)
     out64, lse64, grads64 = reference_with_grads(q, k, v, cu, key_mask, grad_out, grad_lse, dtype=torch.float64)
     out_low, lse_low, grads_low = reference_with_grads(q, k, v, cu, key_mask, grad_out, grad_lse, upcast=False)
     assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
@@ -60,22 +72,36 @@ def check_against_reference(q, k, v, cu, key_mask, dtype):
 @pytest.mark.parametrize("heads", [1, 4])
 @pytest.mark.parametrize("seqlen", [1, 7, 128])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_matches_reference_grid(layout, seqlen, heads, head_dim, dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_reference_grid(device, layout, seqlen, heads, head_dim, dtype):
     sizes = LAYOUTS[layout]
     q, k, v, cu, key_mask = make_inputs(
-        sizes, seqlen, heads, head_dim, dtype, finished_groups=FINISHED.get(layout, ())
+        sizes, seqlen, heads, head_dim, dtype, finished_groups=FINISHED.get(layout, ()), device=device
     )
     check_against_reference(q, k, v, cu, key_mask, dtype)
 
 
+# GPU-only extras: the tile boundaries of the CUDA kernels (8 rows per shared-memory tile), head dims of every
+# register layout (32, 64, 128, 256) and of the simple path (> 256), odd dims without vector loads.
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_without_key_mask(dtype):
-    q, k, v, cu, _ = make_inputs([4, 1, 6], 5, 2, 32, dtype)
+@pytest.mark.parametrize("head_dim", [1, 31, 32, 33, 96, 256, 257, 300])
+@pytest.mark.parametrize("sizes", [[8, 9, 1], [16, 17], [40]], ids=str)
+def test_cuda_tile_and_head_dim_boundaries(sizes, head_dim, dtype):
+    q, k, v, cu, key_mask = make_inputs(sizes, 3, 2, head_dim, dtype, device="cuda")
+    check_against_reference(q, k, v, cu, key_mask, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_key_mask(device, dtype):
+    q, k, v, cu, _ = make_inputs([4, 1, 6], 5, 2, 32, dtype, device=device)
     check_against_reference(q, k, v, cu, None, dtype)
 
 
-def test_default_and_custom_scale():
-    q, k, v, cu, mask = make_inputs([3, 4], 3, 2, 24, torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_and_custom_scale(device):
+    q, k, v, cu, mask = make_inputs([3, 4], 3, 2, 24, torch.float64, device=device)
     for scale in (None, 0.37, 2.0):
         out, lse = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, scale)
         ref_out, ref_lse = reference.bridge_attention(q, k, v, cu, mask, scale)
@@ -94,17 +120,19 @@ def test_public_wrapper_uses_the_compiled_kernel_on_cpu():
     assert torch.equal(bridge_ops.bridge_attention(q, k, v, cu, mask), op_out)
 
 
-def test_a_row_alone_or_with_all_peers_finished_gets_its_own_value_exactly():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_row_alone_or_with_all_peers_finished_gets_its_own_value_exactly(device):
     for dtype in DTYPES:
-        q, k, v, cu, mask = make_inputs([1, 5, 3], 4, 2, 16, dtype, finished_groups=(1,))
+        q, k, v, cu, mask = make_inputs([1, 5, 3], 4, 2, 16, dtype, finished_groups=(1,), device=device)
         out = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)[0]
         assert torch.equal(out[0], v[0])  # width-1 group
         assert torch.equal(out[1:6], v[1:6])  # every key of group 1 masked: each row sees only itself
         assert not torch.equal(out[6:], v[6:])  # group 2 still mixes
 
 
-def test_masked_keys_do_not_reach_other_rows():
-    q, k, v, cu, mask = make_inputs([6], 3, 2, 16, torch.float32, visible_fraction=0.5)
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_keys_do_not_reach_other_rows(device):
+    q, k, v, cu, mask = make_inputs([6], 3, 2, 16, torch.float32, visible_fraction=0.5, device=device)
     base = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)[0]
     hidden_rows, hidden_pos = torch.nonzero(~mask, as_tuple=True)
     k2, v2 = k.clone(), v.clone()
@@ -118,9 +146,10 @@ def test_masked_keys_do_not_reach_other_rows():
     assert not torch.equal(out[~untouched], base[~untouched])
 
 
-def test_groups_are_isolated_bit_for_bit():
+@pytest.mark.parametrize("device", DEVICES)
+def test_groups_are_isolated_bit_for_bit(device):
     sizes = [4, 1, 33, 7]
-    q, k, v, cu, mask = make_inputs(sizes, 6, 4, 32, torch.float32)
+    q, k, v, cu, mask = make_inputs(sizes, 6, 4, 32, torch.float32, device=device)
     base_out, base_lse = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)
     lo, hi = int(cu[2]), int(cu[3])  # change everything about group 2
     q2, k2, v2, mask2 = q.clone(), k.clone(), v.clone(), mask.clone()
@@ -128,14 +157,16 @@ def test_groups_are_isolated_bit_for_bit():
         t[lo:hi] = torch.randn_like(t[lo:hi])
     mask2[lo:hi] = ~mask2[lo:hi]
     out, lse = torch.ops.bridge_ops.bridge_attention(q2, k2, v2, cu, mask2, None)
-    others = torch.ones(q.shape[0], dtype=torch.bool)
+    others = torch.ones(q.shape[0], dtype=torch.bool, device=device)
     others[lo:hi] = False
     assert torch.equal(out[others], base_out[others]) and torch.equal(lse[others], base_lse[others])
     assert not torch.equal(out[lo:hi], base_out[lo:hi])
 
 
-def test_gradients_stay_inside_the_group():
-    q, k, v, cu, mask = make_inputs([3, 4, 2], 3, 2, 8, torch.float64, requires_grad=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_stay_inside_the_group(device, dtype):
+    q, k, v, cu, mask = make_inputs([3, 4, 2], 3, 2, 8, dtype, requires_grad=True, device=device)
     out = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)[0]
     out[3:7].sum().backward()  # loss on group 1 only
     for grad in (q.grad, k.grad, v.grad):
@@ -143,16 +174,19 @@ def test_gradients_stay_inside_the_group():
         assert torch.count_nonzero(grad[3:7]) > 0
 
 
-def test_permutation_equivariant_within_a_group():
-    q, k, v, cu, mask = make_inputs([5, 6], 4, 2, 16, torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_permutation_equivariant_within_a_group(device):
+    q, k, v, cu, mask = make_inputs([5, 6], 4, 2, 16, torch.float64, device=device)
     perm = torch.cat([torch.tensor([3, 0, 4, 1, 2]), 5 + torch.randperm(6, generator=torch.Generator().manual_seed(3))])
+    perm = perm.to(device)
     out, lse = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)
     out_p, lse_p = torch.ops.bridge_ops.bridge_attention(q[perm], k[perm], v[perm], cu, mask[perm], None)
     assert max_err(out_p, out[perm]) < 1e-12 and max_err(lse_p, lse[perm]) < 1e-12
 
 
-def test_strided_inputs_give_the_same_result():
-    q, k, v, cu, mask = make_inputs([3, 2], 6, 4, 16, torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs_give_the_same_result(device):
+    q, k, v, cu, mask = make_inputs([3, 2], 6, 4, 16, torch.float32, device=device)
     base = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)
     # [B, H, S, Dh] storage seen as [B, S, H, Dh]; a packed QKV projection split into views; a strided last dim.
     bhsd = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
@@ -167,8 +201,9 @@ def test_strided_inputs_give_the_same_result():
     assert torch.equal(torch.ops.bridge_ops.bridge_attention(q, k, v, cu, strided_mask, None)[0], base[0])
 
 
-def test_backward_without_lse_gradient_and_without_output_gradient():
-    q, k, v, cu, mask = make_inputs([3, 2], 2, 2, 8, torch.float64, requires_grad=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_without_lse_gradient_and_without_output_gradient(device):
+    q, k, v, cu, mask = make_inputs([3, 2], 2, 2, 8, torch.float64, requires_grad=True, device=device)
     out, lse = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)
     grads_out = torch.autograd.grad(out.square().sum(), (q, k, v), retain_graph=True)
     grads_lse = torch.autograd.grad(lse.sum(), (q, k, v))
@@ -180,8 +215,9 @@ def test_backward_without_lse_gradient_and_without_output_gradient():
     assert torch.count_nonzero(grads_lse[2]) == 0  # lse does not depend on v
 
 
-def test_gradcheck_float64():
-    q, k, v, cu, mask = make_inputs([3, 1, 2], 3, 2, 5, torch.float64, requires_grad=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device):
+    q, k, v, cu, mask = make_inputs([3, 1, 2], 3, 2, 5, torch.float64, requires_grad=True, device=device)
     for key_mask in (mask, None):
 
         def fn(q, k, v):
@@ -190,8 +226,9 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(fn, (q, k, v), check_undefined_grad=True)
 
 
-def test_backward_op_matches_reference_backward():
-    q, k, v, cu, mask = make_inputs([4, 1, 3], 3, 2, 12, torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_op_matches_reference_backward(device):
+    q, k, v, cu, mask = make_inputs([4, 1, 3], 3, 2, 12, torch.float64, device=device)
     _, lse = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)
     grad_out, grad_lse = torch.randn_like(q), torch.randn_like(lse)
     for g_lse in (grad_lse, None):
@@ -201,9 +238,10 @@ def test_backward_op_matches_reference_backward():
             assert max_err(a, b) < 1e-12
 
 
-def test_opcheck():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
     for dtype in (torch.float32, torch.bfloat16):
-        q, k, v, cu, mask = make_inputs([3, 2], 3, 2, 8, dtype, requires_grad=True)
+        q, k, v, cu, mask = make_inputs([3, 2], 3, 2, 8, dtype, requires_grad=True, device=device)
         torch.library.opcheck(torch.ops.bridge_ops.bridge_attention.default, (q, k, v, cu, mask, None))
         torch.library.opcheck(torch.ops.bridge_ops.bridge_attention.default, (q, k, v, cu, None, 0.5))
         _, lse = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)
@@ -212,7 +250,8 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.bridge_ops.bridge_attention_backward.default, args)
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_forward_and_backward(device):
     torch._dynamo.reset()
 
     def loss_fn(q, k, v, cu, mask):
@@ -220,7 +259,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
         return (out.square().sum(dim=-1) + lse).sum()
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="inductor")
-    q, k, v, cu, mask = make_inputs([4, 2, 1], 5, 2, 16, torch.float32, requires_grad=True)
+    q, k, v, cu, mask = make_inputs([4, 2, 1], 5, 2, 16, torch.float32, requires_grad=True, device=device)
     loss = compiled(q, k, v, cu, mask)
     grads = torch.autograd.grad(loss, (q, k, v))
     eager_loss = loss_fn(q, k, v, cu, mask)
@@ -255,3 +294,63 @@ def test_both_cpu_builds_agree_with_the_reference():
     env = dict(os.environ, BRIDGE_OPS_CPU_ISA="default")
     result = subprocess.run([sys.executable, "-c", script], cwd=here, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+def test_public_wrapper_uses_a_gpu_kernel_on_cuda():
+    assert bridge_ops.dispatch.backend_for("cuda").name in ("cuda", "cupy")
+    q, k, v, cu, mask = make_inputs([2, 3], 2, 1, 8, device="cuda")
+    out = bridge_ops.bridge_attention(q, k, v, cu, mask)
+    assert out.is_cuda and torch.equal(out, torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)[0])
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+def test_cuda_matches_cpu_kernel():
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v, cu, mask = make_inputs([4, 1, 9, 3], 5, 4, 64, dtype)
+        cpu = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)
+        gpu = torch.ops.bridge_ops.bridge_attention(q.cuda(), k.cuda(), v.cuda(), cu.cuda(), mask.cuda(), None)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert max_err(gpu[0].cpu(), cpu[0]) < tol and max_err(gpu[1].cpu(), cpu[1]) < 1e-4
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+def test_cuda_runs_on_the_current_stream_and_a_second_device_index():
+    q, k, v, cu, mask = make_inputs([4, 4], 3, 2, 32, device="cuda")
+    want = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)[0]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)[0]
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+def test_cuda_validates_offsets_once_and_again_after_an_in_place_change():
+    q, k, v, cu, mask = make_inputs([4, 4], 2, 1, 8, device="cuda")
+    torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)
+    cu[1] = 9  # in place: bumps the version counter, so the next call reads and rejects it
+    with pytest.raises(ValueError, match="strictly increasing"):
+        torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+def test_cuda_graph_capture_and_replay():
+    q, k, v, cu, mask = make_inputs([4, 4, 2], 1, 4, 128, torch.bfloat16, device="cuda")
+    want = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)[0]  # validates cu before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)[0]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_sequence(device):
+    q, k, v, cu, mask = make_inputs([2, 1], 0, 2, 8, torch.float32, requires_grad=True, device=device)
+    out, lse = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)
+    assert out.shape == q.shape and lse.shape == (3, 0, 2)
+    grads = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
+    assert all(g.shape == q.shape for g in grads)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import make_inputs
+from helpers import HAS_GPU, make_inputs
 
 import bridge_ops
 from bridge_ops import reference
@@ -56,6 +56,30 @@ def test_bad_input_raises_value_error_naming_the_argument(impl, case):
     args, message = BAD_INPUTS[case]
     with pytest.raises(ValueError, match=message):
         IMPLEMENTATIONS[impl](*args)
+
+
+def on_cuda(args):
+    return [a.cuda() if isinstance(a, torch.Tensor) and a.device.type == "cpu" else a for a in args]
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+def test_bad_input_on_cuda_raises_the_same_value_error(impl, case):
+    args, message = BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=message.replace("q is on cpu", "q is on cuda:0")):
+        IMPLEMENTATIONS[impl](*on_cuda(args))
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+def test_cuda_kernel_names_the_tensor_on_another_device():
+    q, k, v, cu, mask = on_cuda(good())
+    with pytest.raises(ValueError, match="k is on cpu but q is on cuda:0"):
+        torch.ops.bridge_ops.bridge_attention(q, k.cpu(), v, cu, mask, None)
+    with pytest.raises(ValueError, match="key_mask is on cpu but q is on cuda:0"):
+        torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask.cpu(), None)
+    with pytest.raises(ValueError, match="cu_group_lens is on cpu but q is on cuda:0"):
+        torch.ops.bridge_ops.bridge_attention(q, k, v, cu.cpu(), mask, None)
 
 
 def test_public_wrapper_raises_the_same_errors():

@@ -6,7 +6,7 @@ new examples instead of the fixed, derandomized sequence).
 
 import pytest
 import torch
-from helpers import DTYPES, assert_flash_rule, term_magnitudes
+from helpers import DEVICES, DTYPES, assert_flash_rule, term_magnitudes
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -37,10 +37,12 @@ def build(sizes, seqlen, heads, head_dim, dtype, visible, seed):
     return q, k, v, cu, mask, grad_out, grad_lse
 
 
-@given(problems())
-def test_fuzz_forward_and_backward(problem):
+@pytest.mark.parametrize("device", DEVICES)
+@given(problem=problems())
+def test_fuzz_forward_and_backward(device, problem):
     sizes, seqlen, heads, head_dim, dtype, visible, scale, seed = problem
-    q, k, v, cu, mask, grad_out, grad_lse = build(sizes, seqlen, heads, head_dim, dtype, visible, seed)
+    built = build(sizes, seqlen, heads, head_dim, dtype, visible, seed)
+    q, k, v, cu, mask, grad_out, grad_lse = (None if t is None else t.to(device) for t in built)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, lse = torch.ops.bridge_ops.bridge_attention(*leaves, cu, mask, scale)
     torch.autograd.backward([out, lse], [grad_out.to(dtype), grad_lse.to(lse.dtype)])

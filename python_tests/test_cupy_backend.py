@@ -1,0 +1,84 @@
+"""The cupy (NVRTC) backend: what can be checked anywhere, and its kernels against the reference where cupy and a GPU
+exist (skipped otherwise). The full op suite runs on it on a GPU machine with BRIDGE_OPS_GPU_BACKEND=cupy
+(bench/gpu_check.sh); on the CPU its host code runs with the warp emulator (test_cuda_emulated.py)."""
+
+import importlib.util
+
+import pytest
+import torch
+from helpers import DTYPES, HAS_GPU, make_inputs
+from test_attention_kernel import check_against_reference
+
+import bridge_ops
+from bridge_ops import cupy_backend, dispatch, info
+
+HAS_CUPY = importlib.util.find_spec("cupy") is not None
+
+
+def test_kernel_source_is_found_and_its_constants_parsed():
+    assert cupy_backend.kernel_source_path().endswith("bridge_attention.cuh")
+    c = cupy_backend.constants()
+    assert c["BRIDGE_KEY_TILE"] == 8 and c["BRIDGE_MAX_TD"] == 8 and c["BRIDGE_SMEM_LIMIT"] == 49152
+
+
+def test_kernel_names_cover_every_dtype_and_path():
+    names = cupy_backend.all_kernel_names(torch.bfloat16)
+    assert "bridge_ops::kernels::bridge_attention_fwd<bridge_ops::kernels::bf16_t, 4>" in names
+    assert "bridge_ops::kernels::bridge_attention_bwd_simple<bridge_ops::kernels::bf16_t, float>" in names
+    assert cupy_backend.all_kernel_names(torch.float64) == [
+        "bridge_ops::kernels::bridge_attention_fwd_simple<double, double>",
+        "bridge_ops::kernels::bridge_attention_bwd_simple<double, double>",
+    ]
+    source = cupy_backend.instantiation_source()
+    assert source.count("(void*)&") == 3 * 10 + 2
+
+
+def test_dispatch_explains_every_gpu_backend():
+    text = info.report()
+    for name in ("cuda", "cupy", "GPU backend"):
+        assert name in text
+    reasons = {b.name: b.unavailable_reason() for b in dispatch.BACKENDS}
+    if not HAS_GPU:
+        assert "no CUDA device" in dispatch.gpu_backend_summary()
+        assert reasons["cupy"] is not None  # never serves without a GPU
+
+
+def test_forcing_the_cupy_backend_is_explained(monkeypatch):
+    monkeypatch.setenv("BRIDGE_OPS_GPU_BACKEND", "cupy")
+    cuda = next(b for b in dispatch.BACKENDS if b.name == "cuda")
+    assert cuda.unavailable_reason() == "BRIDGE_OPS_GPU_BACKEND=cupy selects the cupy backend"
+    monkeypatch.setenv("BRIDGE_OPS_DISABLE_CUPY", "1")
+    assert cupy_backend.unavailable_reason() == "disabled by BRIDGE_OPS_DISABLE_CUPY=1"
+
+
+def test_validation_is_cached_per_tensor_and_version():
+    cu = bridge_ops.cu_group_lens_from_sizes([2, 3])
+    assert cupy_backend.validated_max_group(cu, 5) == 3
+    assert cupy_backend.validated_max_group(cu, 5) == 3
+    cu[1] = 4  # in place: new version, validated again
+    assert cupy_backend.validated_max_group(cu, 5) == 4
+    cu[1] = 7
+    with pytest.raises(ValueError, match="strictly increasing"):
+        cupy_backend.validated_max_group(cu, 5)
+
+
+@pytest.mark.skipif(not (HAS_GPU and HAS_CUPY), reason="needs a CUDA device and cupy")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sizes, head_dim", [([4] * 8, 128), ([1, 33, 4, 7], 80), ([9, 2], 300)], ids=str)
+def test_cupy_kernels_match_reference(sizes, head_dim, dtype):
+    launcher = cupy_backend.launcher()
+
+    class Attention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, cu, mask, scale):
+            out, lse = cupy_backend.forward(launcher, q, k, v, cu, mask, scale)
+            ctx.save_for_backward(q, k, v, lse, cu, mask)
+            return out, lse
+
+        @staticmethod
+        def backward(ctx, grad_out, grad_lse):
+            q, k, v, lse, cu, mask = ctx.saved_tensors
+            return (*cupy_backend.backward(launcher, grad_out, grad_lse, q, k, v, lse, cu, mask), None, None, None)
+
+    q, k, v, cu, mask = make_inputs(sizes, 3, 2, head_dim, dtype, device="cuda")
+    check_against_reference(q, k, v, cu, mask, dtype, attention=lambda *a: Attention.apply(*a))
