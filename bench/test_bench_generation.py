@@ -76,7 +76,7 @@ def test_decode(benchmark, models):
     tokens = run(models["bridged"]).num_tokens
     benchmark.group = "decode"
     unbridged, bridged, ratio = paired_rounds(
-        benchmark, lambda: run(models["unbridged"]), lambda: run(models["bridged"]), rounds=5
+        benchmark, lambda: run(models["unbridged"]), lambda: run(models["bridged"]), rounds=9
     )
     benchmark.extra_info.update(
         kind="decode", tokens=tokens, unbridged=unbridged, bridged=bridged, ratio=ratio,
@@ -123,6 +123,6 @@ def test_prefill(benchmark, models, width):
                          use_cache=True, logits_to_keep=1)
 
     benchmark.group = f"prefill N={width}"
-    expanded_time, once_time, ratio = paired_rounds(benchmark, expanded, once, rounds=3)
+    expanded_time, once_time, ratio = paired_rounds(benchmark, expanded, once, rounds=5)
     benchmark.extra_info.update(kind="prefill", width=width, once=once_time, expanded=expanded_time, ratio=ratio,
                                 threads=torch.get_num_threads(), torch=torch.__version__)
