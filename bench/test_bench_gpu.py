@@ -12,11 +12,11 @@ Run: `pytest bench/test_bench_gpu.py --benchmark-json=gpu.json` (bench/gpu_check
 
 import os
 
+import attention_calls
 import pytest
 import torch
 
 import bridge_ops
-from bridge_ops import reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -25,38 +25,11 @@ SHAPES = {
     "decode-32x8": dict(groups=32, width=8, seqlen=1),
     "train-8x4-S4096": dict(groups=8, width=4, seqlen=4096),
 }
-HEADS, HEAD_DIM, DTYPE = 4, 128, torch.bfloat16
-
-IMPLEMENTATIONS = {
-    "fused": lambda q, k, v, cu: bridge_ops.bridge_attention(q, k, v, cu),
-    "reference": lambda q, k, v, cu: reference.bridge_attention(q, k, v, cu)[0],
-    "dense_sdpa": lambda q, k, v, cu: reference.bridge_attention_dense(q, k, v, cu),
-}
+DTYPE = torch.bfloat16
 
 
 def make_call(shape: str, impl: str, mode: str):
-    cfg = SHAPES[shape]
-    batch = cfg["groups"] * cfg["width"]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (
-        torch.randn(batch, cfg["seqlen"], HEADS, HEAD_DIM, generator=gen, device="cuda", dtype=DTYPE) for _ in range(3)
-    )
-    cu = bridge_ops.cu_group_lens_from_width(batch, cfg["width"], device="cuda")
-    fn = IMPLEMENTATIONS[impl]
-    if mode == "fwd":
-
-        def call():
-            with torch.no_grad():
-                return fn(q, k, v, cu)
-
-        return call, q
-    leaves = [t.requires_grad_() for t in (q, k, v)]
-    grad_out = torch.randn(q.shape, generator=gen, device="cuda", dtype=DTYPE)
-
-    def call():
-        return torch.autograd.grad(fn(*leaves, cu), leaves, grad_out)
-
-    return call, q
+    return attention_calls.make_call(SHAPES[shape], impl, mode, device="cuda", dtype=DTYPE)
 
 
 def min_bytes(q: torch.Tensor, mode: str) -> int:
@@ -102,7 +75,7 @@ def copy_bandwidth() -> float:
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("impl", list(attention_calls.IMPLEMENTATIONS))
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_bridge_attention_gpu(benchmark, shape, impl, mode):
     torch.cuda.empty_cache()
