@@ -5,6 +5,8 @@
     bridge-ops generate --model DIR --prompt TEXT ... --width N
                                                            N interdependent responses per prompt from a local HF model
                                                            (its saved Bridge weights are used when DIR has them)
+    bridge-ops train pretrain|sft|grpo ...                 train on a generated task (see bridge_ops/train/commands.py)
+    bridge-ops eval --model DIR --widths 1,2,4,8,16        accuracy at several widths
 """
 
 import argparse
@@ -102,6 +104,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     gen.add_argument("--no-bridge", action="store_true", help="ignore saved Bridge weights")
     gen.add_argument("--progress", action="store_true")
     gen.set_defaults(run=_generate)
+
+    from .train.commands import add_commands
+
+    add_commands(commands)
 
     args = parser.parse_args(argv)
     return args.run(args)

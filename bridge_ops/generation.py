@@ -107,9 +107,15 @@ def _sampler(do_sample: bool, temperature: float, top_k: Optional[int], top_p: O
         if top_p is not None and top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p=top_p))
 
-    def pick(tokens_so_far: torch.Tensor, logits: torch.Tensor):
+    def pick(tokens_so_far: torch.Tensor, logits: torch.Tensor, batch: "_Batch", generators):
         scores = processors(tokens_so_far, logits)
-        if do_sample:
+        if do_sample and generators is not None:  # each group draws from its prompt's own generator
+            probs = torch.softmax(scores, dim=-1)
+            next_tokens = torch.cat([
+                torch.multinomial(rows, num_samples=1, generator=generators[prompt]).squeeze(1)
+                for prompt, rows in zip(batch.prompts, probs.split(batch.widths))
+            ])
+        elif do_sample:
             next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:
             next_tokens = torch.argmax(scores, dim=-1)
@@ -123,6 +129,7 @@ class _Batch:
 
     def __init__(self, widths: List[int], device):
         self.widths = list(widths)  # sizes of the live groups
+        self.prompts = list(range(len(widths)))  # prompt index of each live group
         self.rows = torch.arange(sum(widths), device=device)  # original row index of each live row
         self.finished = torch.zeros(sum(widths), dtype=torch.bool, device=device)
 
@@ -142,6 +149,7 @@ class _Batch:
         sizes = torch.as_tensor(self.widths, device=self.finished.device)
         keep_row = torch.repeat_interleave(~done, sizes)
         self.widths = [w for w, k in zip(self.widths, keep_group) if k]
+        self.prompts = [p for p, k in zip(self.prompts, keep_group) if k]
         keep = torch.nonzero(keep_row).flatten()
         self.rows, self.finished = self.rows[keep], self.finished[keep]
         return keep
@@ -197,6 +205,7 @@ def generate(
     eos_token_id: Optional[Union[int, Sequence[int]]] = None,
     pad_token_id: Optional[int] = None,
     compact: bool = True,
+    generators: Optional[Sequence[torch.Generator]] = None,
     return_log_probs: bool = False,
     return_logits: bool = False,
     tokenizer=None,
@@ -211,9 +220,12 @@ def generate(
         width: samples per prompt, one int or one per prompt (ragged groups).
         max_new_tokens: tokens generated per sequence at most.
         do_sample, temperature, top_k, top_p: sampling as in HF (greedy when do_sample=False). The random numbers
-            come from torch's global generator: seed it with torch.manual_seed.
+            come from torch's global generator (seed it with torch.manual_seed), or from `generators`.
         eos_token_id, pad_token_id: default to the model's generation config (pad falls back to EOS).
         compact: drop groups whose rows have all finished from the batch and the cache.
+        generators: one torch.Generator per prompt (on the model's device): the members of prompt p draw from
+            generators[p] only, so a prompt's samples do not depend on which other prompts share the batch (what
+            data-parallel training needs to give every rank the rollouts a single process would draw).
         return_log_probs: also return each sequence's summed log-probability under the sampling distribution.
         return_logits: also return the raw logits each token was drawn from (memory: tokens x vocab floats).
         progress: show a tqdm progress bar over decode steps.
@@ -228,6 +240,8 @@ def generate(
     device = next(model.parameters()).device
     input_ids, mask = _left_padded(prompts, attention_mask, pad, tokenizer, device)
     widths = _widths(width, input_ids.shape[0])
+    if generators is not None and len(generators) != len(widths):
+        raise ValueError(f"bridge_ops: {len(generators)} generators given for {len(widths)} prompts")
     runtime = runtime_of(model) if is_bridged(model) else None
     if runtime is not None and runtime.context_active:
         raise RuntimeError("bridge_ops: generate sets the groups itself; call it outside a groups(...) block")
@@ -254,7 +268,7 @@ def generate(
             steps = tqdm(steps, desc="bridge_ops.generate", unit="step")
         for step in steps:
             # 3. Sample one token per live row; finished rows get padding.
-            next_tokens, scores = pick(tokens_so_far, logits)
+            next_tokens, scores = pick(tokens_so_far, logits, batch, generators)
             next_tokens = torch.where(batch.finished, torch.full_like(next_tokens, pad), next_tokens)
             live = ~batch.finished
             generated[batch.rows[live], step] = next_tokens[live]

@@ -60,11 +60,12 @@ def test_generate_command_fails_clearly_without_a_model(tmp_path):
 
 def test_demo_runs():
     result = subprocess.run(
-        [sys.executable, "-m", "bridge_ops.demo", "--hidden-size", "32", "--layers", "1", "--max-new-tokens", "4"],
+        [sys.executable, "-m", "bridge_ops.demo", "--hidden-size", "32", "--layers", "1", "--pretrain-steps", "3",
+         "--warmup-steps", "1", "--grpo-steps", "1", "--test-problems", "8"],
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr
-    assert "with Bridge (interdependent samples)" in result.stdout and "tokens/s" in result.stdout
+    assert "GRPO reward" in result.stdout and "-> vote" in result.stdout and "majority vote" in result.stdout
 
 
 def test_package_exports():

@@ -1,0 +1,195 @@
+"""`bridge-ops train pretrain|sft|grpo` and `bridge-ops eval`: the trainers on a generated task, from the shell.
+
+    bridge-ops train pretrain --task arithmetic --out base/            a tiny base model trained from scratch
+    bridge-ops train sft  --model base/ --task arithmetic --bridge 16 --width 8 --out warm/
+                                                                      Bridge warm-up on the model's correct samples
+    bridge-ops train grpo --model warm/ --task arithmetic --width 4 --out rl/
+    bridge-ops eval --model rl/ --task arithmetic --widths 1,2,4,8,16
+
+Every training command writes the whole model (`save_pretrained`, plus `bridge.safetensors` when bridged) and the
+tokenizer to --out, with metrics.jsonl and checkpoint.pt; running the same command again resumes from the
+checkpoint. Under `torchrun --nproc_per_node K` the trainers run data-parallel (whole groups per rank).
+"""
+
+import argparse
+import json
+import os
+
+TASK_DEFAULTS = {"max_operand": 9}
+
+
+def _task(args):
+    from ..tasks import get_task
+
+    return get_task(args.task, **TASK_DEFAULTS)
+
+
+def _load(args, bridge: int = 0):
+    """(model, tokenizer) from --model; Bridge weights it holds are loaded; `bridge` > 0 adds fresh blocks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..cli import _has_bridge
+    from ..hf import apply_bridge, is_bridged, load_bridge
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+    if _has_bridge(args.model):
+        load_bridge(model, args.model)
+    if bridge and not is_bridged(model):
+        apply_bridge(model, d_bridge=bridge, num_heads=args.bridge_heads)
+    return model.eval(), tokenizer
+
+
+def _save(model, tokenizer, out: str, dist) -> None:
+    from ..hf import is_bridged, save_bridge
+
+    if not dist.is_main:
+        return
+    # the base weights in model.safetensors, the Bridge weights in bridge.safetensors (loaded by load_bridge)
+    model.save_pretrained(out, state_dict={k: v for k, v in model.state_dict().items() if ".bridge." not in k})
+    tokenizer.save_pretrained(out)
+    if is_bridged(model):
+        save_bridge(model, out)
+    print(f"saved the model to {out}")
+
+
+def _pretrain(args, dist) -> int:
+    from ..charlm import char_tokenizer
+    from .recipes import BaseSpec, pretrain_base
+    from .task_data import task_data
+
+    task = _task(args)
+    tokenizer = char_tokenizer(task.alphabet)
+    train = task_data(task, tokenizer, "train", args.train_problems, args.data_seed)
+    spec = BaseSpec(hidden_size=args.hidden_size, num_layers=args.layers, steps=args.steps, lr=args.lr,
+                    batch=args.batch, seed=args.seed)
+    model = pretrain_base(train, spec, progress=not args.no_progress)
+    _save(model, tokenizer, args.out, dist)
+    return 0
+
+
+def _sft(args, dist) -> int:
+    from .sft import SFTConfig, collect_correct_groups, train_sft
+    from .task_data import task_data
+    from .trainer import select_trainable
+
+    model, tokenizer = _load(args, args.bridge)
+    train = task_data(_task(args), tokenizer, "train", args.train_problems, args.data_seed)
+    groups = collect_correct_groups(model, train.prompts, train.reward, args.width, seed=args.seed,
+                                    max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+    if not groups:
+        raise SystemExit(f"bridge-ops: no prompt got >= 2 correct answers in {args.width} samples; the model is too "
+                         "weak for a warm-up (pretrain longer, or raise --width / --train-problems)")
+    if dist.is_main:
+        print(f"warm-up data: {len(groups)} prompts with >= 2 correct of {args.width} samples "
+              f"({sum(len(g[1]) for g in groups)} responses)")
+    config = SFTConfig(steps=args.steps, lr=args.lr, groups_per_step=args.groups_per_step, seed=args.seed,
+                       out_dir=args.out, checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+    train_sft(model, groups, config, trainable=select_trainable(model, args.trainable), dist=dist)
+    _save(model, tokenizer, args.out, dist)
+    return 0
+
+
+def _grpo(args, dist) -> int:
+    from .grpo import GRPOConfig, train_grpo
+    from .losses import GRPOLossConfig
+    from .task_data import task_data
+    from .trainer import select_trainable
+
+    model, tokenizer = _load(args, args.bridge)
+    train = task_data(_task(args), tokenizer, "train", args.train_problems, args.data_seed)
+    config = GRPOConfig(
+        steps=args.steps, lr=args.lr, width=args.width, prompts_per_step=args.prompts_per_step,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, minibatches=args.minibatches,
+        loss=GRPOLossConfig(beta=args.beta), seed=args.seed, out_dir=args.out,
+        checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
+    )
+    train_grpo(model, train.prompts, train.reward, config, trainable=select_trainable(model, args.trainable),
+               eos_token_id=tokenizer.eos_token_id, dist=dist)
+    _save(model, tokenizer, args.out, dist)
+    return 0
+
+
+def run_train(args) -> int:
+    from .distributed import init_distributed
+
+    dist = init_distributed()
+    return {"pretrain": _pretrain, "sft": _sft, "grpo": _grpo}[args.stage](args, dist)
+
+
+def run_eval(args) -> int:
+    from .evaluate import evaluate_widths
+    from .task_data import task_data
+
+    model, tokenizer = _load(args)
+    test = task_data(_task(args), tokenizer, "test", args.test_problems, args.data_seed)
+    widths = [int(w) for w in args.widths.split(",")]
+    results = evaluate_widths(model, test.prompts, test.reward, test.extract_answer, test.answers, widths,
+                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                              eos_token_id=tokenizer.eos_token_id, progress=not args.no_progress)
+    print("width  mean_acc  majority  all_correct  any_correct")
+    for r in results:
+        print(f"{r['width']:>5}  {r['mean_accuracy']:8.3f}  {r['majority_accuracy']:8.3f}  {r['all_correct']:11.3f}"
+              f"  {r['any_correct']:11.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def _common(parser, model: bool = True) -> None:
+    if model:
+        parser.add_argument("--model", required=True, help="a local HF model directory (with its tokenizer)")
+    parser.add_argument("--task", default="arithmetic", choices=["arithmetic"])
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the generated problems")
+    parser.add_argument("--seed", type=int, default=0, help="seed of sampling and data order")
+    parser.add_argument("--max-new-tokens", type=int, default=6)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _training(parser, steps: int, lr: float) -> None:
+    parser.add_argument("--out", required=True, help="output directory (resumes from its checkpoint.pt)")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--train-problems", type=int, default=3000)
+    parser.add_argument("--checkpoint-every", type=int, default=0)
+
+
+def add_commands(commands) -> None:
+    """Adds `train` (pretrain / sft / grpo) and `eval` to the `bridge-ops` subcommands."""
+    train = commands.add_parser("train", help="pretrain a tiny base, Bridge SFT warm-up, GRPO (torchrun-ready)")
+    stages = train.add_subparsers(dest="stage", required=True)
+
+    pre = stages.add_parser("pretrain", help="a tiny base model trained from scratch on the task")
+    _common(pre, model=False)
+    _training(pre, steps=700, lr=3e-3)
+    pre.add_argument("--hidden-size", type=int, default=128)
+    pre.add_argument("--layers", type=int, default=4)
+    pre.add_argument("--batch", type=int, default=128)
+
+    for name, steps, lr, trainable, width in (("sft", 150, 1e-3, "bridge", 8), ("grpo", 150, 1e-4, "all", 4)):
+        stage = stages.add_parser(name, help={"sft": "SFT warm-up on groups of the model's own correct samples",
+                                              "grpo": "GRPO with rollouts at width N"}[name])
+        _common(stage)
+        _training(stage, steps, lr)
+        stage.add_argument("--width", type=int, default=width, help="samples per prompt")
+        stage.add_argument("--bridge", type=int, default=0, metavar="D_BRIDGE",
+                           help="add fresh Bridge blocks of this inner width (when the model has none)")
+        stage.add_argument("--bridge-heads", type=int, default=None)
+        stage.add_argument("--trainable", default=trainable, choices=["all", "bridge"])
+    stages.choices["sft"].add_argument("--groups-per-step", type=int, default=16)
+    grpo = stages.choices["grpo"]
+    grpo.add_argument("--prompts-per-step", type=int, default=16)
+    grpo.add_argument("--temperature", type=float, default=1.0)
+    grpo.add_argument("--minibatches", type=int, default=1)
+    grpo.add_argument("--beta", type=float, default=0.0, help="KL weight to the starting model")
+    train.set_defaults(run=run_train)
+
+    ev = commands.add_parser("eval", help="accuracy, majority vote and all-correct rate at several widths")
+    _common(ev)
+    ev.add_argument("--widths", default="1,2,4,8,16")
+    ev.add_argument("--test-problems", type=int, default=300)
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--json", default=None, help="also write the results to this file")
+    ev.set_defaults(run=run_eval)

@@ -1,0 +1,219 @@
+"""Training: the GRPO loss by hand, cross-sample gradients through Bridge, frozen-base SFT, resume, pmatch, eval."""
+
+import math
+
+import pytest
+import torch
+
+import bridge_ops
+from bridge_ops.train import (
+    GRPOConfig,
+    GRPOLossConfig,
+    SFTConfig,
+    apply_parameter_matched_mlp,
+    collect_correct_groups,
+    evaluate_widths,
+    group_advantages,
+    grouped_batch,
+    grpo_loss,
+    select_trainable,
+    token_log_probs,
+    train_grpo,
+    train_sft,
+)
+from hf_models import EOS, PAD, bridged_model, tiny_model
+
+PROMPTS = [[1, 5, 6, 7], [1, 9, 10], [1, 11, 12, 13, 14], [1, 20, 21]]
+
+
+def reward_even_first(index, response):
+    """A verifiable toy reward: the first generated token is even."""
+    return float(bool(response) and response[0] % 2 == 0)
+
+
+# ---- the loss -------------------------------------------------------------------------------------------------
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+    adv = group_advantages(rewards, [2, 2, 4])
+    # group 1: mean 0.5, std 0.5 -> +-1; group 2: constant -> 0; group 3: mean .25, std sqrt(3)/4
+    s = math.sqrt(3) / 4
+    expected = torch.tensor([1.0, -1.0, 0.0, 0.0, -0.25 / s, -0.25 / s, -0.25 / s, 0.75 / s])
+    torch.testing.assert_close(adv, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(group_advantages(rewards, [2, 2, 4], scale_rewards=False),
+                               torch.tensor([0.5, -0.5, 0.0, 0.0, -0.25, -0.25, -0.25, 0.75]))
+    with pytest.raises(ValueError, match="rewards"):
+        group_advantages(rewards, [2, 2])
+
+
+def test_grpo_loss_by_hand():
+    # one group of two rows; row 0 has advantage +1 and two tokens, row 1 advantage -1 and one token
+    log_probs = torch.tensor([[math.log(1.5), math.log(0.5)], [math.log(1.1), 0.0]], requires_grad=True)
+    old = torch.zeros(2, 2)
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[True, True], [True, False]])
+    out = grpo_loss(log_probs, old, adv, mask, GRPOLossConfig(clip_low=0.2, clip_high=0.28))
+    # token (0,0): ratio 1.5 clipped to 1.28 -> -1.28 (no gradient); (0,1): ratio 0.5, min(0.5, 0.8) -> -0.5;
+    # (1,0): ratio 1.1, A=-1: min(-1.1, -1.1) -> +1.1; token-level mean over 3 tokens
+    assert out["loss"].item() == pytest.approx((-1.28 - 0.5 + 1.1) / 3, abs=1e-6)
+    assert out["clip_fraction"].item() == pytest.approx(1 / 3)
+    out["loss"].backward()
+    # d/dlogp of -ratio*A = -ratio*A (ratio = exp(logp - old)); clipped token: 0; masked token: 0
+    torch.testing.assert_close(log_probs.grad, torch.tensor([[0.0, -0.5 / 3], [1.1 / 3, 0.0]]))
+
+
+def test_grpo_loss_kl_and_global_token_count():
+    log_probs = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    out = grpo_loss(log_probs, log_probs, torch.zeros(1), mask, GRPOLossConfig(beta=0.5), ref, total_tokens=4.0)
+    kl = [math.exp(d) - d - 1 for d in (-0.5, 1.0)]
+    assert out["kl"].item() == pytest.approx(sum(kl) / 2)
+    assert out["loss"].item() == pytest.approx(0.5 * sum(kl) / 4.0)
+    with pytest.raises(ValueError, match="ref_log_probs"):
+        grpo_loss(log_probs, log_probs, torch.zeros(1), mask, GRPOLossConfig(beta=0.5))
+
+
+# ---- teacher-forced log-probs equal what generation sampled from ----------------------------------------------------
+@pytest.mark.parametrize("bridged", [True, False])
+def test_token_log_probs_match_generation(bridged):
+    model = bridged_model() if bridged else tiny_model()
+    torch.manual_seed(3)
+    result = bridge_ops.generate(model, PROMPTS[:3], [3, 1, 2], 6, eos_token_id=EOS, pad_token_id=PAD,
+                                 return_log_probs=True)
+    batch = grouped_batch(PROMPTS[:3], result.sequences, PAD)
+    with torch.no_grad():
+        per_token = token_log_probs(model, batch)
+    sums = per_token.double().sum(1)
+    expected = torch.tensor([lp for group in result.log_probs for lp in group], dtype=torch.float64)
+    torch.testing.assert_close(sums, expected, atol=1e-4, rtol=1e-4)
+    assert batch.response_mask.sum(1).tolist() == [len(s) for g in result.sequences for s in g]
+
+
+def test_gradients_cross_group_members_but_not_groups():
+    """Row 0's loss reaches row 1 (same group) through Bridge, never rows 2-3 (another group); none without Bridge."""
+    responses = [[[3, 4, 5], [6, 7, EOS]], [[8, 9, 10], [11, EOS]]]
+    batch = grouped_batch(PROMPTS[:2], responses, PAD)
+    for model, crosses in ((bridged_model(), True), (tiny_model(), False)):
+        captured = {}
+
+        def keep(module, args, output):
+            output.retain_grad()
+            captured["embeds"] = output
+
+        hook = model.get_input_embeddings().register_forward_hook(keep)
+        token_log_probs(model, batch)[0].sum().backward()
+        hook.remove()
+        grad = captured["embeds"].grad.abs().sum(dim=(1, 2))
+        assert grad[0] > 0
+        assert (grad[1] > 0) == crosses
+        assert grad[2:].eq(0).all()
+
+
+# ---- SFT, GRPO, resume -----------------------------------------------------------------------------------------
+def _named_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_sft_with_frozen_base_changes_only_bridge_weights():
+    model = bridge_ops.apply_bridge(tiny_model(), d_bridge=16, num_heads=2)
+    before = _named_state(model)
+    groups = [(PROMPTS[0], [[3, 4, EOS], [3, 5, EOS]]), (PROMPTS[1], [[6, EOS], [6, EOS], [7, EOS]])]
+    history = train_sft(model, groups, SFTConfig(steps=3, lr=1e-2, groups_per_step=2, progress=False),
+                        trainable=select_trainable(model, "bridge"))
+    assert history[-1]["loss"] < history[0]["loss"]
+    after = _named_state(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(".bridge." in n for n in changed)
+    assert any("o_proj" in n for n in changed)  # the zero-initialized output projection left zero
+
+
+def _grpo_config(**kw):
+    settings = dict(steps=4, lr=1e-2, width=3, prompts_per_step=2, max_new_tokens=4, progress=False,
+                    loss=GRPOLossConfig(beta=0.1), minibatches=2)
+    settings.update(kw)
+    return GRPOConfig(**settings)
+
+
+def test_grpo_trains_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    straight = bridged_model()
+    history = train_grpo(straight, PROMPTS, reward_even_first, _grpo_config(), eos_token_id=EOS)
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert all(math.isfinite(h["loss"]) for h in history) and any(h["grad_norm"] > 0 for h in history)
+
+    resumed = bridged_model()
+    train_grpo(resumed, PROMPTS, reward_even_first, _grpo_config(steps=2, out_dir=str(tmp_path)), eos_token_id=EOS)
+    assert (tmp_path / "checkpoint.pt").exists() and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    fresh = bridged_model()  # a new process would start from the same initial model
+    train_grpo(fresh, PROMPTS, reward_even_first, _grpo_config(steps=4, out_dir=str(tmp_path)), eos_token_id=EOS)
+    for name, p in straight.named_parameters():
+        assert torch.equal(p, dict(fresh.named_parameters())[name]), name
+
+
+def test_grpo_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="multiple"):
+        train_grpo(bridged_model(), PROMPTS, reward_even_first, _grpo_config(prompts_per_step=3), eos_token_id=EOS)
+    with pytest.raises(ValueError, match="prompts_per_step"):
+        train_grpo(bridged_model(), PROMPTS, reward_even_first, _grpo_config(prompts_per_step=8), eos_token_id=EOS)
+
+
+def test_collect_correct_groups_keeps_prompts_with_two_correct():
+    groups = collect_correct_groups(bridged_model(), PROMPTS, reward_even_first, width=6, max_new_tokens=3,
+                                    eos_token_id=EOS, pad_token_id=PAD)
+    assert groups
+    for prompt, responses in groups:
+        assert prompt in PROMPTS and len(responses) >= 2
+        assert all(reward_even_first(0, r) == 1.0 for r in responses)
+
+
+def test_generators_make_a_prompts_samples_independent_of_the_batch():
+    model = bridged_model()
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    both = bridge_ops.generate(model, PROMPTS[:2], 3, 5, generators=gens([7, 8]), eos_token_id=EOS)
+    alone = bridge_ops.generate(model, PROMPTS[1:2], 3, 5, generators=gens([8]), eos_token_id=EOS)
+    assert both.sequences[1] == alone.sequences[0]
+    with pytest.raises(ValueError, match="generators"):
+        bridge_ops.generate(model, PROMPTS[:2], 3, 5, generators=gens([7]))
+
+
+# ---- the parameter-matched baseline and evaluation ---------------------------------------------------------------
+def test_parameter_matched_mlp_matches_bridge_count_and_starts_at_zero():
+    base = tiny_model()
+    ids = torch.tensor([PROMPTS[0]])
+    expected = base(input_ids=ids).logits
+    bridged = bridge_ops.apply_bridge(tiny_model(), d_bridge=16, num_heads=2)
+    matched = apply_parameter_matched_mlp(tiny_model(), d_bridge=16)
+    count = sum(p.numel() for p in select_trainable(matched, "pmatch").values())
+    assert count == bridge_ops.parameter_share(bridged)["bridge_parameters"]
+    torch.testing.assert_close(matched(input_ids=ids).logits, expected)
+    with pytest.raises(ValueError, match="already"):
+        apply_parameter_matched_mlp(matched, d_bridge=16)
+    with pytest.raises(ValueError, match="no bridge parameters"):
+        select_trainable(tiny_model(), "bridge")
+
+
+def test_evaluate_widths_counts_by_hand(monkeypatch):
+    import bridge_ops.train.evaluate as evaluate_module
+
+    samples = {0: [[4], [5], [5]], 1: [[4], [4], [4]]}  # the responses each prompt gets, in order
+
+    def fake_generate(model, prompts, width, max_new_tokens, **kwargs):
+        index = {tuple(p): i for i, p in enumerate(PROMPTS)}
+        sequences = [samples[index[tuple(p)]][:width] for p in prompts]
+        return bridge_ops.GenerationOutput(sequences, None, 0, 1.0)
+
+    monkeypatch.setattr(evaluate_module, "generate", fake_generate)
+    answers = ["4", "4"]
+    results = evaluate_widths(tiny_model(), PROMPTS[:2], lambda i, r: float(str(r[0]) == answers[i]),
+                              lambda r: str(r[0]), answers, (1, 2, 3))
+    by_width = {r["width"]: r for r in results}
+    assert by_width[1] == {"width": 1, "mean_accuracy": 1.0, "all_correct": 1.0, "any_correct": 1.0,
+                           "majority_accuracy": 1.0}
+    # width 2: prompt 0 gets 4, 5 (tie: the first answer wins the vote), prompt 1 gets 4, 4
+    assert by_width[2] == {"width": 2, "mean_accuracy": 0.75, "all_correct": 0.5, "any_correct": 1.0,
+                           "majority_accuracy": 1.0}
+    # width 3: prompt 0 votes 5 (two of three)
+    assert by_width[3] == {"width": 3, "mean_accuracy": 4 / 6, "all_correct": 0.5, "any_correct": 1.0,
+                           "majority_accuracy": 0.5}
