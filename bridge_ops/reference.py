@@ -179,8 +179,12 @@ def merge_attention_states(
     lse = top + torch.log(total)
     total = total.masked_fill(empty, 1.0)
     acc = lse_a.dtype
-    out = (weight_a / total)[..., None] * o_a.to(acc) + (weight_b / total)[..., None] * o_b.to(acc)
-    return out.to(o_a.dtype), lse
+
+    def term(weight, o):  # a side of weight 0 is skipped: its o is never read (it may be NaN)
+        weight = (weight / total)[..., None]
+        return torch.where(weight == 0, 0.0, weight * o.to(acc))
+
+    return (term(weight_a, o_a) + term(weight_b, o_b)).to(o_a.dtype), lse
 
 
 def prefix_suffix_attention(

@@ -184,7 +184,13 @@ template <typename scalar_t, typename acc_t>
 BRIDGE_OPS_INLINE void merge_into(const acc_t* o_a, acc_t lse_a, const acc_t* o_b, acc_t lse_b, int64_t d,
                                   scalar_t* out, acc_t* lse) {
   const MergeWeights<acc_t> m = merge_weights(lse_a, lse_b, -std::numeric_limits<acc_t>::infinity());
-  for (int64_t e = 0; e < d; ++e) out[e] = static_cast<scalar_t>(m.weight_a * o_a[e] + m.weight_b * o_b[e]);
+  // A side of weight 0 (an empty key set, or one outweighed beyond the accumulation type's range) is skipped, so
+  // that its o is never read (it may be anything, NaN included).
+  for (int64_t e = 0; e < d; ++e) {
+    const acc_t a = m.weight_a == acc_t(0) ? acc_t(0) : m.weight_a * o_a[e];
+    const acc_t b = m.weight_b == acc_t(0) ? acc_t(0) : m.weight_b * o_b[e];
+    out[e] = static_cast<scalar_t>(a + b);
+  }
   *lse = m.lse;
 }
 
