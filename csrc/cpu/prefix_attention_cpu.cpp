@@ -104,12 +104,7 @@ BRIDGE_OPS_INLINE void attend(Scratch<acc_t>& w, int64_t m, int64_t d, const Key
       if (rescale != acc_t(1)) {
         for (int64_t e = 0; e < d; ++e) acc[e] *= rescale;
       }
-      acc_t block_sum = 0;
-      for (j = 0; j < count; ++j) {
-        scores[j] = std::exp(scores[j] - top);
-        block_sum += scores[j];
-      }
-      w.sum[i] = w.sum[i] * rescale + block_sum;
+      w.sum[i] = w.sum[i] * rescale + Ops::exp_sum(scores, top, count);
       w.max_score[i] = top;
       j = 0;
       for (; j + 4 <= count; j += 4) Ops::axpy4(acc, scores + j, w.value_ptrs.data() + j, d);
