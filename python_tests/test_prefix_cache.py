@@ -74,6 +74,18 @@ def test_sampling_with_top_p_agrees(cascade_calls):
     assert_same_generation(expanded, shared)
 
 
+def test_auto_cache_uses_the_cascade_where_it_can(cascade_calls):
+    bridge_ops.generate(tiny_model("qwen3"), PROMPTS, WIDTHS, max_new_tokens=3, eos_token_id=[])
+    assert len(cascade_calls) == 2 * 2  # default cache="auto": shared-prefix for a full-attention model
+    cascade_calls.clear()
+    windowed = tiny_model("mistral", sliding_window=4)
+    assert attention.unsupported_reason(windowed) == "a sliding window (4 positions)"
+    expanded, shared = (bridge_ops.generate(windowed, PROMPTS, WIDTHS, max_new_tokens=3, eos_token_id=[], cache=c,
+                                            do_sample=False) for c in ("expanded", "auto"))
+    assert not cascade_calls and shared.sequences == expanded.sequences
+    assert attention.unsupported_reason(tiny_model("llama")) is None
+
+
 def test_unknown_cache_kind_is_refused():
     with pytest.raises(ValueError, match="cache must be one of"):
         bridge_ops.generate(tiny_model("llama"), PROMPTS, 2, max_new_tokens=2, cache="paged")

@@ -66,6 +66,18 @@ def _mask(*, q_length: int, **kwargs):
     return None if q_length == 1 else sdpa_mask(q_length=q_length, **kwargs)
 
 
+def unsupported_reason(model: nn.Module) -> Optional[str]:
+    """Why the cascade cannot serve this model's self-attention (None if it can), judged from its config."""
+    config = model.config.get_text_config(decoder=True)
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "attention logit softcapping"
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
+        return f"layers other than full attention ({sorted(set(config.layer_types))})"
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return f"a sliding window ({config.sliding_window} positions)"
+    return None
+
+
 def register() -> None:
     """Registers the cascade attention and its mask under ATTENTION_NAME (idempotent)."""
     from transformers import AttentionInterface, AttentionMaskInterface
