@@ -8,11 +8,11 @@ per layer,
   valid length of each group's prompt in `prefix_lens` (int32 [G]);
 - the suffix: each row's generated keys/values, `[B, Hkv, T, Dh]` (rows of one group adjacent, `cu_group_lens`).
 
-It is a `transformers.Cache` (importing this module imports transformers) and works wherever a `DynamicCache` does: a forward over the G prompts fills the prefix,
-later forwards over the B rows append to the suffix. By default `update` then returns the expanded keys/values
-`[B, Hkv, P + T, Dh]` (materialized per call, so any attention implementation reads the right keys). Inside
-`bridge_ops.hf.attention.cascade_attention(model, cache)` (what `bridge_ops.generate(..., cache="shared-prefix")`
-uses) it returns only the suffix, and the cascade op `prefix_suffix_attention` reads the prefix in place: no copy of
+It is a `transformers.Cache` (importing this module imports transformers) and works wherever a `DynamicCache` does:
+a forward over the G prompts fills the prefix, later forwards over the B rows append to the suffix. By default
+`update` then returns the expanded keys/values `[B, Hkv, P + T, Dh]` (materialized per call, so any attention
+implementation reads the right keys). Inside `bridge_ops.hf.attention.cascade_attention(model, cache)` (what
+`bridge_ops.generate(..., cache="shared-prefix")` uses) it returns only the suffix, and the cascade op `prefix_suffix_attention` reads the prefix in place: no copy of
 the prompt is ever made, in memory or per step.
 """
 

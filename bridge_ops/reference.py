@@ -169,7 +169,8 @@ def bridge_block_decode(
 def merge_attention_states(
     o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Reference of `bridge_ops.merge_attention_states`: o = w_a o_a + w_b o_b, w = exp(lse - logaddexp(lse_a, lse_b))."""
+    """Reference of `bridge_ops.merge_attention_states`: o = w_a o_a + w_b o_b, w_x = exp(lse_x - lse),
+    lse = logaddexp(lse_a, lse_b)."""
     checks.check_merge_args(o_a, lse_a, o_b, lse_b)
     top = torch.maximum(lse_a, lse_b)
     empty = top == float("-inf")  # both sides empty: o = 0, lse = -inf
@@ -211,9 +212,11 @@ def prefix_suffix_attention(
     batch, q_heads, head_dim = q.shape
     prefix_len, suffix_len = prefix_k.shape[2], suffix_k.shape[2]
     checks.check_cu_group_lens_values(cu_group_lens, batch)
-    checks.check_length_values(prefix_lens, prefix_len, "prefix_lens", "valid prompt positions, right-aligned in prefix_k")
+    checks.check_length_values(prefix_lens, prefix_len, "prefix_lens",
+                               "valid prompt positions, right-aligned in prefix_k")
     if suffix_lens is not None:
-        checks.check_length_values(suffix_lens, suffix_len, "suffix_lens", "valid positions from the start of suffix_k")
+        checks.check_length_values(suffix_lens, suffix_len, "suffix_lens",
+                                   "valid positions from the start of suffix_k")
     scale = checks.resolve_scale(scale, head_dim)
     dtype = _compute_dtype(q.dtype, upcast)
     group = group_ids(cu_group_lens, batch)

@@ -76,7 +76,7 @@ def test_matches_reference_and_stock_attention(case, dtype):
     oracle, oracle_lse = run_reference(args)
     assert out.shape == args[0].shape and out.dtype == dtype and out.is_contiguous()
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert max_err(oracle, sdpa_over_expanded(args)) < 1e-12  # the reference is standard attention over [prefix; suffix]
+    assert max_err(oracle, sdpa_over_expanded(args)) < 1e-12  # the reference: stock attention over [prefix; suffix]
     low, low_lse = run_reference(args, dtype, upcast=False)
     assert_flash_rule("out", out, low, oracle, dtype)
     assert_flash_rule("lse", lse, low_lse, oracle_lse, dtype, magnitude=float(oracle_lse.abs().max()))

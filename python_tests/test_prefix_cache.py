@@ -129,7 +129,7 @@ def filled_caches(model_type="llama"):
 
 
 def test_usable_as_a_plain_cache_with_any_attention():
-    """Outside the cascade, update returns the expanded keys: HF's own SDPA attention gives the DynamicCache's logits."""
+    """Outside the cascade, update returns the expanded keys: HF's SDPA attention gives the DynamicCache's logits."""
     model, shared, dynamic, shared_logits, dynamic_logits = filled_caches()
     assert (shared_logits - dynamic_logits).abs().max().item() < 1e-5
     assert shared.get_seq_length() == dynamic.get_seq_length() == 5 + 3
@@ -143,9 +143,8 @@ def test_conversions_round_trip():
     back = GroupPrefixCache.from_dynamic_cache(dynamic, WIDTHS, shared.prefix_lens, prefix_length=5)
     assert torch.equal(back.cu_group_lens, shared.cu_group_lens) and back.get_seq_length() == shared.get_seq_length()
     for a, b in zip(back.layers, shared.layers):
-        for x, y in ((a.prefix_keys, b.prefix_keys), (a.prefix_values, b.prefix_values), (a.suffix_keys, b.suffix_keys),
-                     (a.suffix_values, b.suffix_values)):
-            assert torch.equal(x, y)
+        for name in ("prefix_keys", "prefix_values", "suffix_keys", "suffix_values"):
+            assert torch.equal(getattr(a, name), getattr(b, name))
     dynamic.layers[1].keys[1, 0, 4, 0] += 1  # row 1 of group 0 no longer shares the prompt
     with pytest.raises(ValueError, match="layer 1: the rows of a group do not share"):
         GroupPrefixCache.from_dynamic_cache(dynamic, WIDTHS, shared.prefix_lens, prefix_length=5)
