@@ -14,6 +14,8 @@ N members (P = 512 / 2048 / 8192, N = 4 / 16).
   cascade op `prefix_suffix_attention` through `cascade_attention`), alternated within each round. Target: shared
   >= 2x faster at P = 2048, N = 16. The caches hold random keys/values (the decode cost does not depend on them; a
   real prefill of 8192 tokens would take minutes here).
+- gpu (skipped without a GPU; bench/gpu_check.py runs it): the attention op alone on CUDA, bf16, the same head
+  layout, one layer: `prefix_suffix_attention` over the shared prefix vs SDPA over the expanded keys (CUDA events).
 """
 
 import statistics
@@ -115,3 +117,37 @@ def test_decode_step(benchmark, models, prompt_len, width):
         expanded_prompt_bytes=expanded_bytes, shared_prompt_bytes=shared_bytes, shared_suffix_bytes=suffix_bytes,
         max_logit_difference=agreement, threads=torch.get_num_threads(), torch=torch.__version__,
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("width", [4, 16])
+@pytest.mark.parametrize("prompt_len", [2048, 8192])
+def test_cascade_op_gpu(benchmark, prompt_len, width):
+    import torch.nn.functional as F
+    from test_bench_gpu import event_median_seconds
+
+    import bridge_ops
+
+    groups, dtype = 8, torch.bfloat16
+    batch = groups * width
+    randn = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype)  # noqa: E731
+    q = randn(batch, HEADS, HEAD_DIM)
+    prefix_k, prefix_v = randn(groups, KV_HEADS, prompt_len, HEAD_DIM), randn(groups, KV_HEADS, prompt_len, HEAD_DIM)
+    suffix_k, suffix_v = randn(batch, KV_HEADS, GENERATED, HEAD_DIM), randn(batch, KV_HEADS, GENERATED, HEAD_DIM)
+    prefix_lens = torch.full((groups,), prompt_len, dtype=torch.int32, device="cuda")
+    cu = bridge_ops.cu_group_lens_from_width(batch, width, device="cuda")
+    rows = torch.arange(groups, device="cuda").repeat_interleave(width)
+    keys, values = (torch.cat([p[rows], s], dim=2) for p, s in ((prefix_k, suffix_k), (prefix_v, suffix_v)))
+    calls = {
+        "cascade": lambda: bridge_ops.prefix_suffix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v,
+                                                              cu),
+        "sdpa_expanded": lambda: F.scaled_dot_product_attention(q[:, :, None], keys, values, enable_gqa=True),
+    }
+    with torch.no_grad():
+        times = {name: event_median_seconds(call) for name, call in calls.items()}
+        benchmark.group = f"gpu cascade op P={prompt_len} N={width}"
+        benchmark.pedantic(calls["cascade"], rounds=5, iterations=5, warmup_rounds=1)
+    benchmark.extra_info.update(kind="prefix_cache_gpu", prompt_len=prompt_len, width=width, groups=groups,
+                                cascade_s=times["cascade"], sdpa_expanded_s=times["sdpa_expanded"],
+                                speedup=times["sdpa_expanded"] / times["cascade"], device=torch.cuda.get_device_name(),
+                                gpu_backend=bridge_ops.dispatch.backend_for("cuda", cascade=True).name)

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICES, DTYPES, assert_flash_rule, max_err
+from helpers import DEVICES, DTYPES, HAS_GPU, assert_flash_rule, max_err
 
 import bridge_ops
 from bridge_ops import reference
@@ -80,6 +80,25 @@ def test_matches_reference_and_stock_attention(case, dtype):
     low, low_lse = run_reference(args, dtype, upcast=False)
     assert_flash_rule("out", out, low, oracle, dtype)
     assert_flash_rule("lse", lse, low_lse, oracle_lse, dtype, magnitude=float(oracle_lse.abs().max()))
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_kernel_matches_reference(case, dtype):
+    sizes, q_heads, kv_heads, head_dim, p, t, prefix_lens, suffix_lens = CASES[case]
+    args = cascade_inputs(sizes, q_heads, kv_heads, head_dim, p, t, dtype, prefix_lens=prefix_lens,
+                          suffix_lens=suffix_lens, device="cuda")
+    assert bridge_ops.dispatch.backend_for("cuda", cascade=True).name in ("cuda", "reference")
+    out, lse = bridge_ops.prefix_suffix_attention(*args, return_lse=True)
+    assert out.is_cuda and lse.is_cuda
+    cpu_args = [a.cpu() if a is not None else None for a in args]
+    oracle, oracle_lse = run_reference(cpu_args)
+    low, low_lse = run_reference(cpu_args, dtype, upcast=False)
+    assert_flash_rule("out", out.cpu(), low, oracle, dtype)
+    assert_flash_rule("lse", lse.cpu(), low_lse, oracle_lse, dtype, magnitude=float(oracle_lse.abs().max()))
+    merged, _ = bridge_ops.merge_attention_states(out, lse, out, lse)
+    assert max_err(merged, out) <= 4 * torch.finfo(dtype).eps * float(out.abs().max())
 
 
 def test_no_visible_key_gives_zero_and_minus_inf():
