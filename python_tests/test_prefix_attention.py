@@ -57,8 +57,10 @@ def sdpa_over_expanded(args):
 
 
 # (group sizes, Hq, Hkv, Dh, P, T, prefix_lens, suffix_lens): MHA/GQA 2x/4x, ragged groups, left padding, P over
-# several 64-key blocks with a partial one, T = 0, ragged and empty suffixes, an empty prompt, odd head dims.
+# several 64-key blocks with a partial one, T = 0, ragged and empty suffixes, an empty prompt, odd head dims, one
+# group and head (the CPU kernel splits its prefix into ranges, one of them past the prompt, and merges them).
 CASES = {
+    "one-group-split": ([4], 4, 1, 32, 300, 2, [230], None),
     "gqa4-ragged": ([3, 1, 4], 8, 2, 16, 150, 5, [150, 7, 64], None),
     "mha-pads": ([2, 2], 2, 2, 33, 20, 3, [20, 1], [3, 0, 1, 2]),
     "gqa2-no-suffix": ([5], 4, 2, 64, 65, 0, [65], None),

@@ -1,14 +1,15 @@
 // Fused CPU kernels of the cascade decode attention (prefix_suffix_attention) and of merge_attention_states.
 //
 // prefix_suffix_attention runs in two parallel passes, each over independent tasks:
-//   1. prefix, one task per (group g, key/value head): the m = n_g * Hq/Hkv queries of the group's rows that read this
-//      head are packed into one [m, Dh] tile, and the group's ONE copy of the prefix keys is swept in blocks of
-//      kBlock positions: each key block is converted once (to the accumulation type) and scored against all m
+//   1. prefix, one task per (group g, key/value head, range of the prefix: ranges keep the threads busy when G * Hkv
+//      is small): the m = n_g * Hq/Hkv queries of the group's rows that read this head are packed into one [m, Dh]
+//      tile, and the group's ONE copy of the prefix keys is swept in blocks of kBlock positions: each key block is converted once (to the accumulation type) and scored against all m
 //      queries while it sits in L1, with an online softmax per query. So a prefix key is read from memory once per
 //      group and head, not once per row (what the expanded cache does), and the scores are a small [m, kBlock]
-//      matrix product per block. The results (normalized output + lse per query) go to a float32/64 scratch.
+//      matrix product per block. The results (normalized output + lse per query and range) go to a float32/64
+//      scratch.
 //   2. suffix, one task per (row b, key/value head): the row's Hq/Hkv queries against the row's own suffix keys
-//      (the same block sweep), then the exact log-sum-exp merge with the row's prefix result (attention_merge.h),
+//      (the same block sweep), then the exact log-sum-exp merges with the row's prefix results (attention_merge.h),
 //      written in q's dtype.
 // Accumulation is float32 (float64 for float64 inputs); no [B, P] score tensor exists at any point.
 #include <ATen/Dispatch.h>
@@ -130,9 +131,10 @@ struct CascadeArgs {
   int64_t q_stride_b, q_stride_h;
   KeyRows<scalar_t> prefix_k, prefix_v, suffix_k, suffix_v;
   const int32_t *cu, *prefix_lens, *suffix_lens;  // suffix_lens: nullptr = all T positions
-  int64_t q_heads, kv_heads, head_dim, prefix_len, suffix_len, max_group;
+  int64_t groups, q_heads, kv_heads, head_dim, prefix_len, suffix_len, max_group;
+  int64_t splits, split_len;  // the prefix of a group is cut into `splits` ranges of split_len positions
   acc_t scale;
-  acc_t *prefix_out, *prefix_lse;  // scratch [B, Hq, Dh], [B, Hq]
+  acc_t *prefix_out, *prefix_lse;  // scratch [splits, B, Hq, Dh], [splits, B, Hq]
   scalar_t* out;                   // [B, Hq, Dh] contiguous
   acc_t* lse;                      // [B, Hq]
 
@@ -157,15 +159,17 @@ BRIDGE_OPS_INLINE void prefix_chunk(const CascadeArgs<scalar_t>& a, int64_t begi
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t r = a.ratio(), d = a.head_dim;
   Scratch<acc_t> w(a.max_group * r, d);
+  const int64_t batch = a.cu[a.groups];
   for (int64_t t = begin; t < end; ++t) {
-    const int64_t g = t / a.kv_heads, hk = t % a.kv_heads;
+    const int64_t split = t % a.splits, hk = (t / a.splits) % a.kv_heads, g = t / (a.splits * a.kv_heads);
     const int64_t first_row = a.cu[g], rows = a.cu[g + 1] - a.cu[g];
+    const int64_t start = std::min(a.prefix_len, a.prefix_len - a.prefix_lens[g] + split * a.split_len);
     pack_queries(a, first_row, rows, hk, w);
-    attend<scalar_t, OpsFor<acc_t>>(w, rows * r, d, a.prefix_k, a.prefix_v, g, hk, a.prefix_len - a.prefix_lens[g],
-                                    a.prefix_len, a.scale);
-    // Query i of the tile is head hk * r + i % r of row first_row + i / r; the scratch is [B, Hq, Dh] / [B, Hq].
+    attend<scalar_t, OpsFor<acc_t>>(w, rows * r, d, a.prefix_k, a.prefix_v, g, hk, start,
+                                    std::min(a.prefix_len, start + a.split_len), a.scale);
+    // Query i of the tile is head hk * r + i % r of row first_row + i / r; the scratch is [splits, B, Hq, Dh].
     for (int64_t b = 0; b < rows; ++b) {
-      const int64_t head0 = (first_row + b) * a.q_heads + hk * r;
+      const int64_t head0 = (split * batch + first_row + b) * a.q_heads + hk * r;
       std::copy_n(w.acc.data() + b * r * d, r * d, a.prefix_out + head0 * d);
       std::copy_n(w.max_score.data() + b * r, r, a.prefix_lse + head0);
     }
@@ -174,7 +178,7 @@ BRIDGE_OPS_INLINE void prefix_chunk(const CascadeArgs<scalar_t>& a, int64_t begi
 
 BRIDGE_OPS_CPU_DISPATCH(prefix_chunk_for_cpu, prefix_chunk)
 
-// Writes merge(o_a, lse_a, o_b, lse_b) (attention_merge.h) to out (converted) and lse.
+// Writes merge(o_a, lse_a, o_b, lse_b) (attention_merge.h) to out (converted; out may be o_a) and lse.
 template <typename scalar_t, typename acc_t>
 BRIDGE_OPS_INLINE void merge_into(const acc_t* o_a, acc_t lse_a, const acc_t* o_b, acc_t lse_b, int64_t d,
                                   scalar_t* out, acc_t* lse) {
@@ -199,10 +203,16 @@ BRIDGE_OPS_INLINE void suffix_chunk(const CascadeArgs<scalar_t>& a, int64_t begi
     const int64_t length = a.suffix_lens == nullptr ? a.suffix_len : a.suffix_lens[b];
     pack_queries(a, b, 1, hk, w);
     attend<scalar_t, OpsFor<acc_t>>(w, r, d, a.suffix_k, a.suffix_v, b, hk, 0, length, a.scale);
+    const int64_t batch = a.cu[a.groups];
     for (int64_t j = 0; j < r; ++j) {
       const int64_t head = b * a.q_heads + hk * r + j;
-      merge_into(a.prefix_out + head * d, a.prefix_lse[head], w.acc.data() + j * d, w.max_score[j], d,
-                 a.out + head * d, a.lse + head);
+      acc_t* o = w.acc.data() + j * d;
+      for (int64_t split = 0; split < a.splits; ++split) {
+        const int64_t part = split * batch * a.q_heads + head;
+        merge_into(o, w.max_score[j], a.prefix_out + part * d, a.prefix_lse[part], d, o, &w.max_score[j]);
+      }
+      convert(a.out + head * d, o, d);
+      a.lse[head] = w.max_score[j];
     }
   }
 }
@@ -235,8 +245,14 @@ std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention_cpu(
   const at::ScalarType stat = lse_dtype(q.scalar_type());
   at::Tensor out = at::empty({d.batch, d.q_heads, d.head_dim}, q.options());
   at::Tensor lse = at::empty({d.batch, d.q_heads}, q.options().dtype(stat));
-  at::Tensor prefix_out = at::empty({d.batch, d.q_heads, d.head_dim}, q.options().dtype(stat));
-  at::Tensor prefix_lse = at::empty({d.batch, d.q_heads}, q.options().dtype(stat));
+  // Split the prefixes so that there are about two tasks per thread (each range at least kBlock positions): with few
+  // groups and key/value heads, one task per (group, head) would leave threads idle.
+  const int64_t tasks = d.groups * d.kv_heads;
+  const int64_t splits = std::clamp<int64_t>((2 * at::get_num_threads() + tasks - 1) / tasks, 1,
+                                             std::max<int64_t>(1, d.prefix_len / kBlock));
+  const int64_t split_len = (d.prefix_len + splits - 1) / splits;
+  at::Tensor prefix_out = at::empty({splits, d.batch, d.q_heads, d.head_dim}, q.options().dtype(stat));
+  at::Tensor prefix_lse = at::empty({splits, d.batch, d.q_heads}, q.options().dtype(stat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "prefix_suffix_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const CascadeArgs<scalar_t> args{q.const_data_ptr<scalar_t>(),
@@ -249,19 +265,22 @@ std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention_cpu(
                                      cu.const_data_ptr<int32_t>(),
                                      plens.const_data_ptr<int32_t>(),
                                      slens.has_value() ? slens->const_data_ptr<int32_t>() : nullptr,
+                                     d.groups,
                                      d.q_heads,
                                      d.kv_heads,
                                      d.head_dim,
                                      d.prefix_len,
                                      d.suffix_len,
                                      max_group,
+                                     splits,
+                                     split_len,
                                      static_cast<acc_t>(resolve_scale(scale, d.head_dim)),
                                      prefix_out.mutable_data_ptr<acc_t>(),
                                      prefix_lse.mutable_data_ptr<acc_t>(),
                                      out.mutable_data_ptr<scalar_t>(),
                                      lse.mutable_data_ptr<acc_t>()};
     const int64_t mean_group = std::max<int64_t>(1, d.batch / d.groups);
-    at::parallel_for(0, d.groups * d.kv_heads, grain(mean_group * d.q_heads / d.kv_heads * d.prefix_len * d.head_dim),
+    at::parallel_for(0, tasks * splits, grain(mean_group * d.q_heads / d.kv_heads * split_len * d.head_dim),
                      [&](int64_t begin, int64_t end) { prefix_chunk_for_cpu<scalar_t>(args, begin, end); });
     at::parallel_for(0, d.batch * d.kv_heads, grain(d.q_heads / d.kv_heads * (d.suffix_len + 1) * d.head_dim),
                      [&](int64_t begin, int64_t end) { suffix_chunk_for_cpu<scalar_t>(args, begin, end); });
