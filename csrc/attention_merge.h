@@ -21,32 +21,18 @@ struct MergeWeights {
   A weight_a, weight_b, lse;
 };
 
-template <typename A>
-BRIDGE_OPS_HD A merge_exp(A x) {
-#if defined(__CUDA_ARCH__)
-  return exp(x);
-#else
-  return std::exp(x);
-#endif
-}
-
-template <typename A>
-BRIDGE_OPS_HD A merge_log(A x) {
-#if defined(__CUDA_ARCH__)
-  return log(x);
-#else
-  return std::log(x);
-#endif
-}
-
 // Weights of o_A and o_B in the merged output, and the merged lse. -inf is spelled `neg_inf` so that device code
 // needs no <limits>.
 template <typename A>
 BRIDGE_OPS_HD MergeWeights<A> merge_weights(A lse_a, A lse_b, A neg_inf) {
+#if !defined(__CUDA_ARCH__)
+  using std::exp;  // host code; device code calls the float/double overloads of exp and log of CUDA's math API
+  using std::log;
+#endif
   const A top = lse_a > lse_b ? lse_a : lse_b;
   if (top == neg_inf) return {A(0), A(0), neg_inf};
-  const A ea = merge_exp(lse_a - top), eb = merge_exp(lse_b - top), sum = ea + eb;
-  return {ea / sum, eb / sum, top + merge_log(sum)};
+  const A ea = exp(lse_a - top), eb = exp(lse_b - top), sum = ea + eb;
+  return {ea / sum, eb / sum, top + log(sum)};
 }
 
 }  // namespace bridge_ops
