@@ -16,12 +16,13 @@ implementation reads the right keys). Inside `bridge_ops.hf.attention.cascade_at
 the prompt is ever made, in memory or per step.
 """
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .checks import fail
+from .groups import cu_group_lens_from_sizes, group_ids
 
 _SUFFIX_GROWTH = 64  # suffix capacity grows in steps of this many positions (amortized O(1) append)
 
@@ -46,7 +47,7 @@ class _GroupPrefixLayer(CacheLayerMixin):
     # -- state ------------------------------------------------------------------------------------------------------
     @property
     def decoding(self) -> bool:
-        """The prompt is stored and the last update appended to the suffix."""
+        """The prompt is stored and the suffix has been written to (the next attention is a decode step's)."""
         return self._suffix_keys is not None
 
     @property
@@ -78,6 +79,10 @@ class _GroupPrefixLayer(CacheLayerMixin):
         if suffix_keys is not None and suffix_keys.shape[2] > 0:
             self.append(suffix_keys, suffix_values)
 
+    def reset(self) -> None:
+        """Forgets the prompt and the suffix (the next update stores a new prompt)."""
+        self.__init__(self.cache)
+
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Appends [B, Hkv, s, Dh] to the suffix."""
         end = self.length + keys.shape[2]
@@ -99,6 +104,8 @@ class _GroupPrefixLayer(CacheLayerMixin):
             if key_states.shape[0] != self.cache.num_groups:
                 fail(f"GroupPrefixCache: the first forward must hold one row per group ({self.cache.num_groups} "
                      f"prompts), got a batch of {key_states.shape[0]}")
+            if self.cache.row_group.device != key_states.device:
+                self.cache.to(key_states.device)
             self.lazy_initialization(key_states, value_states)
             return key_states, value_states
         if key_states.shape[0] != self.cache.num_rows:
@@ -152,12 +159,13 @@ class GroupPrefixCache(Cache):
         prefix_lens = torch.as_tensor(prefix_lens)
         if prefix_lens.dim() != 1 or prefix_lens.numel() != len(widths):
             fail(f"GroupPrefixCache: prefix_lens must have shape [G] = [{len(widths)}], got {list(prefix_lens.shape)}")
-        device = prefix_lens.device
         self.prefix_lens = prefix_lens.to(torch.int32)
-        sizes = torch.as_tensor(widths, device=device)
-        self.cu_group_lens = torch.nn.functional.pad(sizes.cumsum(0), (1, 0)).to(torch.int32)
-        self.row_group = torch.repeat_interleave(torch.arange(len(widths), device=device), sizes)
+        self._set_groups(torch.as_tensor(widths, device=prefix_lens.device))
         self.cascade = False
+
+    def _set_groups(self, sizes: torch.Tensor) -> None:
+        self.cu_group_lens = cu_group_lens_from_sizes(sizes, device=sizes.device)
+        self.row_group = group_ids(self.cu_group_lens)
 
     def __repr__(self) -> str:
         return f"GroupPrefixCache(groups={self.num_groups}, rows={self.num_rows}, layers={len(self.layers)})"
@@ -169,10 +177,6 @@ class GroupPrefixCache(Cache):
     @property
     def num_rows(self) -> int:
         return self.row_group.numel()
-
-    @property
-    def widths(self) -> List[int]:
-        return (self.cu_group_lens[1:] - self.cu_group_lens[:-1]).tolist()
 
     def to(self, device) -> "GroupPrefixCache":
         """Moves the group metadata (the layers' tensors live where the model writes them)."""
@@ -193,8 +197,7 @@ class GroupPrefixCache(Cache):
         for layer in self.layers:
             layer.select(indices, groups)
         self.prefix_lens = self.prefix_lens[groups]
-        self.cu_group_lens = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-        self.row_group = torch.repeat_interleave(torch.arange(groups.numel(), device=groups.device), counts)
+        self._set_groups(counts)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("GroupPrefixCache is already grouped: give the widths at construction")

@@ -140,7 +140,7 @@ def prefix_suffix_attention(
         inputs). A row with no visible key gets out = 0 and lse = -inf. Accumulation is float32 (float64 for
         float64). No backward (an inference op): calls that need a gradient raise an error.
     """
-    args = (q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, cu_group_lens, scale)
+    args = (q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu_group_lens, suffix_lens, scale)
     if q.device.type in _COMPILED_CASCADE:
         out, lse = torch.ops.bridge_ops.prefix_suffix_attention(*args)
     else:
@@ -200,7 +200,7 @@ if _C is not None:
 
     @torch.library.register_fake("bridge_ops::prefix_suffix_attention")
     def _prefix_suffix_attention_fake(
-        q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, cu_group_lens, scale=None
+        q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu_group_lens, suffix_lens=None, scale=None
     ):
         checks.check_prefix_attention_args(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
                                            cu_group_lens)

@@ -105,17 +105,17 @@ at::Tensor bridge_block_decode_autograd(const at::Tensor& hidden, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention_autograd(
     const at::Tensor& q, const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& prefix_lens,
-    const at::Tensor& suffix_k, const at::Tensor& suffix_v, const std::optional<at::Tensor>& suffix_lens,
-    const at::Tensor& cu_group_lens, std::optional<double> scale) {
+    const at::Tensor& suffix_k, const at::Tensor& suffix_v, const at::Tensor& cu_group_lens,
+    const std::optional<at::Tensor>& suffix_lens, std::optional<double> scale) {
   refuse_grad("prefix_suffix_attention", {q, prefix_k, prefix_v, suffix_k, suffix_v},
               "train with ordinary attention over the expanded keys");
   static const auto op =
       find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                  const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                 const std::optional<at::Tensor>&, const at::Tensor&,
+                                                 const at::Tensor&, const std::optional<at::Tensor>&,
                                                  std::optional<double>)>("bridge_ops::prefix_suffix_attention");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, cu_group_lens, scale);
+  return op.call(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu_group_lens, suffix_lens, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> merge_attention_states_autograd(const at::Tensor& o_a, const at::Tensor& lse_a,

@@ -37,7 +37,8 @@ TORCH_LIBRARY(bridge_ops, m) {
   // Returns (out [B, Hq, Dh], lse [B, Hq] float32, float64 for float64 inputs). No backward.
   m.def(
       "prefix_suffix_attention(Tensor q, Tensor prefix_k, Tensor prefix_v, Tensor prefix_lens, Tensor suffix_k, "
-      "Tensor suffix_v, Tensor? suffix_lens, Tensor cu_group_lens, float? scale=None) -> (Tensor out, Tensor lse)");
+      "Tensor suffix_v, Tensor cu_group_lens, Tensor? suffix_lens=None, float? scale=None) -> "
+      "(Tensor out, Tensor lse)");
   // Exact merge of two attention results over disjoint key sets: o_a, o_b [..., Dh]; lse_a, lse_b [...] in the lse
   // dtype. Returns (out [..., Dh], lse [...]). No backward.
   m.def("merge_attention_states(Tensor o_a, Tensor lse_a, Tensor o_b, Tensor lse_b) -> (Tensor out, Tensor lse)");

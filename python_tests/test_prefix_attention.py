@@ -39,7 +39,7 @@ def cascade_inputs(sizes, q_heads, kv_heads, head_dim, prefix_len, suffix_len, d
 def run_reference(args, dtype=torch.float64, upcast=True):
     q, pk, pv, pl, sk, sv, cu, sl = args
     cast = [t.to(dtype) for t in (q, pk, pv, sk, sv)]
-    return reference.prefix_suffix_attention(cast[0], cast[1], cast[2], pl, cast[3], cast[4], sl, cu, upcast=upcast)
+    return reference.prefix_suffix_attention(cast[0], cast[1], cast[2], pl, cast[3], cast[4], cu, sl, upcast=upcast)
 
 
 def sdpa_over_expanded(args):
@@ -187,7 +187,7 @@ def test_merge_with_empty_sides():
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     args = cascade_inputs([2, 1], 4, 2, 8, 9, 3, device=device, suffix_lens=[3, 1, 2])
-    call = args[:6] + [args[7], args[6], None]  # schema order: ..., suffix_lens, cu_group_lens, scale
+    call = args + [None]  # scale
     torch.library.opcheck(torch.ops.bridge_ops.prefix_suffix_attention.default, tuple(call))
     o, lse = torch.ops.bridge_ops.prefix_suffix_attention(*call)
     torch.library.opcheck(torch.ops.bridge_ops.merge_attention_states.default, (o, lse, o * 2, lse - 1))
@@ -237,7 +237,7 @@ def test_bad_arguments_are_named(make_bad, message, path):
     if path == "kernel":
         call = lambda: bridge_ops.prefix_suffix_attention(*args)  # noqa: E731
     else:
-        call = lambda: reference.prefix_suffix_attention(*args[:6], args[7], args[6])  # noqa: E731
+        call = lambda: reference.prefix_suffix_attention(*args)  # noqa: E731
     with pytest.raises(ValueError, match=message):
         call()
 

@@ -182,4 +182,6 @@ def test_wrong_batches_and_unsupported_operations_are_refused():
         GroupPrefixCache(WIDTHS, torch.tensor([5, 2]))
     with pytest.raises(NotImplementedError):
         shared.reorder_cache(torch.arange(6))
+    shared.reset()
+    assert shared.get_seq_length() == 0 and shared.layers[0].prefix_keys is None
 

@@ -68,6 +68,8 @@ def _mask(*, q_length: int, **kwargs):
 
 def unsupported_reason(model: nn.Module) -> Optional[str]:
     """Why the cascade cannot serve this model's self-attention (None if it can), judged from its config."""
+    if not getattr(model, "_supports_attention_backend", False):
+        return f"{type(model).__name__} does not call registered attention functions"
     config = model.config.get_text_config(decoder=True)
     if getattr(config, "attn_logit_softcapping", None) is not None:
         return "attention logit softcapping"

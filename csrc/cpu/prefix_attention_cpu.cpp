@@ -225,7 +225,7 @@ int64_t grain(int64_t work_per_task) { return std::max<int64_t>(1, 65536 / std::
 std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention_cpu(
     const at::Tensor& q_in, const at::Tensor& prefix_k_in, const at::Tensor& prefix_v_in,
     const at::Tensor& prefix_lens, const at::Tensor& suffix_k_in, const at::Tensor& suffix_v_in,
-    const std::optional<at::Tensor>& suffix_lens, const at::Tensor& cu_group_lens, std::optional<double> scale) {
+    const at::Tensor& cu_group_lens, const std::optional<at::Tensor>& suffix_lens, std::optional<double> scale) {
   const PrefixAttentionDims d = check_prefix_attention_args(q_in, prefix_k_in, prefix_v_in, prefix_lens, suffix_k_in,
                                                             suffix_v_in, suffix_lens, cu_group_lens);
   BRIDGE_CHECK(q_in.device().is_cpu(), "the CPU kernel got q on ", q_in.device());

@@ -89,7 +89,7 @@ void launch_cascade(const at::Tensor& q, const at::Tensor& pk, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention_cuda(
     const at::Tensor& q_in, const at::Tensor& prefix_k_in, const at::Tensor& prefix_v_in,
     const at::Tensor& prefix_lens, const at::Tensor& suffix_k_in, const at::Tensor& suffix_v_in,
-    const std::optional<at::Tensor>& suffix_lens, const at::Tensor& cu_group_lens, std::optional<double> scale) {
+    const at::Tensor& cu_group_lens, const std::optional<at::Tensor>& suffix_lens, std::optional<double> scale) {
   const PrefixAttentionDims d = check_prefix_attention_args(q_in, prefix_k_in, prefix_v_in, prefix_lens, suffix_k_in,
                                                             suffix_v_in, suffix_lens, cu_group_lens);
   BRIDGE_CHECK(q_in.is_cuda(), "the CUDA kernel got q on ", q_in.device());
