@@ -6,7 +6,8 @@
    the prompt, and Bridge over N identical rows is the identity, so this is exact).
 2. The KV cache (HF `DynamicCache`) is expanded to the N rows of each group by index selection; the rows of one
    prompt are adjacent (the `num_return_sequences` layout); widths may differ per prompt. With
-   `cache="shared-prefix"` it is not expanded: a `GroupPrefixCache` keeps the prompt's keys/values once per group,
+   `cache="shared-prefix"` (what the default `cache="auto"` picks where the cascade supports the model's attention)
+   it is not expanded: a `GroupPrefixCache` keeps the prompt's keys/values once per group,
    and every decode step attends to them through the cascade op `prefix_suffix_attention` (bridge_ops.hf.attention).
 3. Each step feeds one token per row. A row that emitted EOS keeps its EOS position visible to its peers, is
    hidden as a Bridge key from the next position on, and is fed padding. When every row of a group has finished,
