@@ -11,6 +11,8 @@ BRIDGE_OPS_GPU_CHECK_BUDGET seconds, default 450 = 7.5 minutes):
   cupy-tests the same selection with BRIDGE_OPS_GPU_BACKEND=cupy (the NVRTC build of the same kernels, registered
              as the ops' CUDA kernels)
   bench      pytest bench/test_bench_gpu.py --benchmark-json (fused vs reference vs dense SDPA, CUDA events)
+  bench-prefix-cache  pytest bench/test_bench_prefix_cache.py -k gpu: the cascade decode op vs SDPA over the
+             expanded keys (if time remains)
   bench-cupy-*  the fused kernel through the cupy backend, default and register-capped builds (if time remains)
 
 Writes to OUT_DIR (argument, else $OUT, else bench/results/gpu-<date>): gpu_check.json (every stage's status,
@@ -109,6 +111,26 @@ def main() -> int:
         results=stages,
     )
 
+    # The cascade decode op (shared-prefix KV cache) vs SDPA over the expanded keys, when the budget allows.
+    prefix_json, prefix_results = os.path.join(out_dir, "prefix_cache_gpu.json"), {}
+    if remaining() >= 60:
+        run_stage(
+            "bench-prefix-cache",
+            [PY, "-m", "pytest", "bench/test_bench_prefix_cache.py", "-q", "-p", "no:cacheprovider", "-k", "gpu",
+             f"--benchmark-json={prefix_json}"],
+            out_dir,
+            60,
+            results=stages,
+        )
+    else:
+        stages["bench-prefix-cache"] = {"status": "skipped (time budget)", "seconds": 0}
+    if os.path.exists(prefix_json):
+        with open(prefix_json) as f:
+            prefix_results = {
+                f"P={i['prompt_len']} N={i['width']}": {k: i[k] for k in ("cascade_s", "sdpa_expanded_s", "speedup")}
+                for i in (b["extra_info"] for b in json.load(f)["benchmarks"])
+            }
+
     # Fused kernel only, through the cupy backend: the default build and a register-capped variant (more warps in
     # flight per multiprocessor), to choose BRIDGE_FWD/BWD_MIN_BLOCKS from data. Only while the budget allows.
     variants = {"cupy-default": "", "cupy-minblocks-4-3": "-DBRIDGE_FWD_MIN_BLOCKS=4 -DBRIDGE_BWD_MIN_BLOCKS=3"}
@@ -147,6 +169,7 @@ def main() -> int:
         "stages": stages,
         "bench": summary,
         "fused_us_by_variant": variant_results,
+        "prefix_cache_gpu": prefix_results,
     }
     with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -158,6 +181,12 @@ def main() -> int:
         md += ["Fused kernel through the cupy backend, build variants (CUDA-event medians, us):", "",
                "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         md += [f"| {name} | " + " | ".join(str(v.get(k, "")) for k in keys) + " |" for name, v in variant_results.items()]
+        md += [""]
+    if prefix_results:
+        md += ["Cascade decode op (bf16, 8 groups, Hq/Hkv 16/4, Dh 64) vs SDPA over the expanded keys (CUDA events):",
+               "", "| shape | cascade | SDPA expanded | speedup |", "|---|---|---|---|"]
+        md += [f"| {k} | {v['cascade_s'] * 1e6:.1f} us | {v['sdpa_expanded_s'] * 1e6:.1f} us | {v['speedup']:.2f}x |"
+               for k, v in prefix_results.items()]
         md += [""]
     for name, s in stages.items():
         if s["status"] not in ("passed",) and s.get("tail"):

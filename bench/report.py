@@ -2,6 +2,7 @@
 
     python bench/report.py bench/results/cpu.json          # bridge_attention: fused vs reference vs dense SDPA
     python bench/report.py bench/results/generation.json   # decode, block decode step, prefill once
+    python bench/report.py bench/results/prefix_cache.json # shared-prefix vs expanded KV cache
 """
 
 import json
@@ -64,12 +65,28 @@ def generation_tables(data) -> None:
               f"{1.2 / info['width']:.3f} |")
 
 
+def prefix_cache_table(data) -> None:
+    mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+    print("| prompt P | width N | prompt KV expanded | prompt KV shared | ratio | decode step expanded | "
+          "decode step shared | speedup |")
+    print("|---|---|---|---|---|---|---|---|")
+    infos = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"]["kind"] == "prefix_cache"]
+    for i in sorted(infos, key=lambda i: (i["prompt_len"], i["width"])):
+        ratio = i["expanded_prompt_bytes"] / i["shared_prompt_bytes"]
+        print(f"| {i['prompt_len']} | {i['width']} | {mib(i['expanded_prompt_bytes'])} | "
+              f"{mib(i['shared_prompt_bytes'])} | 1/{ratio:g} | {fmt(i['expanded_step'])} | {fmt(i['shared_step'])} | "
+              f"**{i['speedup']:.2f}x** |")
+
+
 def main(path: str) -> None:
     with open(path) as f:
         data = json.load(f)
     print(header(data))
     print()
-    if "kind" in data["benchmarks"][0]["extra_info"]:
+    kind = data["benchmarks"][0]["extra_info"].get("kind")
+    if kind == "prefix_cache":
+        prefix_cache_table(data)
+    elif kind is not None:
         generation_tables(data)
     else:
         attention_table(data)

@@ -5,7 +5,8 @@ parameters), float32; Bridge with d_bridge = 192 (one head of 192) adds 3.9% par
 2.8-5.1% range.
 
 - decode: `bridge_ops.generate` end to end (prefill + 32 decode steps, no early stop) at 4 prompts x width 4,
-  bridged vs the same model without Bridge. Target: bridged time <= 1.10x unbridged.
+  bridged vs the same model without Bridge, both with the expanded cache (the shared-prefix cache has its own suite,
+  test_bench_prefix_cache.py). Target: bridged time <= 1.10x unbridged.
 - block: one decode step of a BridgeBlock (16 rows, S=1): the fused `bridge_block_decode` op vs the same step as
   plain PyTorch calls (its reference twin) vs the module path (`hidden + block(hidden)`).
 - prefill: 4 prompts of 64 tokens at width N = 4, 8, 16: prefill once per prompt and copy the cache rows to the
@@ -71,7 +72,7 @@ def test_decode(benchmark, models):
 
     def run(model):
         torch.manual_seed(0)
-        return bridge_ops.generate(model, ids, WIDTH, NEW_TOKENS, eos_token_id=[], top_k=0)
+        return bridge_ops.generate(model, ids, WIDTH, NEW_TOKENS, eos_token_id=[], top_k=0, cache="expanded")
 
     tokens = run(models["bridged"]).num_tokens
     benchmark.group = "decode"

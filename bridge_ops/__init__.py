@@ -6,12 +6,13 @@ from .block import BridgeBlock
 from .generation import GenerationOutput, generate
 from .groups import cu_group_lens_from_ids, cu_group_lens_from_sizes, cu_group_lens_from_width, group_sizes
 from .hf import apply_bridge, bridge_parameters, groups, load_bridge, parameter_share, remove_bridge, save_bridge
-from .ops import bridge_attention, bridge_block_decode
+from .ops import bridge_attention, bridge_block_decode, merge_attention_states, prefix_suffix_attention
 from .version import __version__
 
 __all__ = [
     "BridgeBlock",
     "GenerationOutput",
+    "GroupPrefixCache",
     "apply_bridge",
     "best_of_n",
     "bridge_attention",
@@ -25,9 +26,19 @@ __all__ = [
     "groups",
     "load_bridge",
     "majority_vote",
+    "merge_attention_states",
+    "prefix_suffix_attention",
     "parameter_share",
     "reference",
     "remove_bridge",
     "save_bridge",
     "__version__",
 ]
+
+
+def __getattr__(name):
+    if name == "GroupPrefixCache":  # imports transformers, an optional dependency: only on use
+        from .cache import GroupPrefixCache
+
+        return GroupPrefixCache
+    raise AttributeError(f"module 'bridge_ops' has no attribute {name!r}")

@@ -24,6 +24,17 @@ def check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> 
         fail(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all tensors must be on one device")
 
 
+def check_cu_group_lens_meta(cu_group_lens: torch.Tensor, q: torch.Tensor) -> None:
+    if cu_group_lens.dtype != torch.int32:
+        fail(f"cu_group_lens must be int32 (torch.int32), got {cu_group_lens.dtype}")
+    if cu_group_lens.dim() != 1:
+        fail(f"cu_group_lens must be 1-D [G+1], got shape {list(cu_group_lens.shape)}")
+    if cu_group_lens.numel() < 2:
+        fail(f"cu_group_lens must hold at least 2 offsets ([0, B] for one group), got {cu_group_lens.numel()}")
+    if cu_group_lens.device != q.device:
+        fail(f"cu_group_lens is on {cu_group_lens.device} but q is on {q.device}; all tensors must be on one device")
+
+
 def check_attention_args(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -41,14 +52,7 @@ def check_attention_args(
         fail("q has an empty batch (B = 0); bridge_attention needs at least one row")
     if q.shape[2] == 0 or q.shape[3] == 0:
         fail(f"q must have H > 0 heads and Dh > 0 head_dim, got shape {list(q.shape)}")
-    if cu_group_lens.dtype != torch.int32:
-        fail(f"cu_group_lens must be int32 (torch.int32), got {cu_group_lens.dtype}")
-    if cu_group_lens.dim() != 1:
-        fail(f"cu_group_lens must be 1-D [G+1], got shape {list(cu_group_lens.shape)}")
-    if cu_group_lens.numel() < 2:
-        fail(f"cu_group_lens must hold at least 2 offsets ([0, B] for one group), got {cu_group_lens.numel()}")
-    if cu_group_lens.device != q.device:
-        fail(f"cu_group_lens is on {cu_group_lens.device} but q is on {q.device}; all tensors must be on one device")
+    check_cu_group_lens_meta(cu_group_lens, q)
     if key_mask is not None:
         if key_mask.dtype != torch.bool:
             fail(f"key_mask must be bool (True = visible key), got {key_mask.dtype}")
@@ -124,3 +128,77 @@ def check_block_decode_args(
             fail(f"{name} is on {weight.device} but hidden is on {hidden.device}; all tensors must be on one device")
     if num_heads < 1 or d_bridge % num_heads != 0:
         fail(f"num_heads ({num_heads}) must be >= 1 and divide d_bridge ({d_bridge})")
+
+
+def _check_lengths(t: torch.Tensor, name: str, n: int, shape: str, q: torch.Tensor) -> None:
+    if t.dtype != torch.int32:
+        fail(f"{name} must be int32 (torch.int32), got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != n:
+        fail(f"{name} must have shape {shape} = [{n}], got {list(t.shape)}")
+    if t.device != q.device:
+        fail(f"{name} is on {t.device} but q is on {q.device}; all tensors must be on one device")
+
+
+def _check_kv(t: torch.Tensor, name: str, shape: str, d0: int, d1: int, head_dim: int, q: torch.Tensor) -> None:
+    if t.dim() != 4 or t.shape[0] != d0 or t.shape[1] != d1 or t.shape[3] != head_dim:
+        fail(f"{name} must have shape {shape} = [{d0}, {d1}, *, {head_dim}], got {list(t.shape)}")
+    if t.dtype != q.dtype:
+        fail(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+    if t.device != q.device:
+        fail(f"{name} is on {t.device} but q is on {q.device}; all tensors must be on one device")
+
+
+def check_prefix_attention_args(
+    q: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    suffix_k: torch.Tensor,
+    suffix_v: torch.Tensor,
+    suffix_lens: Optional[torch.Tensor],
+    cu_group_lens: torch.Tensor,
+) -> None:
+    """Shapes, dtypes and devices of a prefix_suffix_attention call (mirrors check_prefix_attention_args in C++)."""
+    if q.dim() != 3:
+        fail(f"q must have shape [B, Hq, Dh] (3 dims: one new token per row), got shape {list(q.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        fail(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    if min(q.shape) == 0:
+        fail(f"q must have B, Hq, Dh > 0, got shape {list(q.shape)}")
+    if prefix_k.dim() != 4:
+        fail(f"prefix_k must have shape [G, Hkv, P, Dh] (4 dims), got shape {list(prefix_k.shape)}")
+    kv_heads = prefix_k.shape[1]
+    if kv_heads == 0 or q.shape[1] % kv_heads != 0:
+        fail(f"the q heads ({q.shape[1]}) must be a multiple of the key/value heads of prefix_k ({kv_heads})")
+    check_cu_group_lens_meta(cu_group_lens, q)
+    groups = cu_group_lens.numel() - 1
+    _check_kv(prefix_k, "prefix_k", "[G, Hkv, P, Dh]", groups, kv_heads, q.shape[2], q)
+    check_like(prefix_v, "prefix_v", prefix_k, "prefix_k")
+    _check_lengths(prefix_lens, "prefix_lens", groups, "[G]", q)
+    _check_kv(suffix_k, "suffix_k", "[B, Hkv, T, Dh]", q.shape[0], kv_heads, q.shape[2], q)
+    check_like(suffix_v, "suffix_v", suffix_k, "suffix_k")
+    if suffix_lens is not None:
+        _check_lengths(suffix_lens, "suffix_lens", q.shape[0], "[B]", q)
+
+
+def check_length_values(lens: torch.Tensor, limit: int, name: str, what: str) -> None:
+    """0 <= lens[i] <= limit (reads the values: a sync on GPU)."""
+    for i, n in enumerate(lens.tolist()):
+        if not 0 <= n <= limit:
+            fail(f"{name} must lie in [0, {limit}] ({what}), got {name}[{i}] = {n}")
+
+
+def check_merge_args(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+    if o_a.dim() < 1:
+        fail(f"o_a must have shape [..., Dh] (at least 1 dim), got shape {list(o_a.shape)}")
+    if o_a.dtype not in SUPPORTED_DTYPES:
+        fail(f"o_a must be float16, bfloat16, float32 or float64, got {o_a.dtype}")
+    check_like(o_b, "o_b", o_a, "o_a")
+    stat = lse_dtype(o_a.dtype)
+    for t, name in ((lse_a, "lse_a"), (lse_b, "lse_b")):
+        if t.shape != o_a.shape[:-1]:
+            fail(f"{name} must have shape {list(o_a.shape[:-1])} (o_a without its last dim), got {list(t.shape)}")
+        if t.dtype != stat:
+            fail(f"{name} must be {stat} (the lse dtype of {o_a.dtype} outputs), got {t.dtype}")
+        if t.device != o_a.device:
+            fail(f"{name} is on {t.device} but o_a is on {o_a.device}; all tensors must be on one device")

@@ -5,7 +5,9 @@ sentence saying why. An op call on a tensor of device type D runs the first avai
 the PyTorch reference serves every device type and is always last.
 
 CUDA tensors: the CUDA kernels compiled into bridge_ops._C first; else the same kernel source compiled at run time
-by NVRTC through cupy (bridge_ops.cupy_backend), registered as the ops' CUDA kernels; else the reference.
+by NVRTC through cupy (bridge_ops.cupy_backend), registered as the ops' CUDA kernels; else the reference. The cupy
+backend serves bridge attention only: under it, the cascade decode ops (prefix_suffix_attention,
+merge_attention_states) run the PyTorch reference.
 """
 
 import os
@@ -25,6 +27,7 @@ class Backend:
     description: str
     unavailable_reason: Callable[[], Optional[str]]
     compiled: bool = False  # served through torch.ops.bridge_ops (autograd, fake kernels, torch.compile)
+    cascade: bool = True  # also serves the cascade decode ops (prefix_suffix_attention, merge_attention_states)
 
     @property
     def available(self) -> bool:
@@ -67,20 +70,29 @@ BACKENDS: List[Backend] = [
     Backend("cpu", "cpu", "fused C++ kernels (bridge_ops._C, at::parallel_for, AVX2 when present)", _cpu_reason, True),
     Backend("cuda", "cuda", "fused CUDA kernels compiled into bridge_ops._C", _cuda_reason, True),
     Backend(
-        "cupy", "cuda", "the same CUDA kernel source compiled at run time by NVRTC through cupy", _cupy_reason, True
+        "cupy",
+        "cuda",
+        "the same CUDA kernel source compiled at run time by NVRTC through cupy (bridge attention only; the cascade "
+        "decode ops fall back to the reference)",
+        _cupy_reason,
+        compiled=True,
+        cascade=False,
     ),
     Backend("reference", None, "plain PyTorch (bridge_ops.reference)", lambda: None),
 ]
 
 
-def compiled_device_types() -> frozenset:
-    """Device types whose calls go to the torch.ops.bridge_ops kernels (compiled into _C or registered by cupy)."""
-    return frozenset(b.device_type for b in BACKENDS if b.compiled and b.available)
+def compiled_device_types(cascade: bool = False) -> frozenset:
+    """Device types whose calls go to the torch.ops.bridge_ops kernels (compiled into _C or registered by cupy); with
+    `cascade`, of the cascade decode ops (prefix_suffix_attention, merge_attention_states)."""
+    return frozenset(b.device_type for b in BACKENDS if b.compiled and b.available and (b.cascade or not cascade))
 
 
-def backend_for(device_type: str) -> Backend:
-    """The backend that serves tensors of this device type."""
-    return next(b for b in BACKENDS if b.device_type in (device_type, None) and b.available)
+def backend_for(device_type: str, cascade: bool = False) -> Backend:
+    """The backend that serves tensors of this device type (with `cascade`: in the cascade decode ops)."""
+    return next(
+        b for b in BACKENDS if b.device_type in (device_type, None) and b.available and (b.cascade or not cascade)
+    )
 
 
 def gpu_backend_summary() -> str:

@@ -15,6 +15,7 @@ from .dispatch import compiled_device_types, register_gpu_backend
 
 register_gpu_backend()  # cupy kernels as the ops' CUDA kernels, when _C has none and cupy + a GPU are present
 _COMPILED = compiled_device_types()
+_COMPILED_CASCADE = compiled_device_types(cascade=True)
 
 
 def bridge_attention(
@@ -94,6 +95,87 @@ def bridge_block_decode(
     return reference.bridge_block_decode(*args)
 
 
+def prefix_suffix_attention(
+    q: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    suffix_k: torch.Tensor,
+    suffix_v: torch.Tensor,
+    cu_group_lens: torch.Tensor,
+    suffix_lens: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    *,
+    return_lse: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Cascade decode attention: one new token per row, the group's shared prompt stored once.
+
+    Row b of group g (rows cu_group_lens[g] .. cu_group_lens[g+1]-1) attends, for query head h and its key/value
+    head h // (Hq / Hkv) (GQA), over the concatenation of
+
+    - the group's prefix: positions P - prefix_lens[g] .. P - 1 of prefix_k/v[g] (left padding is masked), and
+    - its own suffix: positions 0 .. suffix_lens[b] - 1 of suffix_k/v[b] (all T when suffix_lens is None),
+
+    with softmax scale `scale`. The result equals standard attention over the row's expanded keys
+    [prefix; suffix], but the prefix is read once per group and head: its scores are a small
+    [n_g * Hq/Hkv, P] matrix product per group instead of n_g separate vector products over n_g copies; the two
+    partial results are merged exactly through their log-sum-exp (see `merge_attention_states`).
+
+    The layouts are those of a HF cache, so `GroupPrefixCache` hands its tensors over without copies (any strides;
+    a non-contiguous last dimension is copied first).
+
+    Args:
+        q: [B, Hq, Dh], float16 / bfloat16 / float32 / float64 (e.g. HF's query_states[:, :, 0]).
+        prefix_k, prefix_v: [G, Hkv, P, Dh], q's dtype; the prompt of each group, right-aligned.
+        prefix_lens: int32 [G], 0 <= prefix_lens[g] <= P.
+        suffix_k, suffix_v: [B, Hkv, T, Dh] (T >= 0), q's dtype; each row's generated tokens, the current one
+            included (HF appends the new key to the cache before attending).
+        cu_group_lens: int32 [G+1] row offsets of the groups (`cu_group_lens_from_sizes`).
+        suffix_lens: int32 [B] or None, 0 <= suffix_lens[b] <= T.
+        scale: softmax scale, default Dh ** -0.5.
+        return_lse: also return the log-sum-exp of each row's scaled scores.
+
+    Returns:
+        out [B, Hq, Dh] (contiguous, q.dtype) and with return_lse also lse [B, Hq] (float32; float64 for float64
+        inputs). A row with no visible key gets out = 0 and lse = -inf. Accumulation is float32 (float64 for
+        float64). No backward (an inference op): calls that need a gradient raise an error.
+    """
+    args = (q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu_group_lens, suffix_lens, scale)
+    if q.device.type in _COMPILED_CASCADE:
+        out, lse = torch.ops.bridge_ops.prefix_suffix_attention(*args)
+    else:
+        out, lse = _no_grad_reference(reference.prefix_suffix_attention, "prefix_suffix_attention", args)
+    return (out, lse) if return_lse else out
+
+
+def merge_attention_states(
+    o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of two attention results over disjoint key sets A and B of the same queries.
+
+    lse = logaddexp(lse_a, lse_b) and out = exp(lse_a - lse) o_a + exp(lse_b - lse) o_b: the attention over A u B.
+    An empty side has lse = -inf (its o is ignored); both empty give out = 0, lse = -inf.
+
+    Args:
+        o_a, o_b: [..., Dh], one dtype (float16 / bfloat16 / float32 / float64) and device.
+        lse_a, lse_b: [...] (o's leading dims), float32 (float64 for float64 o).
+
+    Returns:
+        (out [..., Dh] in o's dtype, lse [...]). Computed in float32 (float64). No backward (an inference op).
+    """
+    if o_a.device.type in _COMPILED_CASCADE:
+        return torch.ops.bridge_ops.merge_attention_states(o_a, lse_a, o_b, lse_b)
+    return _no_grad_reference(reference.merge_attention_states, "merge_attention_states", (o_a, lse_a, o_b, lse_b))
+
+
+def _no_grad_reference(fn, name: str, args):
+    """The reference twin of an inference op, refusing (as the compiled Autograd kernels do) to run where a backward
+    would be needed."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
+        raise RuntimeError(f"bridge_ops: {name} has no backward (an inference op): call it under torch.no_grad()")
+    return fn(*args)
+
+
 if _C is not None:
 
     @torch.library.register_fake("bridge_ops::bridge_attention")
@@ -115,3 +197,20 @@ if _C is not None:
     ):
         checks.check_block_decode_args(hidden, norm_weight, q_weight, k_weight, v_weight, o_weight, num_heads)
         return torch.empty_like(hidden)
+
+    @torch.library.register_fake("bridge_ops::prefix_suffix_attention")
+    def _prefix_suffix_attention_fake(
+        q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu_group_lens, suffix_lens=None, scale=None
+    ):
+        checks.check_prefix_attention_args(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
+                                           cu_group_lens)
+        return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+            q.shape[:2], dtype=checks.lse_dtype(q.dtype)
+        )
+
+    @torch.library.register_fake("bridge_ops::merge_attention_states")
+    def _merge_attention_states_fake(o_a, lse_a, o_b, lse_b):
+        checks.check_merge_args(o_a, lse_a, o_b, lse_b)
+        return torch.empty_like(o_a, memory_format=torch.contiguous_format), torch.empty_like(
+            lse_a, memory_format=torch.contiguous_format
+        )

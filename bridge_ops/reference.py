@@ -164,3 +164,75 @@ def bridge_block_decode(
     q, k, v = (F.linear(normed, w).view(heads) for w in (q_weight, k_weight, v_weight))
     mixed, _ = bridge_attention(q, k, v, cu_group_lens, key_mask, scale)
     return hidden + F.linear(mixed.reshape(batch, seqlen, -1), o_weight)
+
+
+def merge_attention_states(
+    o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference of `bridge_ops.merge_attention_states`: o = w_a o_a + w_b o_b, w_x = exp(lse_x - lse),
+    lse = logaddexp(lse_a, lse_b)."""
+    checks.check_merge_args(o_a, lse_a, o_b, lse_b)
+    top = torch.maximum(lse_a, lse_b)
+    empty = top == float("-inf")  # both sides empty: o = 0, lse = -inf
+    top = top.masked_fill(empty, 0.0)
+    weight_a, weight_b = torch.exp(lse_a - top), torch.exp(lse_b - top)
+    total = weight_a + weight_b
+    lse = top + torch.log(total)
+    total = total.masked_fill(empty, 1.0)
+    acc = lse_a.dtype
+
+    def term(weight, o):  # a side of weight 0 is skipped: its o is never read (it may be NaN)
+        weight = (weight / total)[..., None]
+        return torch.where(weight == 0, 0.0, weight * o.to(acc))
+
+    return (term(weight_a, o_a) + term(weight_b, o_b)).to(o_a.dtype), lse
+
+
+def prefix_suffix_attention(
+    q: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    suffix_k: torch.Tensor,
+    suffix_v: torch.Tensor,
+    cu_group_lens: torch.Tensor,
+    suffix_lens: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    *,
+    upcast: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference of `bridge_ops.prefix_suffix_attention`: standard attention of each row over the concatenation
+    [its group's prefix; its own suffix], built explicitly (the expanded cache), with the pad positions masked.
+
+    `upcast=False` computes in the input dtype (the tests' low-precision reference). Returns out [B, Hq, Dh] in
+    q.dtype and lse [B, Hq] in float32 (float64 for float64); a row with no visible key gets out 0 and lse -inf.
+    """
+    checks.check_prefix_attention_args(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
+                                       cu_group_lens)
+    batch, q_heads, head_dim = q.shape
+    prefix_len, suffix_len = prefix_k.shape[2], suffix_k.shape[2]
+    checks.check_cu_group_lens_values(cu_group_lens, batch)
+    checks.check_length_values(prefix_lens, prefix_len, "prefix_lens",
+                               "valid prompt positions, right-aligned in prefix_k")
+    if suffix_lens is not None:
+        checks.check_length_values(suffix_lens, suffix_len, "suffix_lens",
+                                   "valid positions from the start of suffix_k")
+    scale = checks.resolve_scale(scale, head_dim)
+    dtype = _compute_dtype(q.dtype, upcast)
+    group = group_ids(cu_group_lens, batch)
+    ratio = q_heads // prefix_k.shape[1]
+    keys, values = (
+        torch.cat([p[group], s], dim=2).to(dtype).repeat_interleave(ratio, dim=1)  # [B, Hq, P + T, Dh]
+        for p, s in ((prefix_k, suffix_k), (prefix_v, suffix_v))
+    )
+    positions = torch.arange(prefix_len, device=q.device)
+    prefix_visible = positions[None, :] >= (prefix_len - prefix_lens.long()[group])[:, None]
+    lengths = torch.full((batch,), suffix_len, device=q.device) if suffix_lens is None else suffix_lens.long()
+    suffix_visible = torch.arange(suffix_len, device=q.device)[None, :] < lengths[:, None]
+    visible = torch.cat([prefix_visible, suffix_visible], dim=1)[:, None, :]  # [B, 1, P + T]
+    scores = torch.einsum("bhd,bhkd->bhk", q.to(dtype), keys) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])  # all-masked rows: 0
+    out = torch.einsum("bhk,bhkd->bhd", probs, values)
+    return out.to(q.dtype), lse.to(checks.lse_dtype(q.dtype))

@@ -1,8 +1,8 @@
 // Autograd kernels of the bridge_ops operators (device-independent: they call the ops back through the
-// dispatcher, which picks the CPU or CUDA kernel): bridge_attention's backward, and bridge_block_decode's refusal
-// of calls that would need one. Registered in C++ rather than from Python so that a call
-// from Python, under no_grad included, never re-enters the interpreter: at decode shapes a Python autograd
-// wrapper costs more than the kernel itself.
+// dispatcher, which picks the CPU or CUDA kernel): bridge_attention's backward, and the refusal of the inference ops
+// (bridge_block_decode, prefix_suffix_attention, merge_attention_states) to run where a backward would be needed.
+// Registered in C++ rather than from Python so that a call from Python, under no_grad included, never re-enters the
+// interpreter: at decode shapes a Python autograd wrapper costs more than the kernel itself.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -72,28 +72,60 @@ std::tuple<at::Tensor, at::Tensor> bridge_attention_autograd(const at::Tensor& q
   return {result[0], result[1]};
 }
 
-// bridge_block_decode has no backward: refuse a call that would need one instead of letting autograd treat the
-// output as a constant.
+// The inference ops have no backward: refuse a call that would need one instead of letting autograd treat the output as
+// a constant.
+void refuse_grad(const char* op, std::initializer_list<at::Tensor> inputs, const char* instead) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const at::Tensor& t : inputs) {
+    TORCH_CHECK(!t.requires_grad(), "bridge_ops: ", op, " has no backward (an inference op): call it under ",
+                "torch.no_grad(), or ", instead);
+  }
+}
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
 at::Tensor bridge_block_decode_autograd(const at::Tensor& hidden, const at::Tensor& norm_weight, double eps,
                                         const at::Tensor& q_weight, const at::Tensor& k_weight,
                                         const at::Tensor& v_weight, const at::Tensor& o_weight,
                                         const at::Tensor& cu_group_lens, const std::optional<at::Tensor>& key_mask,
                                         int64_t num_heads, std::optional<double> scale) {
-  const bool needs_grad = at::GradMode::is_enabled() &&
-                          (hidden.requires_grad() || norm_weight.requires_grad() || q_weight.requires_grad() ||
-                           k_weight.requires_grad() || v_weight.requires_grad() || o_weight.requires_grad());
-  TORCH_CHECK(!needs_grad,
-              "bridge_ops: bridge_block_decode has no backward (an inference op): call it under torch.no_grad(), "
-              "or train through BridgeBlock.forward");
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bridge_ops::bridge_block_decode", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
-                                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
-                                               std::optional<double>)>();
+  refuse_grad("bridge_block_decode", {hidden, norm_weight, q_weight, k_weight, v_weight, o_weight},
+              "train through BridgeBlock.forward");
+  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const std::optional<at::Tensor>&, int64_t, std::optional<double>)>(
+      "bridge_ops::bridge_block_decode");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(hidden, norm_weight, eps, q_weight, k_weight, v_weight, o_weight, cu_group_lens, key_mask,
                  num_heads, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention_autograd(
+    const at::Tensor& q, const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& prefix_lens,
+    const at::Tensor& suffix_k, const at::Tensor& suffix_v, const at::Tensor& cu_group_lens,
+    const std::optional<at::Tensor>& suffix_lens, std::optional<double> scale) {
+  refuse_grad("prefix_suffix_attention", {q, prefix_k, prefix_v, suffix_k, suffix_v},
+              "train with ordinary attention over the expanded keys");
+  static const auto op =
+      find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&, const std::optional<at::Tensor>&,
+                                                 std::optional<double>)>("bridge_ops::prefix_suffix_attention");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu_group_lens, suffix_lens, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_attention_states_autograd(const at::Tensor& o_a, const at::Tensor& lse_a,
+                                                                   const at::Tensor& o_b, const at::Tensor& lse_b) {
+  refuse_grad("merge_attention_states", {o_a, lse_a, o_b, lse_b}, "merge with ordinary PyTorch ops");
+  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                    const at::Tensor&, const at::Tensor&)>(
+      "bridge_ops::merge_attention_states");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(o_a, lse_a, o_b, lse_b);
 }
 
 }  // namespace
@@ -101,6 +133,8 @@ at::Tensor bridge_block_decode_autograd(const at::Tensor& hidden, const at::Tens
 TORCH_LIBRARY_IMPL(bridge_ops, Autograd, m) {
   m.impl("bridge_attention", &bridge_attention_autograd);
   m.impl("bridge_block_decode", &bridge_block_decode_autograd);
+  m.impl("prefix_suffix_attention", &prefix_suffix_attention_autograd);
+  m.impl("merge_attention_states", &merge_attention_states_autograd);
 }
 
 }  // namespace bridge_ops

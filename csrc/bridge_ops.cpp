@@ -30,6 +30,18 @@ TORCH_LIBRARY(bridge_ops, m) {
       "bridge_block_decode(Tensor hidden, Tensor norm_weight, float eps, Tensor q_weight, Tensor k_weight, "
       "Tensor v_weight, Tensor o_weight, Tensor cu_group_lens, Tensor? key_mask, int num_heads, "
       "float? scale=None) -> Tensor");
+  // Cascade decode attention, one new token per row: each row's query against ONE copy of its group's prompt keys
+  // (prefix) and its own generated keys (suffix), merged exactly. q: [B, Hq, Dh]; prefix_k/v: [G, Hkv, P, Dh] with
+  // prefix_lens int32 [G] valid positions right-aligned (left padding); suffix_k/v: [B, Hkv, T, Dh] with suffix_lens
+  // int32 [B] valid positions from the start (None: all T); cu_group_lens int32 [G+1]. Hq a multiple of Hkv (GQA).
+  // Returns (out [B, Hq, Dh], lse [B, Hq] float32, float64 for float64 inputs). No backward.
+  m.def(
+      "prefix_suffix_attention(Tensor q, Tensor prefix_k, Tensor prefix_v, Tensor prefix_lens, Tensor suffix_k, "
+      "Tensor suffix_v, Tensor cu_group_lens, Tensor? suffix_lens=None, float? scale=None) -> "
+      "(Tensor out, Tensor lse)");
+  // Exact merge of two attention results over disjoint key sets: o_a, o_b [..., Dh]; lse_a, lse_b [...] in the lse
+  // dtype. Returns (out [..., Dh], lse [...]). No backward.
+  m.def("merge_attention_states(Tensor o_a, Tensor lse_a, Tensor o_b, Tensor lse_b) -> (Tensor out, Tensor lse)");
 }
 
 namespace {

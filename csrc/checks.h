@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 namespace bridge_ops {
 
@@ -111,9 +112,88 @@ inline void check_attention_backward_args(const at::Tensor& grad_out, const std:
 // Accumulation dtype of lse (and of every softmax statistic): float64 for float64 inputs, else float32.
 inline at::ScalarType lse_dtype(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The kernels need a contiguous last dimension; other strides are used as they are.
+inline at::Tensor with_unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
 // Default softmax scale: head_dim ** -0.5.
 inline double resolve_scale(std::optional<double> scale, int64_t head_dim) {
   return scale.has_value() ? *scale : std::pow(static_cast<double>(head_dim), -0.5);  // as Python head_dim ** -0.5
+}
+
+// Shapes of one call of prefix_suffix_attention: q [B, Hq, Dh]; prefix_k/v [G, Hkv, P, Dh]; suffix_k/v [B, Hkv, T, Dh].
+struct PrefixAttentionDims {
+  int64_t batch, q_heads, kv_heads, head_dim, groups, prefix_len, suffix_len;
+};
+
+// `name` is an int32 vector [n] on q's device.
+inline void check_lengths(const at::Tensor& t, const char* name, int64_t n, const char* shape, const at::Tensor& q) {
+  BRIDGE_CHECK(t.scalar_type() == at::kInt, name, " must be int32 (torch.int32), got ", t.scalar_type());
+  BRIDGE_CHECK(t.dim() == 1 && t.size(0) == n, name, " must have shape ", shape, " = [", n, "], got ", t.sizes());
+  BRIDGE_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device(),
+               "; all tensors must be on one device");
+}
+
+// `name` is [d0, d1, any, head_dim] with q's dtype and device.
+inline void check_kv(const at::Tensor& t, const char* name, const char* shape, int64_t d0, int64_t d1,
+                     int64_t head_dim, const at::Tensor& q) {
+  BRIDGE_CHECK(t.dim() == 4 && t.size(0) == d0 && t.size(1) == d1 && t.size(3) == head_dim, name,
+               " must have shape ", shape, " = [", d0, ", ", d1, ", *, ", head_dim, "], got ", t.sizes());
+  BRIDGE_CHECK(t.scalar_type() == q.scalar_type(), name, " must have the dtype of q (", q.scalar_type(), "), got ",
+               t.scalar_type());
+  BRIDGE_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device(),
+               "; all tensors must be on one device");
+}
+
+inline PrefixAttentionDims check_prefix_attention_args(const at::Tensor& q, const at::Tensor& prefix_k,
+                                                       const at::Tensor& prefix_v, const at::Tensor& prefix_lens,
+                                                       const at::Tensor& suffix_k, const at::Tensor& suffix_v,
+                                                       const std::optional<at::Tensor>& suffix_lens,
+                                                       const at::Tensor& cu_group_lens) {
+  BRIDGE_CHECK(q.dim() == 3, "q must have shape [B, Hq, Dh] (3 dims: one new token per row), got shape ", q.sizes());
+  BRIDGE_CHECK(is_supported_float(q.scalar_type()), "q must be float16, bfloat16, float32 or float64, got ",
+               q.scalar_type());
+  BRIDGE_CHECK(q.size(0) > 0 && q.size(1) > 0 && q.size(2) > 0, "q must have B, Hq, Dh > 0, got shape ", q.sizes());
+  BRIDGE_CHECK(prefix_k.dim() == 4, "prefix_k must have shape [G, Hkv, P, Dh] (4 dims), got shape ",
+               prefix_k.sizes());
+  const int64_t kv_heads = prefix_k.size(1);
+  BRIDGE_CHECK(kv_heads > 0 && q.size(1) % kv_heads == 0, "the q heads (", q.size(1),
+               ") must be a multiple of the key/value heads of prefix_k (", kv_heads, ")");
+  check_cu_group_lens_meta(cu_group_lens, q);
+  const int64_t groups = cu_group_lens.numel() - 1;
+  check_kv(prefix_k, "prefix_k", "[G, Hkv, P, Dh]", groups, kv_heads, q.size(2), q);
+  check_like(prefix_v, "prefix_v", prefix_k, "prefix_k");
+  check_lengths(prefix_lens, "prefix_lens", groups, "[G]", q);
+  check_kv(suffix_k, "suffix_k", "[B, Hkv, T, Dh]", q.size(0), kv_heads, q.size(2), q);
+  check_like(suffix_v, "suffix_v", suffix_k, "suffix_k");
+  if (suffix_lens.has_value()) check_lengths(*suffix_lens, "suffix_lens", q.size(0), "[B]", q);
+  return {q.size(0), q.size(1), kv_heads, q.size(2), groups, prefix_k.size(2), suffix_k.size(2)};
+}
+
+// Validates length values (host memory): 0 <= lens[i] <= limit.
+inline void check_length_values(const int32_t* lens, int64_t n, int64_t limit, const char* name, const char* what) {
+  for (int64_t i = 0; i < n; ++i) {
+    BRIDGE_CHECK(lens[i] >= 0 && lens[i] <= limit, name, " must lie in [0, ", limit, "] (", what, "), got ", name,
+                 "[", i, "] = ", lens[i]);
+  }
+}
+
+// Checks the arguments of merge_attention_states: o_a, o_b [..., Dh] alike; lse_a, lse_b [...] (o's leading dims) in
+// the accumulation dtype of o.
+inline void check_merge_args(const at::Tensor& o_a, const at::Tensor& lse_a, const at::Tensor& o_b,
+                             const at::Tensor& lse_b) {
+  BRIDGE_CHECK(o_a.dim() >= 1, "o_a must have shape [..., Dh] (at least 1 dim), got shape ", o_a.sizes());
+  BRIDGE_CHECK(is_supported_float(o_a.scalar_type()), "o_a must be float16, bfloat16, float32 or float64, got ",
+               o_a.scalar_type());
+  check_like(o_b, "o_b", o_a, "o_a");
+  const at::ScalarType stat = lse_dtype(o_a.scalar_type());
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{lse_a, "lse_a"}, {lse_b, "lse_b"}}) {
+    BRIDGE_CHECK(t.sizes() == o_a.sizes().slice(0, o_a.dim() - 1), name, " must have shape ",
+                 o_a.sizes().slice(0, o_a.dim() - 1), " (o_a without its last dim), got ", t.sizes());
+    BRIDGE_CHECK(t.scalar_type() == stat, name, " must be ", stat, " (the lse dtype of ", o_a.scalar_type(),
+                 " outputs), got ", t.scalar_type());
+    BRIDGE_CHECK(t.device() == o_a.device(), name, " is on ", t.device(), " but o_a is on ", o_a.device(),
+                 "; all tensors must be on one device");
+  }
 }
 
 }  // namespace bridge_ops

@@ -303,9 +303,6 @@ BRIDGE_OPS_CPU_DISPATCH(backward_chunk_for_cpu, backward_chunk)
 // Operator entry points
 // ---------------------------------------------------------------------------------------------------------
 
-// The kernels need a contiguous last dimension; other strides are used as they are.
-at::Tensor with_unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
 void check_on_cpu(const at::Tensor& q) {
   BRIDGE_CHECK(q.device().is_cpu(), "the CPU kernel got q on ", q.device());
 }

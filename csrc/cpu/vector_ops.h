@@ -10,6 +10,7 @@
 // build is `flatten`ed, since GCC refuses to inline an AVX2 function into a generic-target inline helper).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <utility>
 
@@ -66,6 +67,16 @@ struct GenericOps {
     const T a0 = alpha[0], a1 = alpha[1], a2 = alpha[2], a3 = alpha[3];
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) y[i] += a0 * x0[i] + a1 * x1[i] + a2 * x2[i] + a3 * x3[i];
+  }
+
+  // x[i] = exp(x[i] - shift) for i < n (x[i] <= shift); returns the sum of the new x[i].
+  static BRIDGE_OPS_INLINE T exp_sum(T* __restrict x, T shift, int64_t n) {
+    T sum = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      x[i] = std::exp(x[i] - shift);
+      sum += x[i];
+    }
+    return sum;
   }
 };
 
@@ -136,6 +147,44 @@ struct Avx2Ops<float> {
       _mm256_storeu_ps(y + i, acc);
     }
     for (; i < n; ++i) y[i] += alpha[0] * x0[i] + alpha[1] * x1[i] + alpha[2] * x2[i] + alpha[3] * x3[i];
+  }
+
+  // exp(x) for x <= 0, 8 lanes: x = k ln2 + r (|r| <= ln2 / 2, ln2 split in two for an exact k ln2), exp(r) by a
+  // degree-6 polynomial (the Taylor coefficients, minimax-adjusted), times 2^k through the exponent bits. Relative
+  // error about 2 ulp; arguments below -87 (exp < 2^-126) give 0.
+  static BRIDGE_OPS_AVX2_INLINE __m256 exp_nonpositive(__m256 x) {
+    const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+  }
+
+  static BRIDGE_OPS_AVX2_INLINE float exp_sum(float* __restrict x, float shift, int64_t n) {
+    const __m256 s = _mm256_set1_ps(shift);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i), s));
+      _mm256_storeu_ps(x + i, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    float sum = hsum(acc);
+    for (; i < n; ++i) {
+      x[i] = std::exp(x[i] - shift);
+      sum += x[i];
+    }
+    return sum;
   }
 #undef BRIDGE_OPS_AVX2_INLINE
 };

@@ -72,8 +72,6 @@ int num_sms(int device) {
   return counts[device];
 }
 
-at::Tensor with_unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
 at::Tensor empty_rows(const at::Tensor& q, at::ScalarType dtype) {
   return at::empty(q.sizes(), q.options().dtype(dtype).memory_format(at::MemoryFormat::Contiguous));
 }

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../../csrc/cuda/kernels/bridge_attention.cuh"
+#include "../../csrc/cuda/kernels/prefix_attention.cuh"
 
 namespace bridge_ops {
 namespace kernels {
@@ -117,8 +118,19 @@ std::map<std::string, Invoker>& registry() {
   registry()[BRIDGE_NS "bridge_attention_bwd_simple<" #T ", " #A ">"] =                                       \
       invoker(&bridge_ops::kernels::bridge_attention_bwd_simple<T, A>);
 
+#define REG_CASCADE(T, A)                                                                                     \
+  registry()[BRIDGE_NS "cascade_prefix_chunks<" #T ", " #A ">"] =                                             \
+      invoker(&bridge_ops::kernels::cascade_prefix_chunks<T, A>);                                              \
+  registry()[BRIDGE_NS "cascade_suffix_merge<" #T ", " #A ">"] =                                              \
+      invoker(&bridge_ops::kernels::cascade_suffix_merge<T, A>);                                               \
+  registry()[BRIDGE_NS "merge_states<" #T ", " #A ">"] = invoker(&bridge_ops::kernels::merge_states<T, A>);
+
 struct Register {
   Register() {
+    REG_CASCADE(float, float)
+    REG_CASCADE(double, double)
+    REG_CASCADE(bridge_ops::kernels::bf16_t, float)
+    REG_CASCADE(bridge_ops::kernels::half_t, float)
     REG_FAST_ALL(float)
     REG_FAST_ALL(bridge_ops::kernels::bf16_t)
     REG_FAST_ALL(bridge_ops::kernels::half_t)

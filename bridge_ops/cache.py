@@ -1,0 +1,248 @@
+"""Group-aware KV cache: the shared prompt of a group is stored once, each member's generated tokens per row.
+
+All N members of a group share the prompt, yet an expanded cache (HF `DynamicCache` after `repeat_interleave`)
+stores the prompt's keys and values N times and every decode step reads them N times. `GroupPrefixCache` keeps,
+per layer,
+
+- the prefix: the prompts' keys/values once per group, `[G, Hkv, P, Dh]`, right-aligned (left padding), with the
+  valid length of each group's prompt in `prefix_lens` (int32 [G]);
+- the suffix: each row's generated keys/values, `[B, Hkv, T, Dh]` (rows of one group adjacent, `cu_group_lens`).
+
+It is a `transformers.Cache` (importing this module imports transformers) and works wherever a `DynamicCache` does:
+a forward over the G prompts fills the prefix, later forwards over the B rows append to the suffix. By default
+`update` then returns the expanded keys/values `[B, Hkv, P + T, Dh]` (materialized per call, so any attention
+implementation reads the right keys). Inside `bridge_ops.hf.attention.cascade_attention(model, cache)` (what
+`bridge_ops.generate(..., cache="shared-prefix")` uses) it returns only the suffix, and the cascade op `prefix_suffix_attention` reads the prefix in place: no copy of
+the prompt is ever made, in memory or per step.
+"""
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .checks import fail
+from .groups import cu_group_lens_from_sizes, group_ids
+
+_SUFFIX_GROWTH = 64  # suffix capacity grows in steps of this many positions (amortized O(1) append)
+
+
+class _GroupPrefixLayer(CacheLayerMixin):
+    """One layer's prefix and suffix (see the module docstring). Created by `GroupPrefixCache` only."""
+
+    is_sliding = False
+    is_croppable = False
+    is_compileable = False
+    supports_early_init = False
+
+    def __init__(self, cache: "GroupPrefixCache"):
+        super().__init__()
+        self.cache = cache
+        self.prefix_keys: Optional[torch.Tensor] = None  # [G, Hkv, P, Dh]
+        self.prefix_values: Optional[torch.Tensor] = None
+        self._suffix_keys: Optional[torch.Tensor] = None  # [B, Hkv, capacity, Dh]; positions >= length unused
+        self._suffix_values: Optional[torch.Tensor] = None
+        self.length = 0  # T: suffix positions written
+
+    # -- state ------------------------------------------------------------------------------------------------------
+    @property
+    def decoding(self) -> bool:
+        """The prompt is stored and the suffix has been written to (the next attention is a decode step's)."""
+        return self._suffix_keys is not None
+
+    @property
+    def suffix_keys(self) -> torch.Tensor:
+        return self._suffix_keys[:, :, : self.length]
+
+    @property
+    def suffix_values(self) -> torch.Tensor:
+        return self._suffix_values[:, :, : self.length]
+
+    def get_seq_length(self) -> int:
+        return 0 if self.prefix_keys is None else self.prefix_keys.shape[2] + self.length
+
+    def get_mask_sizes(self, query_length: int) -> Tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    # -- writing ----------------------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.set(key_states, value_states)
+
+    def set(self, prefix_keys, prefix_values, suffix_keys=None, suffix_values=None) -> None:
+        self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
+        self.is_initialized = True
+        self._suffix_keys = self._suffix_values = None
+        self.length = 0
+        if suffix_keys is not None and suffix_keys.shape[2] > 0:
+            self.append(suffix_keys, suffix_values)
+
+    def reset(self) -> None:
+        """Forgets the prompt and the suffix (the next update stores a new prompt)."""
+        self.__init__(self.cache)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Appends [B, Hkv, s, Dh] to the suffix."""
+        end = self.length + keys.shape[2]
+        if self._suffix_keys is None or end > self._suffix_keys.shape[2]:
+            capacity = -(-end // _SUFFIX_GROWTH) * _SUFFIX_GROWTH
+            grown = []
+            for old, new in ((self._suffix_keys, keys), (self._suffix_values, values)):
+                buffer = new.new_empty(new.shape[0], new.shape[1], capacity, new.shape[3])
+                if old is not None and self.length > 0:
+                    buffer[:, :, : self.length] = old[:, :, : self.length]
+                grown.append(buffer)
+            self._suffix_keys, self._suffix_values = grown
+        self._suffix_keys[:, :, self.length : end] = keys
+        self._suffix_values[:, :, self.length : end] = values
+        self.length = end
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.prefix_keys is None:  # the prompts' forward: one row per group
+            if key_states.shape[0] != self.cache.num_groups:
+                fail(f"GroupPrefixCache: the first forward must hold one row per group ({self.cache.num_groups} "
+                     f"prompts), got a batch of {key_states.shape[0]}")
+            if self.cache.row_group.device != key_states.device:
+                self.cache.to(key_states.device)
+            self.lazy_initialization(key_states, value_states)
+            return key_states, value_states
+        if key_states.shape[0] != self.cache.num_rows:
+            fail(f"GroupPrefixCache: forwards after the prompts must hold one row per group member "
+                 f"({self.cache.num_rows} rows), got a batch of {key_states.shape[0]}")
+        self.append(key_states, value_states)
+        if self.cache.cascade:
+            return self.suffix_keys, self.suffix_values
+        return self.expanded()
+
+    def expanded(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every row, [B, Hkv, P + T, Dh] (a copy)."""
+        rows = self.cache.row_group
+        if self._suffix_keys is None:
+            return self.prefix_keys[rows], self.prefix_values[rows]
+        return (torch.cat([self.prefix_keys[rows], self.suffix_keys], dim=2),
+                torch.cat([self.prefix_values[rows], self.suffix_values], dim=2))
+
+    # -- rows -------------------------------------------------------------------------------------------------------
+    def select(self, rows: torch.Tensor, groups: torch.Tensor) -> None:
+        if self.prefix_keys is None:
+            return
+        self.prefix_keys, self.prefix_values = self.prefix_keys[groups], self.prefix_values[groups]
+        if self._suffix_keys is not None:
+            self._suffix_keys, self._suffix_values = self._suffix_keys[rows], self._suffix_values[rows]
+
+    def nbytes(self) -> Tuple[int, int]:
+        """Bytes of (prefix, suffix) keys and values in use (the suffix's spare capacity not counted)."""
+        prefix = 0 if self.prefix_keys is None else 2 * self.prefix_keys.numel() * self.prefix_keys.element_size()
+        suffix = 0 if self._suffix_keys is None else 2 * self.suffix_keys.numel() * self.suffix_keys.element_size()
+        return prefix, suffix
+
+
+class GroupPrefixCache(Cache):
+    """KV cache with the prompt stored once per group (see the module docstring).
+
+    Args:
+        widths: members per group (N, or one per prompt for ragged groups); rows of a group are adjacent.
+        prefix_lens: valid prompt tokens per group (int [G]); the prompts are left-padded to P = max.
+
+    Attributes:
+        cu_group_lens: int32 [G+1] row offsets of the groups; prefix_lens: int32 [G]; row_group: int64 [B], the
+        group of every row; cascade: whether `update` returns the suffix only (set by `cascade_attention`).
+    """
+
+    def __init__(self, widths: Sequence[int], prefix_lens: torch.Tensor):
+        super().__init__(layer_class_to_replicate=lambda: _GroupPrefixLayer(self))
+        widths = [int(w) for w in widths]
+        if not widths or min(widths) < 1:
+            fail(f"GroupPrefixCache: widths must be >= 1 (one per group), got {widths}")
+        prefix_lens = torch.as_tensor(prefix_lens)
+        if prefix_lens.dim() != 1 or prefix_lens.numel() != len(widths):
+            fail(f"GroupPrefixCache: prefix_lens must have shape [G] = [{len(widths)}], got {list(prefix_lens.shape)}")
+        self.prefix_lens = prefix_lens.to(torch.int32)
+        self._set_groups(torch.as_tensor(widths, device=prefix_lens.device))
+        self.cascade = False
+
+    def _set_groups(self, sizes: torch.Tensor) -> None:
+        self.cu_group_lens = cu_group_lens_from_sizes(sizes, device=sizes.device)
+        self.row_group = group_ids(self.cu_group_lens)
+
+    def __repr__(self) -> str:
+        return f"GroupPrefixCache(groups={self.num_groups}, rows={self.num_rows}, layers={len(self.layers)})"
+
+    @property
+    def num_groups(self) -> int:
+        return self.prefix_lens.numel()
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_group.numel()
+
+    def to(self, device) -> "GroupPrefixCache":
+        """Moves the group metadata (the layers' tensors live where the model writes them)."""
+        self.prefix_lens, self.cu_group_lens = self.prefix_lens.to(device), self.cu_group_lens.to(device)
+        self.row_group = self.row_group.to(device)
+        return self
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keeps the rows `indices` (in that order), e.g. to compact the batch when groups finish. The kept rows of a
+        group must stay adjacent; groups left without rows are dropped, prefix included."""
+        indices = torch.as_tensor(indices, device=self.row_group.device).long()
+        row_group = self.row_group[indices]
+        if row_group.numel() == 0:
+            fail("GroupPrefixCache: batch_select_indices must keep at least one row")
+        groups, counts = torch.unique_consecutive(row_group, return_counts=True)
+        if groups.numel() != torch.unique(groups).numel():
+            fail("GroupPrefixCache: batch_select_indices must keep the rows of a group adjacent")
+        for layer in self.layers:
+            layer.select(indices, groups)
+        self.prefix_lens = self.prefix_lens[groups]
+        self._set_groups(counts)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("GroupPrefixCache is already grouped: give the widths at construction")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("GroupPrefixCache does not support beam search; use a DynamicCache")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("GroupPrefixCache cannot be cropped; use a DynamicCache")
+
+    def nbytes(self) -> Tuple[int, int]:
+        """Bytes of (prefix, suffix) keys and values over all layers (the suffix's spare capacity not counted)."""
+        sizes = [layer.nbytes() for layer in self.layers]
+        return sum(p for p, _ in sizes), sum(s for _, s in sizes)
+
+    # -- conversions ------------------------------------------------------------------------------------------------
+    def to_dynamic_cache(self):
+        """The equivalent expanded `DynamicCache`: [B, Hkv, P + T, Dh] per layer (copies)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=[layer.expanded() for layer in self.layers])
+
+    @classmethod
+    def from_dynamic_cache(
+        cls, cache, widths: Sequence[int], prefix_lens: torch.Tensor, prefix_length: int, check: bool = True
+    ) -> "GroupPrefixCache":
+        """Splits an expanded cache ([B, Hkv, L, Dh] per layer, rows of a group adjacent) whose first
+        `prefix_length` positions hold the groups' left-padded prompts: the first row of each group gives the prefix,
+        every row its suffix. With `check`, every row's prompt keys/values must equal its group's (else ValueError)."""
+        new = cls(widths, prefix_lens)
+        first_rows = new.cu_group_lens[:-1].long()
+        for index, layer in enumerate(cache.layers):
+            keys, values = layer.keys, layer.values
+            new.to(keys.device)
+            first_rows = first_rows.to(keys.device)
+            if keys.shape[0] != new.num_rows or keys.shape[2] < prefix_length:
+                fail(f"GroupPrefixCache.from_dynamic_cache: layer {index} holds {list(keys.shape)}, expected "
+                     f"[{new.num_rows}, Hkv, >= {prefix_length}, Dh]")
+            prefix_k, prefix_v = keys[first_rows, :, :prefix_length], values[first_rows, :, :prefix_length]
+            if check and not (torch.equal(prefix_k[new.row_group], keys[:, :, :prefix_length])
+                              and torch.equal(prefix_v[new.row_group], values[:, :, :prefix_length])):
+                fail(f"GroupPrefixCache.from_dynamic_cache: layer {index}: the rows of a group do not share their "
+                     "prompt's keys/values")
+            target = _GroupPrefixLayer(new)
+            target.set(prefix_k, prefix_v, keys[:, :, prefix_length:], values[:, :, prefix_length:])
+            new.layers.append(target)
+        return new
+

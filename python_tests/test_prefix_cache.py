@@ -1,0 +1,187 @@
+"""GroupPrefixCache and generation with the shared-prefix cache: same tokens and logits as the expanded cache (with and
+without Bridge, ragged groups, finished rows and compaction), conversions, row selection, memory, errors."""
+
+import pytest
+import torch
+from hf_models import MODEL_TYPES, bridged_model, left_padded, tiny_model
+
+import bridge_ops
+from bridge_ops.hf import attention
+
+pytest.importorskip("transformers")
+from bridge_ops.cache import GroupPrefixCache  # noqa: E402
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+WIDTHS = [3, 1, 2]
+
+
+@pytest.fixture
+def cascade_calls(monkeypatch):
+    """Counts the cascade op calls of the attention function (so a silent fallback to SDPA fails the tests)."""
+    calls = []
+    original = attention.prefix_suffix_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "prefix_suffix_attention", spy)
+    return calls
+
+
+def generate_both(model, seed=0, **kwargs):
+    results = {}
+    for cache in ("expanded", "shared-prefix"):
+        torch.manual_seed(seed)
+        results[cache] = bridge_ops.generate(model, PROMPTS, WIDTHS, return_logits=True, cache=cache, **kwargs)
+    return results["expanded"], results["shared-prefix"]
+
+
+def assert_same_generation(expanded, shared, atol=1e-4):
+    assert shared.sequences == expanded.sequences
+    for group_a, group_b in zip(expanded.logits, shared.logits):
+        for a, b in zip(group_a, group_b):
+            assert a.shape == b.shape and (a - b).abs().max().item() < atol
+
+
+@pytest.mark.parametrize("bridged", [False, True], ids=["plain", "bridge"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_shared_prefix_generation_equals_expanded(model_type, bridged, cascade_calls):
+    model = bridged_model(model_type) if bridged else tiny_model(model_type)
+    expanded, shared = generate_both(model, max_new_tokens=6, eos_token_id=[])
+    assert_same_generation(expanded, shared)
+    layers = model.config.num_hidden_layers
+    assert len(cascade_calls) == 5 * layers and cascade_calls[0] == (sum(WIDTHS), 4, 16)  # every decode step, layer
+    assert model.config._attn_implementation == "sdpa"  # restored
+
+
+@pytest.mark.parametrize("bridged", [False, True], ids=["plain", "bridge"])
+def test_finished_rows_and_compaction(bridged, cascade_calls):
+    """EOS ends some rows early (their peers keep going, Bridge hides them as keys) and whole groups leave the batch
+    and the cache: the batch of the cascade calls shrinks, the results stay equal."""
+    model = bridged_model("qwen2", seed=3) if bridged else tiny_model("qwen2", seed=3)
+    probe = bridge_ops.generate(model, PROMPTS, WIDTHS, max_new_tokens=6, eos_token_id=[], do_sample=False)
+    eos = probe.sequences[1][0][1]  # group 1 (one row) finishes at step 1, others when they draw it
+    expanded, shared = generate_both(model, max_new_tokens=10, eos_token_id=eos, do_sample=False)
+    assert_same_generation(expanded, shared)
+    assert any(len(s) < 10 for group in shared.sequences for s in group)
+    assert min(shape[0] for shape in cascade_calls) < sum(WIDTHS)  # rows were compacted away
+
+
+def test_sampling_with_top_p_agrees(cascade_calls):
+    expanded, shared = generate_both(bridged_model("llama", seed=5), seed=7, max_new_tokens=8, eos_token_id=[],
+                                     top_p=0.9, temperature=0.8)
+    assert_same_generation(expanded, shared)
+
+
+def test_auto_cache_uses_the_cascade_where_it_can(cascade_calls):
+    bridge_ops.generate(tiny_model("qwen3"), PROMPTS, WIDTHS, max_new_tokens=3, eos_token_id=[])
+    assert len(cascade_calls) == 2 * 2  # default cache="auto": shared-prefix for a full-attention model
+    cascade_calls.clear()
+    windowed = tiny_model("mistral", sliding_window=4)
+    assert attention.unsupported_reason(windowed) == "a sliding window (4 positions)"
+    expanded, shared = (bridge_ops.generate(windowed, PROMPTS, WIDTHS, max_new_tokens=3, eos_token_id=[], cache=c,
+                                            do_sample=False) for c in ("expanded", "auto"))
+    assert not cascade_calls and shared.sequences == expanded.sequences
+    assert attention.unsupported_reason(tiny_model("llama")) is None
+
+
+def test_unknown_cache_kind_is_refused():
+    with pytest.raises(ValueError, match="cache must be one of"):
+        bridge_ops.generate(tiny_model("llama"), PROMPTS, 2, max_new_tokens=2, cache="paged")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The cache itself
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def prompt_forward(model, cache, steps=3):
+    """Fills `cache` as a plain HF cache: the prompts (one row per group), then `steps` one-token forwards over the
+    members (expanded rows). Returns the logits of the last step."""
+    ids, mask = left_padded(PROMPTS)
+    rows = torch.repeat_interleave(torch.arange(len(PROMPTS)), torch.tensor(WIDTHS))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        if isinstance(cache, GroupPrefixCache):
+            mask, positions = mask[rows], positions[rows]
+        else:
+            cache.batch_select_indices(rows)
+            mask, positions = mask[rows], positions[rows]
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            tokens = torch.randint(3, 60, (rows.numel(), 1), generator=gen)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           use_cache=True).logits
+    return logits
+
+
+def filled_caches(model_type="llama"):
+    from transformers import DynamicCache
+
+    model = tiny_model(model_type)
+    shared = GroupPrefixCache(WIDTHS, torch.tensor([len(p) for p in PROMPTS]))
+    dynamic = DynamicCache(config=model.config)
+    return model, shared, dynamic, prompt_forward(model, shared), prompt_forward(model, dynamic)
+
+
+def test_usable_as_a_plain_cache_with_any_attention():
+    """Outside the cascade, update returns the expanded keys: HF's SDPA attention gives the DynamicCache's logits."""
+    model, shared, dynamic, shared_logits, dynamic_logits = filled_caches()
+    assert (shared_logits - dynamic_logits).abs().max().item() < 1e-5
+    assert shared.get_seq_length() == dynamic.get_seq_length() == 5 + 3
+
+
+def test_conversions_round_trip():
+    model, shared, dynamic, _, _ = filled_caches()
+    expanded = shared.to_dynamic_cache()
+    for a, b in zip(expanded.layers, dynamic.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    back = GroupPrefixCache.from_dynamic_cache(dynamic, WIDTHS, shared.prefix_lens, prefix_length=5)
+    assert torch.equal(back.cu_group_lens, shared.cu_group_lens) and back.get_seq_length() == shared.get_seq_length()
+    for a, b in zip(back.layers, shared.layers):
+        for name in ("prefix_keys", "prefix_values", "suffix_keys", "suffix_values"):
+            assert torch.equal(getattr(a, name), getattr(b, name))
+    dynamic.layers[1].keys[1, 0, 4, 0] += 1  # row 1 of group 0 no longer shares the prompt
+    with pytest.raises(ValueError, match="layer 1: the rows of a group do not share"):
+        GroupPrefixCache.from_dynamic_cache(dynamic, WIDTHS, shared.prefix_lens, prefix_length=5)
+
+
+def test_prompt_bytes_are_divided_by_the_width():
+    _, shared, dynamic, _, _ = filled_caches()
+    prefix_bytes, suffix_bytes = shared.nbytes()
+    expanded_bytes = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in dynamic.layers)
+    per_position = expanded_bytes // (sum(WIDTHS) * 8)  # 8 = 5 prompt + 3 generated positions
+    assert prefix_bytes == len(PROMPTS) * 5 * per_position  # one copy per group, not one per row
+    assert suffix_bytes == sum(WIDTHS) * 3 * per_position
+
+
+def test_row_selection_drops_groups_and_keeps_order():
+    _, shared, dynamic, _, _ = filled_caches()
+    keep = torch.tensor([0, 1, 2, 4, 5])  # group 1 (row 3) leaves
+    shared.batch_select_indices(keep)
+    dynamic.batch_select_indices(keep)
+    assert shared.cu_group_lens.tolist() == [0, 3, 5] and shared.prefix_lens.tolist() == [5, 3]
+    for a, b in zip(shared.to_dynamic_cache().layers, dynamic.layers):
+        assert torch.equal(a.keys, b.keys)
+    with pytest.raises(ValueError, match="keep the rows of a group adjacent"):
+        shared.batch_select_indices(torch.tensor([0, 3, 1]))
+
+
+def test_wrong_batches_and_unsupported_operations_are_refused():
+    model, shared, _, _, _ = filled_caches()
+    with pytest.raises(ValueError, match="one row per group member"):
+        model(input_ids=torch.ones(2, 1, dtype=torch.long), past_key_values=shared)
+    fresh = GroupPrefixCache(WIDTHS, torch.tensor([5, 2, 3]))
+    with pytest.raises(ValueError, match="one row per group"):
+        model(input_ids=torch.ones(6, 2, dtype=torch.long), past_key_values=fresh)
+    with pytest.raises(ValueError, match="prefix_lens must have shape"):
+        GroupPrefixCache(WIDTHS, torch.tensor([5, 2]))
+    with pytest.raises(NotImplementedError):
+        shared.reorder_cache(torch.arange(6))
+    shared.reset()
+    assert shared.get_seq_length() == 0 and shared.layers[0].prefix_keys is None
+
