@@ -22,9 +22,9 @@ from bridge_ops.train.recipes import BaseSpec, MethodSpec, pretrain_base, train_
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrain-steps", type=int, default=500)
-    parser.add_argument("--warmup-steps", type=int, default=60)
-    parser.add_argument("--grpo-steps", type=int, default=30)
+    parser.add_argument("--pretrain-steps", type=int, default=700)
+    parser.add_argument("--warmup-steps", type=int, default=150)
+    parser.add_argument("--grpo-steps", type=int, default=50)
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=4, help="answers per problem in the shown examples")
@@ -55,7 +55,6 @@ def main(argv=None) -> int:
     # 2-4. Bridge, warm-up, GRPO
     method = MethodSpec(seed=args.seed)
     method.warmup.steps, method.grpo.steps = args.warmup_steps, args.grpo_steps
-    method.grpo.lr = 3e-4  # a short run takes larger steps than the experiment's 150
     model, log = train_method(base, "bridge", train, method)
     share = log["share"][0]
     print(f"Bridge: {share['bridge_parameters']:,} parameters ({share['share']:.1%} of the model); warm-up on "

@@ -27,10 +27,10 @@ SIZES = {
     # base pretraining steps, train/test problems, GRPO steps, warm-up steps, seeds, widths
     "smoke": dict(base_steps=3, hidden=32, layers=2, train=64, test=8, grpo_steps=2, prompts_per_step=4,
                   warmup_steps=2, warmup_prompts=16, seeds=[0], widths=[1, 2]),
-    "default": dict(base_steps=700, hidden=128, layers=4, train=3000, test=300, grpo_steps=150, prompts_per_step=16,
-                    warmup_steps=150, warmup_prompts=1024, seeds=[0, 1, 2], widths=[1, 2, 4, 8, 16]),
-    "large": dict(base_steps=1500, hidden=128, layers=4, train=3000, test=600, grpo_steps=300, prompts_per_step=32,
-                  warmup_steps=300, warmup_prompts=2048, seeds=[0, 1, 2, 3, 4], widths=[1, 2, 4, 8, 16]),
+    "default": dict(base_steps=700, hidden=128, layers=4, train=3000, test=500, grpo_steps=150, prompts_per_step=16,
+                    warmup_steps=150, warmup_prompts=1024, seeds=[0, 1, 2, 3, 4], widths=[1, 2, 4, 8, 16]),
+    "large": dict(base_steps=1500, hidden=128, layers=4, train=3000, test=800, grpo_steps=300, prompts_per_step=32,
+                  warmup_steps=300, warmup_prompts=2048, seeds=list(range(10)), widths=[1, 2, 4, 8, 16]),
 }
 METRICS = ("mean_accuracy", "all_correct", "majority_accuracy", "any_correct")
 
@@ -82,6 +82,41 @@ def markdown(summary: List[Dict], widths: List[int], methods: List[str]) -> str:
                                                        for c in cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def paired(rows: List[Dict], widths: List[int], methods: List[str], seeds: List[int]) -> str:
+    """Mean accuracy averaged over widths, and its difference to GRPO-only paired by seed (a seed's runs share the
+    base, the problems and the samplers' seeds, so the paired difference is less noisy than the columns)."""
+    def averaged(method, seed):
+        return statistics.mean(r["mean_accuracy"] for r in rows if r["method"] == method and r["seed"] == seed)
+
+    lines = ["**mean accuracy averaged over widths** (percent), and paired by seed against `grpo`: mean ± std", "",
+             "| method | accuracy | minus grpo |", "|---|---|---|"]
+    for method in ["base"] + methods:
+        values = [100 * averaged(method, s) for s in seeds]
+        cell = f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+        diff = "-"
+        if "grpo" in methods and method != "grpo":
+            deltas = [100 * (averaged(method, s) - averaged("grpo", s)) for s in seeds]
+            diff = f"{statistics.mean(deltas):+.1f} ± {statistics.stdev(deltas) if len(deltas) > 1 else 0.0:.1f}"
+        lines.append(f"| {method} | {cell} | {diff} |")
+    return "\n".join(lines + [""])
+
+
+def diagnostics(out: str, methods: List[str], seeds: List[int]) -> str:
+    """Per method, mean over seeds: training time, and the norm of the added blocks' output projections (zero at
+    the start) after the warm-up and after GRPO."""
+    def mean_norm(logs, stage):
+        values = [e["norm"] for log in logs for e in log.get("output_norm", []) if e["stage"] == stage]
+        return f"{statistics.mean(values):.3f}" if values else "-"
+
+    lines = ["**training diagnostics**, mean over seeds", "",
+             "| method | train time (s) | added-block output norm after warm-up | after GRPO |", "|---|---|---|---|"]
+    for method in methods:
+        logs = [json.load(open(os.path.join(out, "logs", f"{method}-{seed}.json"))) for seed in seeds]
+        seconds = statistics.mean(log["train_seconds"] for log in logs)
+        lines.append(f"| {method} | {seconds:.0f} | {mean_norm(logs, 'warm-up')} | {mean_norm(logs, 'grpo')} |")
+    return "\n".join(lines + [""])
 
 
 def plot(summary: List[Dict], widths: List[int], methods: List[str], path: str) -> None:
@@ -171,7 +206,8 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))
         writer.writeheader()
         writer.writerows(summary)
-    table = markdown(summary, widths, methods)
+    table = "\n".join([markdown(summary, widths, methods), paired(rows, widths, methods, seeds),
+                       diagnostics(args.out, methods, seeds)])
     total = time.perf_counter() - started
     command = "python experiments/width_experiment.py" + ("" if args.size == "default" else f" --size {args.size}")
     with open(os.path.join(args.out, "summary.md"), "w") as f:

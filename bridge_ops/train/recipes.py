@@ -18,6 +18,7 @@ import copy
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Tuple
 
+import torch
 from torch import nn
 
 from ..charlm import tiny_causal_lm
@@ -98,6 +99,16 @@ def train_method(
         if groups:
             log["warmup"] = train_sft(model, groups, _with_seed(spec.warmup, spec.seed, progress),
                                       trainable=select_trainable(model, block), description=f"{block} warm-up")
+    if block != "grpo":
+        log["output_norm"] = [{"stage": "start" if "warmup" not in log else "warm-up", "norm": _output_norm(model)}]
     log["grpo"] = train_grpo(model, train.prompts, train.reward, _with_seed(spec.grpo, spec.seed, progress),
                              trainable=select_trainable(model, "all"), eos_token_id=eos)
+    if block != "grpo":
+        log["output_norm"].append({"stage": "grpo", "norm": _output_norm(model)})
     return model.eval(), log
+
+
+def _output_norm(model: nn.Module) -> float:
+    """Frobenius norm of the added blocks' zero-initialized output projections (how far they are from inert)."""
+    weights = [p for n, p in model.named_parameters() if n.endswith(("bridge.o_proj.weight", "pmatch.down.weight"))]
+    return float(torch.stack([w.detach().norm() for w in weights]).norm())
