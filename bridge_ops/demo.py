@@ -40,8 +40,7 @@ def main(argv=None) -> int:
           f"train / {len(test.problems)} test problems like {test.problems[0].prompt}{test.problems[0].answer}")
 
     # 1. a base model trained from scratch
-    spec = BaseSpec(hidden_size=args.hidden_size, num_layers=args.layers, steps=args.pretrain_steps, seed=args.seed,
-                    num_heads=max(1, args.hidden_size // 32), num_kv_heads=max(1, args.hidden_size // 64))
+    spec = BaseSpec(hidden_size=args.hidden_size, num_layers=args.layers, steps=args.pretrain_steps, seed=args.seed)
     base = pretrain_base(train, spec)
 
     def accuracy(model, widths):

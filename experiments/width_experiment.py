@@ -41,8 +41,7 @@ def base_model(train, size: dict, out: str, progress: bool):
 
     from bridge_ops.train.recipes import BaseSpec, pretrain_base
 
-    spec = BaseSpec(hidden_size=size["hidden"], num_layers=size["layers"], steps=size["base_steps"],
-                    num_heads=4 if size["hidden"] >= 64 else 2, num_kv_heads=2 if size["hidden"] >= 64 else 1)
+    spec = BaseSpec(hidden_size=size["hidden"], num_layers=size["layers"], steps=size["base_steps"])
     directory = os.path.join(out, "base")
     spec_file = os.path.join(directory, "base_spec.json")
     if os.path.exists(spec_file) and json.load(open(spec_file)) == dataclasses.asdict(spec):
@@ -69,6 +68,12 @@ def summarize(rows: List[Dict], widths: List[int], methods: List[str]) -> List[D
     return summary
 
 
+def cells_of(summary: List[Dict], method: str, widths: List[int]) -> List[Dict]:
+    """The summary entries of `method`, in the order of `widths`."""
+    by_width = {s["width"]: s for s in summary if s["method"] == method}
+    return [by_width[w] for w in widths]
+
+
 def markdown(summary: List[Dict], widths: List[int], methods: List[str]) -> str:
     lines = []
     for metric, title in (("mean_accuracy", "mean accuracy (Pass@1 over the N samples)"),
@@ -77,7 +82,7 @@ def markdown(summary: List[Dict], widths: List[int], methods: List[str]) -> str:
                   "| method | " + " | ".join(f"N={w}" for w in widths) + " |",
                   "|---" * (len(widths) + 1) + "|"]
         for method in ["base"] + methods:
-            cells = [next(s for s in summary if s["method"] == method and s["width"] == w) for w in widths]
+            cells = cells_of(summary, method, widths)
             lines.append(f"| {method} | " + " | ".join(f"{100 * c[metric]:.1f} ± {100 * c[metric + '_std']:.1f}"
                                                        for c in cells) + " |")
         lines.append("")
@@ -130,7 +135,7 @@ def plot(summary: List[Dict], widths: List[int], methods: List[str], path: str) 
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (metric, title) in zip(axes, panels):
         for method in ["base"] + methods:
-            cells = [next(s for s in summary if s["method"] == method and s["width"] == w) for w in widths]
+            cells = cells_of(summary, method, widths)
             ax.errorbar(widths, [c[metric] for c in cells], yerr=[c[metric + "_std"] for c in cells], marker="o",
                         capsize=3, label=method, linestyle="--" if method == "base" else "-")
         ax.set_xscale("log", base=2)

@@ -195,7 +195,7 @@ def test_parameter_matched_mlp_matches_bridge_count_and_starts_at_zero():
 
 
 def test_evaluate_widths_counts_by_hand(monkeypatch):
-    import bridge_ops.train.evaluate as evaluate_module
+    import bridge_ops.train.data as data_module  # evaluate_widths samples through data.rollout -> generate
 
     samples = {0: [[4], [5], [5]], 1: [[4], [4], [4]]}  # the responses each prompt gets, in order
 
@@ -204,7 +204,7 @@ def test_evaluate_widths_counts_by_hand(monkeypatch):
         sequences = [samples[index[tuple(p)]][:width] for p in prompts]
         return bridge_ops.GenerationOutput(sequences, None, 0, 1.0)
 
-    monkeypatch.setattr(evaluate_module, "generate", fake_generate)
+    monkeypatch.setattr(data_module, "generate", fake_generate)
     answers = ["4", "4"]
     results = evaluate_widths(tiny_model(), PROMPTS[:2], lambda i, r: float(str(r[0]) == answers[i]),
                               lambda r: str(r[0]), answers, (1, 2, 3))

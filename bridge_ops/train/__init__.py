@@ -12,10 +12,10 @@
     recipes.py      the pipeline steps the CLI, the demo and the experiment share
 """
 
-from .data import GroupedBatch, grouped_batch, token_log_probs
+from .data import GroupedBatch, grouped_batch, rollout, token_log_probs
 from .distributed import DistContext, init_distributed
 from .evaluate import evaluate_widths
-from .grpo import GRPOConfig, rollout, train_grpo
+from .grpo import GRPOConfig, train_grpo
 from .losses import GRPOLossConfig, group_advantages, grpo_loss, sft_loss
 from .pmatch import ResidualMLP, apply_parameter_matched_mlp
 from .sft import SFTConfig, collect_correct_groups, train_sft

@@ -6,6 +6,9 @@ generation used gives, at every response position, the distribution the token wa
 probability depends on its group peers, so SFT, GRPO's old/new policy and the reference model all go through
 `token_log_probs`, never through a per-sequence forward.
 
+`rollout` draws the responses: N interdependent samples per prompt through `bridge_ops.generate`, each prompt from its
+own seeded generator (GRPO rollouts, the warm-up data and the evaluation all sample this way).
+
 Masking (the generation rule of `bridge_ops.generate`): left padding of the prompt is invisible to self-attention
 and to Bridge; a response's tokens up to and including its EOS are visible Bridge keys, the padding after it is
 not. Positions ids count real tokens only.
@@ -17,9 +20,11 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
+from ..generation import generate
 from ..groups import cu_group_lens_from_sizes
 from ..hf.patch import is_bridged
 from ..hf.runtime import groups
+from .trainer import seed_of
 
 
 @dataclass
@@ -99,3 +104,24 @@ def token_log_probs(model: nn.Module, batch: GroupedBatch, temperature: float = 
     logits = logits[:, :-1].float() / temperature
     chosen = logits.gather(-1, batch.response_ids[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return chosen.masked_fill(~batch.response_mask, 0.0)
+
+
+def rollout(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    indices: Sequence[int],
+    width: int,
+    max_new_tokens: int,
+    seed_parts: tuple,
+    *,
+    temperature: float = 1.0,
+    eos_token_id=None,
+    pad_token_id=None,
+) -> List[List[List[int]]]:
+    """`width` interdependent samples for each prompt in `indices` (token lists, EOS included when emitted). Prompt i
+    draws from its own generator seeded by `seed_of(*seed_parts, i)`, so its samples do not depend on the batch."""
+    device = next(model.parameters()).device
+    generators = [torch.Generator(device=device).manual_seed(seed_of(*seed_parts, i)) for i in indices]
+    result = generate(model, [prompts[i] for i in indices], width, max_new_tokens, temperature=temperature,
+                      generators=generators, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    return result.sequences

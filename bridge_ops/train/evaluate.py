@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from ..aggregation import majority_vote
-from ..generation import generate
-from .trainer import seed_of
+from .data import rollout
 
 
 @torch.no_grad()
@@ -42,7 +41,6 @@ def evaluate_widths(
     with answers[i].
     """
     model.eval()
-    device = next(model.parameters()).device
     results = []
     bar = None
     if progress:
@@ -54,10 +52,9 @@ def evaluate_widths(
         chunk = max(1, rows_per_batch // width)
         for start in range(0, len(prompts), chunk):
             indices = range(start, min(start + chunk, len(prompts)))
-            generators = [torch.Generator(device=device).manual_seed(seed_of(seed, width, i)) for i in indices]
-            result = generate(model, [prompts[i] for i in indices], width, max_new_tokens, temperature=temperature,
-                              generators=generators, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-            for i, group in zip(indices, result.sequences):
+            samples = rollout(model, prompts, indices, width, max_new_tokens, (seed, width), temperature=temperature,
+                              eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+            for i, group in zip(indices, samples):
                 scores = [reward_fn(i, r) > 0 for r in group]
                 rewards.extend(scores)
                 all_ok.append(all(scores))

@@ -19,11 +19,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..generation import generate
-from .data import grouped_batch, token_log_probs
+from .data import grouped_batch, rollout, token_log_probs
 from .distributed import DistContext
 from .losses import GRPOLossConfig, group_advantages, grpo_loss
-from .trainer import Trainer, TrainConfig, seed_of, step_rng
+from .trainer import Trainer, TrainConfig, step_rng
 
 RewardFn = Callable[[int, List[int]], float]  # (prompt index, response token ids incl. EOS) -> reward
 
@@ -38,17 +37,6 @@ class GRPOConfig(TrainConfig):
     scale_rewards: bool = True
     minibatches: int = 1  # optimizer steps per rollout batch, each on an equal share of its groups
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
-
-
-def rollout(model: nn.Module, prompts: Sequence[Sequence[int]], indices: Sequence[int], config: GRPOConfig,
-            step: int, eos_token_id=None, pad_token_id=None):
-    """N responses to each prompt in `indices` (token lists, EOS included when emitted)."""
-    generators = [torch.Generator(device=next(model.parameters()).device).manual_seed(seed_of(config.seed, step, i))
-                  for i in indices]
-    result = generate(model, [prompts[i] for i in indices], config.width, config.max_new_tokens,
-                      temperature=config.temperature, generators=generators, eos_token_id=eos_token_id,
-                      pad_token_id=pad_token_id)
-    return result.sequences
 
 
 def train_grpo(
@@ -87,7 +75,8 @@ def train_grpo(
         shares = [dist.shard(chosen[m * per_minibatch : (m + 1) * per_minibatch]) for m in range(config.minibatches)]
         indices = [i for share in shares for i in share]
         model.eval()
-        responses = rollout(model, prompts, indices, config, step, eos_token_id, pad)
+        responses = rollout(model, prompts, indices, config.width, config.max_new_tokens, (config.seed, step),
+                            temperature=config.temperature, eos_token_id=eos_token_id, pad_token_id=pad)
         rewards = torch.tensor([reward_fn(i, r) for i, group in zip(indices, responses) for r in group])
         widths = [len(group) for group in responses]
         advantages = group_advantages(rewards, widths, config.scale_rewards).split(widths)
@@ -108,8 +97,9 @@ def train_grpo(
             for key in stats:
                 stats[key] += out[key].item() / config.minibatches
         rows = float(rewards.numel())
-        stats = {key: dist.sum(value) / dist.world_size for key, value in stats.items()}
-        stats["loss"] *= dist.world_size  # the loss is a sum of the ranks' shares
+        # each rank's loss is its share of the global loss; clip fraction and KL are per-rank means
+        stats = {"loss": dist.sum(stats["loss"]), "clip_fraction": dist.sum(stats["clip_fraction"]) / dist.world_size,
+                 "kl": dist.sum(stats["kl"]) / dist.world_size}
         stats["reward"] = dist.sum(rewards.sum().item()) / dist.sum(rows)
         solved = [float(g.max() > 0) for g in rewards.split(widths)]
         stats["solved"] = dist.sum(sum(solved)) / dist.sum(len(solved))

@@ -16,7 +16,7 @@ Methods (the paper's comparison, Table 2 of arXiv 2510.01143, plus two ablations
 
 import copy
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -39,8 +39,8 @@ class BaseSpec:
     model_type: str = "llama"
     hidden_size: int = 128
     num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
+    num_heads: Optional[int] = None  # default hidden_size // 32 (head dim 32)
+    num_kv_heads: Optional[int] = None  # default num_heads // 2 (grouped-query attention)
     steps: int = 700
     batch: int = 128
     lr: float = 3e-3
@@ -63,8 +63,10 @@ class MethodSpec:
 
 def pretrain_base(train: TaskData, spec: BaseSpec = BaseSpec(), progress: bool = True) -> nn.Module:
     """A tiny causal LM trained from scratch on `train`'s reference answers (all parameters)."""
-    model = tiny_causal_lm(train.tokenizer, spec.model_type, spec.hidden_size, spec.num_layers, spec.num_heads,
-                           spec.num_kv_heads, seed=spec.seed)
+    heads = spec.num_heads or max(1, spec.hidden_size // 32)
+    kv_heads = spec.num_kv_heads or max(1, heads // 2)
+    model = tiny_causal_lm(train.tokenizer, spec.model_type, spec.hidden_size, spec.num_layers, heads, kv_heads,
+                           seed=spec.seed)
     config = SFTConfig(steps=spec.steps, lr=spec.lr, groups_per_step=spec.batch, seed=spec.seed, progress=progress,
                        max_grad_norm=1.0)
     train_sft(model, train.reference_groups(), config, trainable=select_trainable(model, "all"),

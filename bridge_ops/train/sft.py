@@ -13,9 +13,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .data import grouped_batch, token_log_probs
+from .data import grouped_batch, rollout, token_log_probs
 from .distributed import DistContext
-from .grpo import GRPOConfig, rollout
 from .losses import sft_loss
 from .trainer import Trainer, TrainConfig, step_rng
 
@@ -84,11 +83,12 @@ def collect_correct_groups(
     """Samples `width` responses per prompt, keeps those with reward > 0, and returns (prompt, correct responses)
     for every prompt with at least `min_correct` of them (the paper's warm-up data: 8 samples, drop prompts with
     <= 1 correct)."""
-    config = GRPOConfig(width=width, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     out: List[Group] = []
     for start in range(0, len(prompts), batch_prompts):
         indices = list(range(start, min(start + batch_prompts, len(prompts))))
-        for i, responses in zip(indices, rollout(model, prompts, indices, config, 0, eos_token_id, pad_token_id)):
+        samples = rollout(model, prompts, indices, width, max_new_tokens, (seed, 0), temperature=temperature,
+                          eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        for i, responses in zip(indices, samples):
             correct = [r for r in responses if reward_fn(i, r) > 0]
             if len(correct) >= min_correct:
                 out.append((list(prompts[i]), correct))
