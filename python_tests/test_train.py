@@ -217,3 +217,24 @@ def test_evaluate_widths_counts_by_hand(monkeypatch):
     # width 3: prompt 0 votes 5 (two of three)
     assert by_width[3] == {"width": 3, "mean_accuracy": 4 / 6, "all_correct": 0.5, "any_correct": 1.0,
                            "majority_accuracy": 0.5}
+
+
+def test_train_method_depends_on_its_seed_not_on_the_global_rng():
+    """The added blocks' initialization follows MethodSpec.seed: a run does not depend on torch's global RNG state."""
+    from bridge_ops.charlm import char_tokenizer, tiny_causal_lm
+    from bridge_ops.tasks import ArithmeticTask
+    from bridge_ops.train import task_data
+    from bridge_ops.train.recipes import MethodSpec, train_method
+
+    task = ArithmeticTask(max_operand=9)
+    tok = char_tokenizer(task.alphabet)
+    train = task_data(task, tok, "train", 32)
+    base = tiny_causal_lm(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+    spec = MethodSpec(seed=3, d_bridge=8)
+    spec.grpo.steps, spec.grpo.prompts_per_step, spec.grpo.width = 1, 4, 2
+    models = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        models.append(train_method(base, "bridge-nowarmup", train, spec, progress=False)[0])
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(a, b), name

@@ -26,6 +26,7 @@ def _task(args):
 
 def _load(args, bridge: int = 0):
     """(model, tokenizer) from --model; Bridge weights it holds are loaded; `bridge` > 0 adds fresh blocks."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..cli import _has_bridge
@@ -37,7 +38,9 @@ def _load(args, bridge: int = 0):
     if _has_bridge(args.model):
         load_bridge(model, args.model)
     if bridge and not is_bridged(model):
-        apply_bridge(model, d_bridge=bridge, num_heads=args.bridge_heads)
+        with torch.random.fork_rng():  # fresh blocks initialized from --seed
+            torch.manual_seed(args.seed)
+            apply_bridge(model, d_bridge=bridge, num_heads=args.bridge_heads)
     return model.eval(), tokenizer
 
 

@@ -27,7 +27,7 @@ from .grpo import GRPOConfig, train_grpo
 from .pmatch import apply_parameter_matched_mlp
 from .sft import SFTConfig, collect_correct_groups, train_sft
 from .task_data import TaskData
-from .trainer import select_trainable
+from .trainer import seed_of, select_trainable
 
 METHODS = ("grpo", "pmatch", "bridge", "pmatch-warmup", "bridge-nowarmup")
 
@@ -87,10 +87,13 @@ def train_method(
     model = copy.deepcopy(base)
     eos, log = train.tokenizer.eos_token_id, {}
     block = method.split("-")[0]
-    if block == "pmatch":
-        apply_parameter_matched_mlp(model, spec.d_bridge)
+    with torch.random.fork_rng():  # the added blocks' initialization is a function of the method's seed
+        torch.manual_seed(seed_of("blocks", spec.seed))
+        if block == "pmatch":
+            apply_parameter_matched_mlp(model, spec.d_bridge)
+        if block == "bridge":
+            apply_bridge(model, d_bridge=spec.d_bridge, num_heads=spec.bridge_heads)
     if block == "bridge":
-        apply_bridge(model, d_bridge=spec.d_bridge, num_heads=spec.bridge_heads)
         log["share"] = [parameter_share(model)]
     if method in ("bridge", "pmatch-warmup"):
         groups = collect_correct_groups(
