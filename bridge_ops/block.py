@@ -23,6 +23,12 @@ DEFAULT_HEAD_DIM = 128
 FUSABLE_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 
 
+def default_init_std(hidden_size: int) -> float:
+    """hidden_size ** -0.5: the std of the Q/K/V (and P-Match input) projections that keeps projections of a
+    normalized input at unit variance."""
+    return hidden_size**-0.5
+
+
 class BridgeBlock(nn.Module):
     """Pre-norm residual Bridge attention; `forward` returns the residual delta.
 
@@ -34,7 +40,10 @@ class BridgeBlock(nn.Module):
         norm: the input normalization module (e.g. an instance of the base model's RMSNorm class); default
             `torch.nn.RMSNorm(hidden_size, eps)`.
         eps: epsilon of the default RMSNorm.
-        init_std: standard deviation of the normal initialization of the Q/K/V projections.
+        init_std: standard deviation of the normal initialization of the Q/K/V projections; default
+            `hidden_size ** -0.5`, which gives unit-variance queries and keys from the normalized input, so attention
+            logits differ across peers by O(1) at any width (a fixed 0.02 makes them differ by ~0.006 at hidden 128:
+            the block starts, and stays, a uniform mean-pool of its group).
         device, dtype: where and in which dtype to create the parameters.
 
     Parameters (no biases): norm weight [D], q_proj / k_proj / v_proj [d_bridge, D], o_proj [D, d_bridge]
@@ -49,7 +58,7 @@ class BridgeBlock(nn.Module):
         *,
         norm: Optional[nn.Module] = None,
         eps: float = 1e-6,
-        init_std: float = 0.02,
+        init_std: Optional[float] = None,
         device=None,
         dtype=None,
     ):
@@ -61,7 +70,7 @@ class BridgeBlock(nn.Module):
             raise ValueError(f"bridge_ops: num_heads ({num_heads}) must be >= 1 and divide d_bridge ({d_bridge})")
         self.hidden_size, self.d_bridge, self.num_heads = hidden_size, d_bridge, num_heads
         self.head_dim = d_bridge // num_heads
-        self.init_std = init_std
+        self.init_std = default_init_std(hidden_size) if init_std is None else init_std
         factory = {"device": device, "dtype": dtype}
         self.norm = norm if norm is not None else nn.RMSNorm(hidden_size, eps=eps, **factory)
         self.q_proj = nn.Linear(hidden_size, d_bridge, bias=False, **factory)

@@ -1,10 +1,13 @@
 """`python -m bridge_ops.demo`: the whole Bridge pipeline on this CPU in a few minutes, nothing downloaded.
 
-1. pretrain a tiny character-level Llama from scratch on generated arithmetic ("7+3-5=" -> "5");
+1. pretrain a tiny character-level Llama from scratch on running sums ("3+7+2+9=" -> "10,12,21>21"), from chains
+   that contain slips, so its samples make independent slips;
 2. add Bridge blocks (zero output projection: the model is unchanged);
-3. SFT warm-up of the Bridge parameters on groups of the model's own correct samples;
-4. a few GRPO steps at width 4 (a sample's loss reaches its peers through Bridge);
-5. generate N interdependent answers per held-out problem, majority-vote them, and report accuracy at widths 1..8.
+3. warm them up on repair data: each of the base's samples keeps its own chain and gets the correct answer, the loss
+   on the answer alone where the chain went wrong, so a row learns to take the answer from its peers;
+4. GRPO at width 4 (two Bridge groups per problem; a sample's loss reaches its peers through Bridge), with the
+   accuracy on a fixed evaluation set before and after;
+5. N = 8 interdependent answers per held-out problem, with peers and with every sample alone (the same checkpoint).
 """
 
 import argparse
@@ -15,63 +18,71 @@ import torch
 import bridge_ops
 from bridge_ops.charlm import char_tokenizer
 from bridge_ops.dispatch import backend_for
-from bridge_ops.tasks import ArithmeticTask
+from bridge_ops.tasks import ScratchpadSumTask
 from bridge_ops.train import evaluate_widths, task_data
 from bridge_ops.train.recipes import BaseSpec, MethodSpec, pretrain_base, train_method
+
+TASK = ScratchpadSumTask(terms=4, min_operand=1, max_operand=9, slip_rate=0.15)
+MAX_NEW_TOKENS = 16
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrain-steps", type=int, default=700)
+    parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument("--warmup-steps", type=int, default=150)
-    parser.add_argument("--grpo-steps", type=int, default=50)
-    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--grpo-steps", type=int, default=60)
+    parser.add_argument("--hidden-size", type=int, default=96)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--width", type=int, default=4, help="answers per problem in the shown examples")
-    parser.add_argument("--test-problems", type=int, default=200)
+    parser.add_argument("--width", type=int, default=8, help="answers per problem in the comparison")
+    parser.add_argument("--test-problems", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
-    task = ArithmeticTask(max_operand=9)
-    tokenizer = char_tokenizer(task.alphabet)
-    train, test = task_data(task, tokenizer, "train", 3000), task_data(task, tokenizer, "test", args.test_problems)
+    tokenizer = char_tokenizer(TASK.alphabet)
+    train, test = task_data(TASK, tokenizer, "train", 5000), task_data(TASK, tokenizer, "test", args.test_problems)
+    example = test.problems[0]
     print(f"bridge_ops {bridge_ops.__version__} (CPU kernels: {backend_for('cpu').name}); task: {len(train.problems)} "
-          f"train / {len(test.problems)} test problems like {test.problems[0].prompt}{test.problems[0].answer}")
+          f"train / {len(test.problems)} test problems like {example.prompt} -> {TASK.references(example)[0]}")
+
+    def accuracy(model, width, peers="group"):
+        return evaluate_widths(model, test.prompts, test.reward, test.extract_answer, test.answers, (width,),
+                               peers=peers, max_new_tokens=MAX_NEW_TOKENS, seed=args.seed,
+                               eos_token_id=tokenizer.eos_token_id)[0]
 
     # 1. a base model trained from scratch
-    spec = BaseSpec(hidden_size=args.hidden_size, num_layers=args.layers, steps=args.pretrain_steps, seed=args.seed)
+    spec = BaseSpec(hidden_size=args.hidden_size, num_layers=args.layers, steps=args.pretrain_steps, batch=64,
+                    seed=args.seed)
     base = pretrain_base(train, spec)
+    base_eval = accuracy(base, args.width)
+    print(f"base model: {sum(p.numel() for p in base.parameters()):,} parameters; accuracy {base_eval['mean_accuracy']:.1%}"
+          f", majority vote of {args.width} independent samples {base_eval['majority_accuracy']:.1%}")
 
-    def accuracy(model, widths):
-        rows = evaluate_widths(model, test.prompts, test.reward, test.extract_answer, test.answers, widths,
-                               max_new_tokens=6, seed=args.seed, eos_token_id=tokenizer.eos_token_id)
-        return {r["width"]: r for r in rows}
-
-    base_acc = accuracy(base, (1,))[1]["mean_accuracy"]
-    print(f"base model: {sum(p.numel() for p in base.parameters()):,} parameters, accuracy {base_acc:.1%}")
-
-    # 2-4. Bridge, warm-up, GRPO
+    # 2-4. Bridge, repair warm-up, GRPO (accuracy at width 4 on the test problems before and after GRPO)
     method = MethodSpec(seed=args.seed)
-    method.warmup.steps, method.grpo.steps = args.warmup_steps, args.grpo_steps
-    model, log = train_method(base, "bridge", train, method)
+    method.warmup.steps, method.warmup_prompts = args.warmup_steps, 768
+    method.grpo.steps, method.grpo.max_new_tokens, method.grpo.added_lr_mult = args.grpo_steps, MAX_NEW_TOKENS, 10.0
+    method.grpo.groups_per_prompt = 2
+    before = {}
+    model, log = train_method(base, "bridge-repair", train, method,
+                              on_stage=lambda stage, m: before.update(accuracy(m, 4)))
     share = log["share"][0]
-    print(f"Bridge: {share['bridge_parameters']:,} parameters ({share['share']:.1%} of the model); warm-up on "
-          f"{log['warmup_groups'][0]['groups']} groups of correct samples; GRPO reward "
-          f"{log['grpo'][0]['reward']:.2f} -> {log['grpo'][-1]['reward']:.2f}")
+    after = accuracy(model, 4)
+    print(f"Bridge: {share['bridge_parameters']:,} parameters ({share['share']:.1%} of the model); repair warm-up on "
+          f"{log['warmup_groups'][0]['groups']} groups; GRPO: accuracy at N=4 on the test problems "
+          f"{before['mean_accuracy']:.1%} -> {after['mean_accuracy']:.1%}")
 
-    # 5. interdependent answers, voted
+    # 5. the same checkpoint with peers and with every sample alone
     torch.manual_seed(args.seed)
-    shown = test.problems[:4]
-    result = bridge_ops.generate(model, [p.prompt for p in shown], args.width, 6, tokenizer=tokenizer)
+    shown = test.problems[:3]
+    result = bridge_ops.generate(model, [p.prompt for p in shown], args.width, MAX_NEW_TOKENS, tokenizer=tokenizer)
     for problem, texts in zip(shown, result.texts(tokenizer)):
-        vote = bridge_ops.majority_vote(task.extract_answer(t) for t in texts)
-        print(f"  {problem.prompt:<10} answers {texts} -> vote {vote} ({'right' if vote == problem.answer else 'wrong'})")
-    table = accuracy(model, (1, 2, 4, 8))
-    print("width  mean accuracy  majority vote  all correct")
-    for width, row in table.items():
-        print(f"{width:>5}  {row['mean_accuracy']:13.1%}  {row['majority_accuracy']:13.1%}  {row['all_correct']:11.1%}")
-    print(f"done in {time.perf_counter() - start:.0f} s (the full comparison: python experiments/width_experiment.py)")
+        print(f"  {problem.prompt:<10} (answer {problem.answer}) {' '.join(texts)}")
+    peers, solo = accuracy(model, args.width), accuracy(model, args.width, peers="solo")
+    print(f"N={args.width}            each sample's accuracy   majority vote")
+    print(f"  with peers     {peers['mean_accuracy']:22.1%}   {peers['majority_accuracy']:13.1%}")
+    print(f"  each alone     {solo['mean_accuracy']:22.1%}   {solo['majority_accuracy']:13.1%}")
+    print(f"done in {time.perf_counter() - start:.0f} s (the full experiment: python experiments/interdependence.py)")
     return 0
 
 

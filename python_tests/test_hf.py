@@ -83,7 +83,7 @@ def test_patch_is_per_instance_keeps_weights_and_is_removable():
         for i in range(2)
         for n in ("norm.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")
     }
-    assert model.config.bridge == {"d_bridge": 32, "num_heads": 1, "init_std": 0.02}
+    assert model.config.bridge == {"d_bridge": 32, "num_heads": 1, "init_std": model.config.hidden_size**-0.5}
     bridge_ops.remove_bridge(model)
     assert set(model.state_dict()) == set(before) and not hasattr(model.config, "bridge")
     ids = torch.tensor([PROMPTS[0]])

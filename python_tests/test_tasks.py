@@ -1,9 +1,11 @@
 """The generated arithmetic task: seeded, disjoint splits, exact-match rewards; its token-id view for trainers."""
 
+import itertools
+
 import pytest
 
 from bridge_ops.charlm import char_tokenizer
-from bridge_ops.tasks import ArithmeticTask, Problem, get_task
+from bridge_ops.tasks import ArithmeticTask, Problem, ScratchpadSumTask, SubsetSumTask, get_task
 from bridge_ops.train import task_data
 
 
@@ -47,3 +49,61 @@ def test_task_data_rewards_need_eos():
     assert data.extract_answer(answer + [tok.eos_token_id]) == problem.answer
     prompt, [target] = data.reference_groups()[0]
     assert prompt == data.prompts[0] and target == answer + [tok.eos_token_id]
+
+
+def test_scratchpad_chain_is_aligned_and_answer_is_the_last_sum():
+    task = ScratchpadSumTask()
+    problem = Problem("37+85+12+64=", "198")
+    assert task.references(problem) == ["122,134,198>198"]
+    assert task.running_sums(problem) == [122, 134, 198]
+    problems = task.problems("train", 300, seed=0)
+    lengths = {len(task.references(p)[0]) for p in problems}
+    assert lengths == {len("122,134,198>198")}  # every step at the same position in every response
+    for p in problems:
+        assert int(p.answer) == sum(int(x) for x in p.prompt[:-1].split("+"))
+        assert task.reward(task.references(p)[0], p) == 1.0 and task.chain_is_correct(task.references(p)[0], p)
+    assert task.reward("122,134,198>199", problem) == 0.0 and task.extract_answer("122,134,198") is None
+    assert task.extract_answer("1,2>98") is None  # not zero-padded to the sum width
+
+
+def test_scratchpad_repair_keeps_the_chain_and_fixes_the_answer():
+    task, problem = ScratchpadSumTask(), Problem("37+85+12+64=", "198")
+    assert task.repair("122,134,198>198", problem) == ("122,134,198>198", 3, True)
+    assert task.repair("122,135,199>199", problem) == ("122,135,199>198", 3, False)
+    assert task.repair("122,135", problem) is None  # no answer marker: nothing to repair
+
+
+def test_scratchpad_filler_misaligns_and_is_ignored_by_the_checks():
+    task = ScratchpadSumTask(max_filler=2)
+    problems = task.problems("train", 200, seed=0)
+    assert len({len(task.references(p)[0]) for p in problems}) > 1
+    problem = Problem("37+85+12+64=", "198")
+    assert task.chain_is_correct("..122,134,.198>198", problem) and task.reward(".122,134,198>198", problem) == 1.0
+    with pytest.raises(ValueError, match="invalid"):
+        ScratchpadSumTask(terms=1)
+
+
+def test_subset_sum_enumerates_every_solution():
+    assert SubsetSumTask.solutions_of([1, 4, 5, 7, 11, 12], 23) == ["1,4,7,11", "11,12", "4,7,12", "5,7,11"]
+    task = SubsetSumTask()
+    problems = task.problems("train", 300, seed=0)
+    for p in problems:
+        numbers = [int(x) for x in p.prompt.split(":")[0].split(",")]
+        target = int(p.prompt.split(":")[1].rstrip("="))
+        brute = {",".join(map(str, c)) for r in range(1, 7) for c in itertools.combinations(numbers, r)
+                 if sum(c) == target}
+        assert set(p.solutions) == brute and len(brute) >= task.min_solutions and p.answer in brute
+        assert all(task.reward(s, p) == 1.0 for s in p.solutions)
+    test = task.problems("test", 300, seed=0)
+    assert not {p.prompt for p in problems} & {p.prompt for p in test}
+
+
+def test_subset_sum_rewards_only_ascending_valid_subsets():
+    task = SubsetSumTask()
+    problem = task.problems("test", 1, seed=0)[0]
+    first = problem.solutions[0].split(",")
+    assert task.reward(problem.solutions[0], problem) == 1.0
+    if len(first) > 1:
+        assert task.reward(",".join(reversed(first)), problem) == 0.0  # not ascending
+    assert task.extract_answer("3,3") is None and task.extract_answer("03,5") is None and task.extract_answer("") is None
+    assert task.reward("1,2,3,4,5,6,7", problem) == 0.0

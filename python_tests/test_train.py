@@ -11,7 +11,7 @@ from bridge_ops.train import (
     GRPOLossConfig,
     SFTConfig,
     apply_parameter_matched_mlp,
-    collect_correct_groups,
+    collect_warmup_groups,
     evaluate_widths,
     group_advantages,
     grouped_batch,
@@ -157,11 +157,11 @@ def test_grpo_rejects_bad_sizes():
 
 
 def test_collect_correct_groups_keeps_prompts_with_two_correct():
-    groups = collect_correct_groups(bridged_model(), PROMPTS, reward_even_first, width=6, max_new_tokens=3,
-                                    eos_token_id=EOS, pad_token_id=PAD)
+    groups = collect_warmup_groups(bridged_model(), PROMPTS, 6, "correct", reward_fn=reward_even_first,
+                                   max_new_tokens=3, eos_token_id=EOS, pad_token_id=PAD)
     assert groups
-    for prompt, responses in groups:
-        assert prompt in PROMPTS and len(responses) >= 2
+    for prompt, responses, masks in groups:
+        assert prompt in PROMPTS and len(responses) >= 2 and masks is None
         assert all(reward_even_first(0, r) == 1.0 for r in responses)
 
 
@@ -209,14 +209,14 @@ def test_evaluate_widths_counts_by_hand(monkeypatch):
     results = evaluate_widths(tiny_model(), PROMPTS[:2], lambda i, r: float(str(r[0]) == answers[i]),
                               lambda r: str(r[0]), answers, (1, 2, 3))
     by_width = {r["width"]: r for r in results}
-    assert by_width[1] == {"width": 1, "mean_accuracy": 1.0, "all_correct": 1.0, "any_correct": 1.0,
-                           "majority_accuracy": 1.0}
+    assert by_width[1] == {"width": 1, "peers": "group", "mean_accuracy": 1.0, "all_correct": 1.0,
+                           "any_correct": 1.0, "majority_accuracy": 1.0, "distinct_correct": 1.0}
     # width 2: prompt 0 gets 4, 5 (tie: the first answer wins the vote), prompt 1 gets 4, 4
-    assert by_width[2] == {"width": 2, "mean_accuracy": 0.75, "all_correct": 0.5, "any_correct": 1.0,
-                           "majority_accuracy": 1.0}
+    assert by_width[2] == {"width": 2, "peers": "group", "mean_accuracy": 0.75, "all_correct": 0.5,
+                           "any_correct": 1.0, "majority_accuracy": 1.0, "distinct_correct": 1.0}
     # width 3: prompt 0 votes 5 (two of three)
-    assert by_width[3] == {"width": 3, "mean_accuracy": 4 / 6, "all_correct": 0.5, "any_correct": 1.0,
-                           "majority_accuracy": 0.5}
+    assert by_width[3] == {"width": 3, "peers": "group", "mean_accuracy": 4 / 6, "all_correct": 0.5,
+                           "any_correct": 1.0, "majority_accuracy": 0.5, "distinct_correct": 1.0}
 
 
 def test_train_method_depends_on_its_seed_not_on_the_global_rng():
@@ -235,6 +235,136 @@ def test_train_method_depends_on_its_seed_not_on_the_global_rng():
     models = []
     for global_seed in (1, 2):
         torch.manual_seed(global_seed)
-        models.append(train_method(base, "bridge-nowarmup", train, spec, progress=False)[0])
+        models.append(train_method(base, "bridge", train, spec, progress=False)[0])
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         assert torch.equal(a, b), name
+
+
+# ---- warm-up modes, loss masks, learning-rate groups, group rewards ---------------------------------------------
+def test_grouped_batch_loss_masks_select_the_loss_tokens():
+    responses = [[[3, 4, EOS], [5, 6, 7, EOS]], [[8, EOS]]]
+    masks = [[[False, True, True], None], None]
+    batch = grouped_batch(PROMPTS[:2], responses, PAD, loss_masks=masks)
+    assert batch.loss_mask.tolist() == [[False, True, True, False], [True] * 4, [True, True, False, False]]
+    assert torch.equal(batch.response_mask & batch.loss_mask, batch.loss_mask)
+    model = bridged_model()
+    with torch.no_grad():
+        per_token = token_log_probs(model, batch)
+    expected = -(per_token * batch.loss_mask).sum() / batch.loss_mask.sum()
+    assert bridge_ops.train.sft_loss(per_token, batch.loss_mask).item() == pytest.approx(expected.item())
+    with pytest.raises(ValueError, match="loss mask"):
+        grouped_batch(PROMPTS[:1], [[[3, EOS]]], PAD, loss_masks=[[[True]]])
+
+
+def test_distinct_warmup_removes_duplicates_and_repair_keeps_wrong_rows_with_answer_loss():
+    model = bridged_model()
+    kwargs = dict(max_new_tokens=3, eos_token_id=EOS, pad_token_id=PAD, min_correct=1)
+    correct = collect_warmup_groups(model, PROMPTS, 8, "correct", reward_fn=lambda i, r: 1.0, **kwargs)
+    distinct = collect_warmup_groups(model, PROMPTS, 8, "distinct", reward_fn=lambda i, r: 1.0, **kwargs)
+    assert [g.prompt for g in correct] == [g.prompt for g in distinct]
+    for c, d in zip(correct, distinct):
+        assert len(d.responses) == len({tuple(r) for r in c.responses}) and all(r in c.responses for r in d.responses)
+
+    def repair(index, response):  # "chain" = the first token, right when even; the correct answer is token 9
+        ok = response[0] % 2 == 0
+        return [response[0], 9, EOS], [ok, True, True], ok
+
+    groups = collect_warmup_groups(model, PROMPTS, 6, "repair", repair_fn=repair, **kwargs)
+    assert groups
+    for g in groups:
+        rights = [m[0] for m in g.loss_masks]
+        assert any(rights) and all(r[-2:] == [9, EOS] for r in g.responses)
+        for response, mask in zip(g.responses, g.loss_masks):
+            assert len(mask) == len(response) and mask[-2:] == [True, True]
+            assert all(mask) == (response[0] % 2 == 0)
+    with pytest.raises(ValueError, match="repair_fn"):
+        collect_warmup_groups(model, PROMPTS, 2, "repair")
+    with pytest.raises(ValueError, match="warm-up mode"):
+        collect_warmup_groups(model, PROMPTS, 2, "best", reward_fn=reward_even_first)
+
+
+def test_sft_warns_about_identical_rows_and_trains_only_loss_tokens():
+    model = bridge_ops.apply_bridge(tiny_model(), d_bridge=16, num_heads=2)
+    same = [(PROMPTS[0], [[3, 4, EOS], [3, 4, EOS]])]
+    with pytest.warns(UserWarning, match="1 of 1 SFT groups have identical rows"):
+        train_sft(model, same, SFTConfig(steps=1, groups_per_step=1, progress=False),
+                  trainable=select_trainable(model, "bridge"))
+    # a loss mask with nothing on the first response token: its logit row gets no gradient
+    masked = [bridge_ops.train.Group(PROMPTS[0], [[3, 4, EOS], [5, 6, EOS]], [[False, True, True]] * 2)]
+    batch = grouped_batch([masked[0].prompt], [masked[0].responses], PAD, [masked[0].loss_masks])
+    captured = {}
+
+    def keep(module, args, out):
+        out.retain_grad()
+        captured["logits"] = out
+
+    hook = model.lm_head.register_forward_hook(keep)
+    model.requires_grad_(True)
+    bridge_ops.train.sft_loss(token_log_probs(model, batch), batch.loss_mask).backward()
+    hook.remove()
+    grad = captured["logits"].grad.abs().sum(-1)  # [R, positions from the last prompt token]
+    assert grad[:, 0].eq(0).all() and grad[:, 1].gt(0).all()
+
+
+def test_repair_rows_of_the_scratchpad_task():
+    from bridge_ops.charlm import char_tokenizer
+    from bridge_ops.tasks import ScratchpadSumTask
+    from bridge_ops.train import task_data
+
+    task = ScratchpadSumTask()
+    tok = char_tokenizer(task.alphabet)
+    data = task_data(task, tok, "test", 2)
+    right = data.encode(task.references(data.problems[0])[0])
+    ids, mask, ok = data.repair(0, right)
+    assert ids == right and all(mask) and ok
+    wrong_text = task.references(data.problems[0])[0][:-5] + "9>" + "9" * task.digits  # last sum digit changed
+    ids, mask, ok = data.repair(0, data.encode(wrong_text))
+    assert not ok and data.text(ids).endswith(">" + data.problems[0].answer)
+    assert mask == [False] * (len(ids) - task.digits - 1) + [True] * (task.digits + 1)  # the answer and EOS
+    assert data.repair(0, data.encode("123")) is None
+
+
+def test_added_blocks_get_their_own_learning_rate():
+    from bridge_ops.train.trainer import parameter_groups
+
+    model = bridge_ops.apply_bridge(tiny_model(), d_bridge=16, num_heads=2)
+    trainable = select_trainable(model, "all")
+    groups = parameter_groups(trainable, 1e-3, 10.0)
+    assert [g["lr"] for g in groups] == [1e-3, 1e-2]
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    assert all(any(p is q for q in groups[1]["params"]) for n, p in trainable.items() if ".bridge." in n)
+    assert len(parameter_groups(select_trainable(model, "bridge"), 1e-3, 10.0)) == 1
+    with pytest.raises(ValueError, match="added_lr_mult"):
+        parameter_groups(trainable, 1e-3, 0.0)
+
+
+def test_group_reward_and_several_groups_per_prompt():
+    calls = []
+
+    def distinct_first(index, responses):  # rewards a response whose first token no peer shares
+        calls.append(len(responses))
+        firsts = [r[0] for r in responses]
+        return [float(firsts.count(f) == 1) for f in firsts]
+
+    config = _grpo_config(steps=2, groups_per_prompt=2, loss=GRPOLossConfig(), minibatches=1)
+    history = train_grpo(bridged_model(), PROMPTS, bridge_ops.train.GroupReward(distinct_first), config,
+                         eos_token_id=EOS)
+    assert calls == [3] * (2 * 2 * 2)  # steps x prompts x groups, each scored as one group of width 3
+    assert all(0.0 <= h["zero_advantage"] <= 1.0 and math.isfinite(h["loss"]) for h in history)
+    with pytest.raises(ValueError, match="rewards for"):
+        train_grpo(bridged_model(), PROMPTS, bridge_ops.train.GroupReward(lambda i, r: [1.0]), config,
+                   eos_token_id=EOS)
+
+
+def test_rollout_copies_and_solo_peers():
+    from bridge_ops.train import rollout
+
+    model = bridged_model()
+    groups = rollout(model, PROMPTS, [0, 2], 3, 4, (5,), copies=2, eos_token_id=EOS, pad_token_id=PAD)
+    assert len(groups) == 4 and all(len(g) == 3 for g in groups)
+    again = rollout(model, PROMPTS, [2], 3, 4, (5,), copies=2, eos_token_id=EOS, pad_token_id=PAD)
+    assert again == groups[2:]  # a prompt's groups do not depend on the batch
+    solo = rollout(model, PROMPTS, [0, 2], 3, 4, (5,), peers="solo", eos_token_id=EOS, pad_token_id=PAD)
+    assert len(solo) == 2 and all(len(g) == 3 for g in solo)
+    with pytest.raises(ValueError, match="peers"):
+        rollout(model, PROMPTS, [0], 3, 4, (5,), peers="alone")

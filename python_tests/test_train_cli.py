@@ -46,16 +46,33 @@ def test_sft_refuses_a_model_without_correct_samples(base_dir, tmp_path):
               "--out", str(tmp_path / "warm"), "--steps", "1", *TINY])
 
 
-def test_experiment_smoke(tmp_path):
+def _experiment(name):
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     try:
-        import width_experiment
+        return __import__(name)
     finally:
         sys.path.pop(0)
-    assert width_experiment.main(["--size", "smoke", "--out", str(tmp_path), "--no-progress"]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-    methods = {"base", "grpo", "pmatch", "bridge", "pmatch-warmup", "bridge-nowarmup"}
-    assert {r["method"] for r in rows} == methods and len(rows) == len(methods) * 2  # 1 seed x widths 1, 2
+
+
+def test_interdependence_experiment_smoke(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert _experiment("interdependence").main(["--size", "smoke", "--out", str(tmp_path), "--no-progress"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "consensus" / "results.csv")))
+    methods = {"grpo", "pmatch-correct", "pmatch-repair", "bridge-repair"}
+    assert {r["method"] for r in rows} == methods
+    assert {(r["method"], r["peers"]) for r in rows if r["method"] == "bridge-repair"} == {
+        ("bridge-repair", "group"), ("bridge-repair", "solo")}
     assert all(0.0 <= float(r["mean_accuracy"]) <= 1.0 for r in rows)
-    assert (tmp_path / "accuracy_vs_width.png").stat().st_size > 10_000
-    assert "| bridge |" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "consensus" / "accuracy_vs_width.png").stat().st_size > 10_000
+    assert (tmp_path / "coordination" / "distinct_vs_bound.png").stat().st_size > 10_000
+    summary = (tmp_path / "summary.md").read_text()
+    assert "with peers vs the same checkpoint solo" in summary and "independence bound" in summary
+    coordination = list(csv.DictReader(open(tmp_path / "coordination" / "results.csv")))
+    assert {r["method"] for r in coordination} == {"base", "grpo", "bridge-distinct"}
+
+
+def test_audit_smoke(tmp_path):
+    assert _experiment("audit").main(["--size", "smoke", "--out", str(tmp_path), "--no-progress"]) == 0
+    result = json.loads((tmp_path / "audit.json").read_text())
+    assert result["attention_init_0.02"]["entropy_ratio"] > result["attention_init_hidden^-1/2"]["entropy_ratio"]
+    assert "rows are all the same string" in (tmp_path / "audit.md").read_text()

@@ -24,7 +24,7 @@ MIN_TRANSFORMERS = (4, 56)
 class BridgeConfig:
     d_bridge: int = 512
     num_heads: Optional[int] = None
-    init_std: float = 0.02
+    init_std: Optional[float] = None  # None: BridgeBlock's default, hidden_size ** -0.5
 
 
 def _llama_like_norm(layer: nn.Module, config) -> nn.Module:
@@ -110,7 +110,8 @@ def apply_bridge(
     Supported explicitly: llama, mistral, qwen2, qwen3 (the Bridge norm is the model's own RMSNorm class); any other
     decoder whose layers have an `mlp` submodule goes through a generic path (torch.nn.RMSNorm). Defaults come from
     `model.config.bridge` when present (a model saved after `apply_bridge`), else d_bridge=512, num_heads =
-    d_bridge // 128, init_std=0.02. The blocks' output projections are zero, so the model's outputs are unchanged.
+    d_bridge // 128, init_std = hidden_size ** -0.5. The blocks' output projections are zero, so the model's outputs are
+    unchanged.
     """
     _check_transformers()
     if is_bridged(model):
@@ -135,7 +136,7 @@ def apply_bridge(
         layer._bridge_runtime = runtime
         layer._bridge_base_forward = layer.forward
         layer.forward = types.MethodType(_bridged_layer_forward, layer)
-    cfg = BridgeConfig(cfg.d_bridge, layers[0].bridge.num_heads, cfg.init_std)
+    cfg = BridgeConfig(cfg.d_bridge, layers[0].bridge.num_heads, layers[0].bridge.init_std)
     model.config.bridge = asdict(cfg)
     model._bridge_runtime = runtime
     if hasattr(model, "generate"):

@@ -1,8 +1,16 @@
-"""Verifiable tasks generated from seeds (nothing is downloaded)."""
+"""Verifiable tasks generated from seeds (nothing is downloaded).
 
-from .arithmetic import ArithmeticTask, Problem
+    ArithmeticTask     `7+3-5=` -> `5`: one short answer
+    ScratchpadSumTask  `37+85+12+64=` -> `122,134,198>198`: aligned running sums, then the answer (consensus)
+    SubsetSumTask      `135789:17=` -> `179`: several correct answers, all enumerated (coordination)
+"""
 
-TASKS = {"arithmetic": ArithmeticTask}
+from .arithmetic import ArithmeticTask
+from .base import GeneratedTask, Problem
+from .scratchpad import ScratchpadSumTask
+from .subset_sum import SubsetSumTask
+
+TASKS = {task.name: task for task in (ArithmeticTask, ScratchpadSumTask, SubsetSumTask)}
 
 
 def get_task(name: str, **kwargs):
@@ -11,4 +19,4 @@ def get_task(name: str, **kwargs):
     return TASKS[name](**kwargs)
 
 
-__all__ = ["ArithmeticTask", "Problem", "TASKS", "get_task"]
+__all__ = ["ArithmeticTask", "GeneratedTask", "Problem", "ScratchpadSumTask", "SubsetSumTask", "TASKS", "get_task"]

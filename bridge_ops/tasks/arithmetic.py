@@ -1,26 +1,21 @@
 """Multi-step integer arithmetic with exact-match answers: a verifiable task generated from seeds.
 
 A problem is a chain like `17+4-9+12=`; its answer the decimal result (`24`), followed by EOS. Problems come from
-`numpy`-free seeded `random.Random` streams, so a (seed, split) pair always yields the same problems, and the train
-and test splits are disjoint by construction (a problem's text decides its split through a hash).
+seeded `random.Random` streams, so a (seed, split) pair always yields the same problems, and the train and test
+splits are disjoint by construction (a problem's text decides its split through a hash).
 """
 
-import hashlib
 import random
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional
+
+from .base import GeneratedTask, Problem
 
 ALPHABET = "0123456789+-="
 
 
 @dataclass(frozen=True)
-class Problem:
-    prompt: str  # e.g. "17+4-9="
-    answer: str  # e.g. "12"
-
-
-@dataclass(frozen=True)
-class ArithmeticTask:
+class ArithmeticTask(GeneratedTask):
     """Chains of `min_terms`..`max_terms` operands in [0, max_operand] joined by + or -."""
 
     min_terms: int = 2
@@ -39,27 +34,8 @@ class ArithmeticTask:
             text += f"{op}{term}"
         return Problem(text + "=", str(value))
 
-    @staticmethod
-    def split_of(problem: Problem) -> str:
-        """'test' for about one problem in five, decided by the problem's text: the splits never share a problem."""
-        digest = hashlib.sha256(problem.prompt.encode()).digest()
-        return "test" if digest[0] < 52 else "train"
-
-    def problems(self, split: str, count: int, seed: int = 0) -> List[Problem]:
-        """`count` distinct problems of `split` ('train' or 'test'), the same for the same seed."""
-        if split not in ("train", "test"):
-            raise ValueError(f"bridge_ops: split must be 'train' or 'test', got {split!r}")
-        rng, seen, out = random.Random(f"{self.name}-{split}-{seed}"), set(), []
-        attempts = 0
-        while len(out) < count:
-            attempts += 1
-            if attempts > 200 * count + 1000:
-                raise ValueError(f"bridge_ops: the {split} split of {self} has fewer than {count} distinct problems")
-            problem = self._random_problem(rng)
-            if problem.prompt not in seen and self.split_of(problem) == split:
-                seen.add(problem.prompt)
-                out.append(problem)
-        return out
+    def references(self, problem: Problem) -> List[str]:
+        return [problem.answer]
 
     @staticmethod
     def extract_answer(response: str) -> Optional[str]:
@@ -69,11 +45,3 @@ class ArithmeticTask:
             return text if text[1:].isdigit() else None
         return text if text.isdigit() else None
 
-    def reward(self, response: str, problem: Problem) -> float:
-        """1.0 for an exactly correct answer, else 0.0."""
-        return float(self.extract_answer(response) == problem.answer)
-
-
-def corpus(problems: Sequence[Problem]) -> List[str]:
-    """Training texts `prompt + answer` (the tokenizer adds BOS; the trainer appends EOS)."""
-    return [p.prompt + p.answer for p in problems]

@@ -2,7 +2,8 @@
 
     bridge-ops train pretrain --task arithmetic --out base/            a tiny base model trained from scratch
     bridge-ops train sft  --model base/ --task arithmetic --bridge 16 --width 8 --out warm/
-                                                                      Bridge warm-up on the model's correct samples
+                                                                      Bridge warm-up on the model's own samples
+                                                                      (--warmup correct|distinct|repair)
     bridge-ops train grpo --model warm/ --task arithmetic --width 4 --out rl/
     bridge-ops eval --model rl/ --task arithmetic --widths 1,2,4,8,16
 
@@ -15,13 +16,16 @@ import argparse
 import json
 import os
 
-TASK_DEFAULTS = {"max_operand": 9}
+from ..tasks import TASKS
+from .sft import WARMUP_MODES
+
+TASK_DEFAULTS = {"arithmetic": {"max_operand": 9}}
 
 
 def _task(args):
     from ..tasks import get_task
 
-    return get_task(args.task, **TASK_DEFAULTS)
+    return get_task(args.task, **TASK_DEFAULTS.get(args.task, {}))
 
 
 def _load(args, bridge: int = 0):
@@ -73,22 +77,27 @@ def _pretrain(args, dist) -> int:
 
 
 def _sft(args, dist) -> int:
-    from .sft import SFTConfig, collect_correct_groups, train_sft
+    from .sft import SFTConfig, collect_warmup_groups, train_sft
     from .task_data import task_data
     from .trainer import select_trainable
 
     model, tokenizer = _load(args, args.bridge)
     train = task_data(_task(args), tokenizer, "train", args.train_problems, args.data_seed)
-    groups = collect_correct_groups(model, train.prompts, train.reward, args.width, seed=args.seed,
-                                    max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+    if args.warmup == "repair" and not hasattr(train.task, "repair"):
+        raise SystemExit(f"bridge-ops: the repair warm-up needs a task with a reasoning chain to keep; {args.task} "
+                         "has none (use --task scratchpad-sum, or --warmup correct|distinct)")
+    groups = collect_warmup_groups(model, train.prompts, args.width, args.warmup, reward_fn=train.reward,
+                                   repair_fn=train.repair, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                                   eos_token_id=tokenizer.eos_token_id)
     if not groups:
         raise SystemExit(f"bridge-ops: no prompt got >= 2 correct answers in {args.width} samples; the model is too "
                          "weak for a warm-up (pretrain longer, or raise --width / --train-problems)")
     if dist.is_main:
-        print(f"warm-up data: {len(groups)} prompts with >= 2 correct of {args.width} samples "
+        print(f"warm-up data ({args.warmup}): {len(groups)} prompts with >= 2 correct of {args.width} samples "
               f"({sum(len(g[1]) for g in groups)} responses)")
     config = SFTConfig(steps=args.steps, lr=args.lr, groups_per_step=args.groups_per_step, seed=args.seed,
-                       out_dir=args.out, checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+                       out_dir=args.out, checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
+                       added_lr_mult=args.added_lr_mult)
     train_sft(model, groups, config, trainable=select_trainable(model, args.trainable), dist=dist)
     _save(model, tokenizer, args.out, dist)
     return 0
@@ -104,6 +113,7 @@ def _grpo(args, dist) -> int:
     train = task_data(_task(args), tokenizer, "train", args.train_problems, args.data_seed)
     config = GRPOConfig(
         steps=args.steps, lr=args.lr, width=args.width, prompts_per_step=args.prompts_per_step,
+        groups_per_prompt=args.groups_per_prompt, added_lr_mult=args.added_lr_mult,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, minibatches=args.minibatches,
         loss=GRPOLossConfig(beta=args.beta), seed=args.seed, out_dir=args.out,
         checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
@@ -144,7 +154,7 @@ def run_eval(args) -> int:
 def _common(parser, model: bool = True) -> None:
     if model:
         parser.add_argument("--model", required=True, help="a local HF model directory (with its tokenizer)")
-    parser.add_argument("--task", default="arithmetic", choices=["arithmetic"])
+    parser.add_argument("--task", default="arithmetic", choices=sorted(TASKS))
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the generated problems")
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and data order")
     parser.add_argument("--max-new-tokens", type=int, default=6)
@@ -181,9 +191,17 @@ def add_commands(commands) -> None:
                            help="add fresh Bridge blocks of this inner width (when the model has none)")
         stage.add_argument("--bridge-heads", type=int, default=None)
         stage.add_argument("--trainable", default=trainable, choices=["all", "bridge"])
-    stages.choices["sft"].add_argument("--groups-per-step", type=int, default=16)
+        stage.add_argument("--added-lr-mult", type=float, default=1.0,
+                           help="learning-rate multiplier of the Bridge parameters when other parameters train too")
+    sft = stages.choices["sft"]
+    sft.add_argument("--groups-per-step", type=int, default=16)
+    sft.add_argument("--warmup", default="correct", choices=list(WARMUP_MODES),
+                     help="warm-up data: correct samples (the paper), distinct correct samples, or each sample's own "
+                          "chain with the correct answer (repair: teaches a row to take the answer from its peers)")
     grpo = stages.choices["grpo"]
     grpo.add_argument("--prompts-per-step", type=int, default=16)
+    grpo.add_argument("--groups-per-prompt", type=int, default=1,
+                      help="Bridge groups per prompt; advantages over all their responses")
     grpo.add_argument("--temperature", type=float, default=1.0)
     grpo.add_argument("--minibatches", type=int, default=1)
     grpo.add_argument("--beta", type=float, default=0.0, help="KL weight to the starting model")

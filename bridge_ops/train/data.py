@@ -14,8 +14,8 @@ and to Bridge; a response's tokens up to and including its EOS are visible Bridg
 not. Positions ids count real tokens only.
 """
 
-from dataclasses import dataclass
-from typing import List, Sequence
+from dataclasses import dataclass, replace
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -35,7 +35,8 @@ class GroupedBatch:
     attention_mask long [R, L + T]  1 on real prompt tokens and on every response slot
     position_ids   long [R, L + T]
     key_mask       bool [R, L + T]  Bridge key visibility (prompt tokens, response tokens up to EOS)
-    response_mask  bool [R, T]      response tokens (the tokens a loss is taken on)
+    response_mask  bool [R, T]      response tokens
+    loss_mask      bool [R, T]      the response tokens a loss is taken on (all of them unless loss masks were given)
     widths         list[int]        group sizes (a group is one prompt's responses)
     """
 
@@ -44,6 +45,7 @@ class GroupedBatch:
     position_ids: torch.Tensor
     key_mask: torch.Tensor
     response_mask: torch.Tensor
+    loss_mask: torch.Tensor
     widths: List[int]
 
     @property
@@ -61,32 +63,56 @@ class GroupedBatch:
 
     def to(self, device) -> "GroupedBatch":
         return GroupedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
-                            self.key_mask.to(device), self.response_mask.to(device), self.widths)
+                            self.key_mask.to(device), self.response_mask.to(device), self.loss_mask.to(device),
+                            self.widths)
+
+    def solo(self) -> "GroupedBatch":
+        """The same rows with every row its own group (Bridge sees only the row itself)."""
+        return replace(self, widths=[1] * self.input_ids.shape[0])
 
 
 def grouped_batch(
-    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[Sequence[int]]], pad_token_id: int
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[Sequence[int]]],
+    pad_token_id: int,
+    loss_masks: Optional[Sequence[Optional[Sequence[Sequence[bool]]]]] = None,
 ) -> GroupedBatch:
-    """prompts[g]: token ids of prompt g; responses[g]: its responses (token ids, EOS included if emitted)."""
+    """prompts[g]: token ids of prompt g; responses[g]: its responses (token ids, EOS included if emitted);
+    loss_masks[g] (optional, per group None or one bool list per response, as long as the response): which response
+    tokens carry a loss (default: all)."""
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"bridge_ops: {len(prompts)} prompts and {len(responses)} response groups; need as many, >= 1")
     widths = [len(group) for group in responses]
     if any(w < 1 for w in widths):
         raise ValueError(f"bridge_ops: every prompt needs at least one response, got widths {widths}")
-    rows = [(prompt, response) for prompt, group in zip(prompts, responses) for response in group]
+    loss_masks = [None] * len(responses) if loss_masks is None else list(loss_masks)
+    if len(loss_masks) != len(responses):
+        raise ValueError(f"bridge_ops: loss_masks has {len(loss_masks)} groups for {len(responses)} response groups")
+    rows = []
+    for prompt, group, masks in zip(prompts, responses, loss_masks):
+        masks = [None] * len(group) if masks is None else masks
+        for response, mask in zip(group, masks, strict=True):
+            if mask is not None and len(mask) != len(response):
+                raise ValueError(f"bridge_ops: a loss mask of length {len(mask)} for a response of {len(response)}")
+            rows.append((prompt, response, mask))
     prompt_len = max(len(p) for p in prompts)
-    response_len = max(1, max(len(r) for _, r in rows))
+    response_len = max(1, max(len(r) for _, r, _ in rows))
     ids = torch.full((len(rows), prompt_len + response_len), pad_token_id, dtype=torch.long)
     attention = torch.zeros_like(ids)
     key_mask = torch.zeros(ids.shape, dtype=torch.bool)
     attention[:, prompt_len:] = 1
-    for r, (prompt, response) in enumerate(rows):
+    for r, (prompt, response, _) in enumerate(rows):
         ids[r, prompt_len - len(prompt) : prompt_len] = torch.as_tensor(prompt, dtype=torch.long)
         ids[r, prompt_len : prompt_len + len(response)] = torch.as_tensor(response, dtype=torch.long)
         attention[r, prompt_len - len(prompt) : prompt_len] = 1
         key_mask[r, prompt_len - len(prompt) : prompt_len + len(response)] = True
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    return GroupedBatch(ids, attention, positions, key_mask, key_mask[:, prompt_len:].clone(), widths)
+    response_mask = key_mask[:, prompt_len:].clone()
+    loss_mask = response_mask.clone()
+    for r, (_, response, mask) in enumerate(rows):
+        if mask is not None:
+            loss_mask[r, : len(response)] = torch.as_tensor(mask, dtype=torch.bool)
+    return GroupedBatch(ids, attention, positions, key_mask, response_mask, loss_mask, widths)
 
 
 def token_log_probs(model: nn.Module, batch: GroupedBatch, temperature: float = 1.0) -> torch.Tensor:
@@ -106,6 +132,9 @@ def token_log_probs(model: nn.Module, batch: GroupedBatch, temperature: float = 
     return chosen.masked_fill(~batch.response_mask, 0.0)
 
 
+PEERS = ("group", "solo")
+
+
 def rollout(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -114,14 +143,33 @@ def rollout(
     max_new_tokens: int,
     seed_parts: tuple,
     *,
+    copies: int = 1,
+    peers: str = "group",
     temperature: float = 1.0,
     eos_token_id=None,
     pad_token_id=None,
 ) -> List[List[List[int]]]:
-    """`width` interdependent samples for each prompt in `indices` (token lists, EOS included when emitted). Prompt i
-    draws from its own generator seeded by `seed_of(*seed_parts, i)`, so its samples do not depend on the batch."""
+    """`copies` groups of `width` samples for each prompt in `indices` (token lists, EOS included when emitted), in
+    prompt-major order: [prompt indices[0] copy 0, copy 1, ..., prompt indices[1] copy 0, ...].
+
+    peers="group": a group's samples read each other through Bridge (one Bridge group each); peers="solo": every
+    sample is alone (its Bridge sees only itself: the same checkpoint without interdependence). Copy c of prompt i
+    draws from its own generator seeded by `seed_of(*seed_parts, i)` (c = 0) or `seed_of(*seed_parts, i, c)`, and in
+    solo mode member m from `seed_of(..., "solo", m)`, so a prompt's samples do not depend on the batch.
+    """
+    if peers not in PEERS:
+        raise ValueError(f"bridge_ops: peers must be one of {PEERS}, got {peers!r}")
+    if copies < 1 or width < 1:
+        raise ValueError(f"bridge_ops: copies and width must be >= 1, got {copies} and {width}")
     device = next(model.parameters()).device
-    generators = [torch.Generator(device=device).manual_seed(seed_of(*seed_parts, i)) for i in indices]
-    result = generate(model, [prompts[i] for i in indices], width, max_new_tokens, temperature=temperature,
-                      generators=generators, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    return result.sequences
+    seeds = [(*seed_parts, i) + ((c,) if c else ()) for i in indices for c in range(copies)]
+    if peers == "solo":
+        seeds = [(*parts, "solo", m) for parts in seeds for m in range(width)]
+    generators = [torch.Generator(device=device).manual_seed(seed_of(*parts)) for parts in seeds]
+    group_width = width if peers == "group" else 1
+    repeat = copies * (width // group_width)
+    result = generate(model, [prompts[i] for i in indices for _ in range(repeat)], group_width, max_new_tokens,
+                      temperature=temperature, generators=generators, eos_token_id=eos_token_id,
+                      pad_token_id=pad_token_id)
+    rows = [sample for group in result.sequences for sample in group]
+    return [rows[g * width : (g + 1) * width] for g in range(len(indices) * copies)]

@@ -2,19 +2,23 @@
 
 One step:
   1. pick `prompts_per_step` prompts (a function of (seed, step)); this rank takes its contiguous share;
-  2. roll out N responses per prompt with `bridge_ops.generate` (Bridge groups = the N responses of a prompt; each
-     prompt samples from its own generator seeded by (seed, step, prompt), so ranks draw what one process would);
-  3. reward every response with the user's `reward_fn(prompt_index, response_ids)`; advantages within each group;
+  2. roll out `groups_per_prompt` groups of N responses per prompt with `bridge_ops.generate` (a Bridge group = the
+     N responses that read each other; each group samples from its own generator seeded by (seed, step, prompt,
+     copy), so ranks draw what one process would);
+  3. reward every response: `reward_fn(prompt_index, response_ids)` per response, or a `GroupReward` that scores a
+     Bridge group as a whole (e.g. valid answers divided by how many peers gave the same one); advantages are taken
+     over all `groups_per_prompt * N` responses of a prompt, so with k > 1 groups a group is compared with the
+     prompt's other groups (a Bridge group whose members agree has equal rewards and no advantage of its own);
   4. old log-probs (and reference log-probs when beta > 0) from one teacher-forced forward with the rollout's groups
      (a token's probability depends on its peers through Bridge, so a per-sequence forward would be wrong);
-  5. one optimizer step per minibatch of whole groups on the clipped token-level loss (the first minibatch is
+  5. one optimizer step per minibatch of whole prompts on the clipped token-level loss (the first minibatch is
      exactly on-policy; later ones are off-policy, which the clip bounds). Through Bridge, each sample's loss
      reaches the parameters through its peers' hidden states too.
 """
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -24,18 +28,43 @@ from .distributed import DistContext
 from .losses import GRPOLossConfig, group_advantages, grpo_loss
 from .trainer import Trainer, TrainConfig, step_rng
 
-RewardFn = Callable[[int, List[int]], float]  # (prompt index, response token ids incl. EOS) -> reward
+RowRewardFn = Callable[[int, List[int]], float]  # (prompt index, response token ids incl. EOS) -> reward
+
+
+@dataclass(frozen=True)
+class GroupReward:
+    """A reward that scores one Bridge group at once: fn(prompt index, the group's responses) -> one reward per
+    response (e.g. rewarding answers that no peer gave)."""
+
+    fn: Callable[[int, List[List[int]]], Sequence[float]]
+
+    def __call__(self, index: int, responses: List[List[int]]) -> List[float]:
+        rewards = [float(r) for r in self.fn(index, responses)]
+        if len(rewards) != len(responses):
+            raise ValueError(f"bridge_ops: the group reward gave {len(rewards)} rewards for {len(responses)} responses")
+        return rewards
+
+
+RewardFn = Union[RowRewardFn, GroupReward]
+
+
+def score_groups(reward_fn: RewardFn, indices: Sequence[int], groups: Sequence[List[List[int]]]) -> List[List[float]]:
+    """Rewards of each group's responses; groups[g] answers prompt indices[g]."""
+    if isinstance(reward_fn, GroupReward):
+        return [reward_fn(i, group) for i, group in zip(indices, groups)]
+    return [[float(reward_fn(i, r)) for r in group] for i, group in zip(indices, groups)]
 
 
 @dataclass
 class GRPOConfig(TrainConfig):
     lr: float = 1e-4
     width: int = 4
+    groups_per_prompt: int = 1  # k Bridge groups of `width` per prompt; advantages over the k * width responses
     prompts_per_step: int = 16
     max_new_tokens: int = 16
     temperature: float = 1.0
     scale_rewards: bool = True
-    minibatches: int = 1  # optimizer steps per rollout batch, each on an equal share of its groups
+    minibatches: int = 1  # optimizer steps per rollout batch, each on an equal share of its prompts
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
 
 
@@ -54,37 +83,43 @@ def train_grpo(
 
     trainable: parameters to train (default: every parameter with requires_grad). With `config.loss.beta > 0` a
     frozen copy of the model at the start is the reference. Metrics per step: loss, reward (mean), solved (fraction
-    of groups with a rewarded member), clip_fraction, kl, response_length (tokens), grad_norm.
+    of prompts with a rewarded response), zero_advantage (fraction of prompts whose responses all got the same
+    reward: no gradient from them), clip_fraction, kl, response_length (tokens), grad_norm.
     """
     if config.prompts_per_step > len(prompts):
         raise ValueError(f"bridge_ops: prompts_per_step={config.prompts_per_step} > {len(prompts)} prompts")
     if config.prompts_per_step % (dist.world_size * config.minibatches):
         raise ValueError(f"bridge_ops: prompts_per_step={config.prompts_per_step} must be a multiple of ranks x "
                          f"minibatches = {dist.world_size} x {config.minibatches}")
+    if config.groups_per_prompt < 1:
+        raise ValueError(f"bridge_ops: groups_per_prompt must be >= 1, got {config.groups_per_prompt}")
     trainable = trainable if trainable is not None else {n: p for n, p in model.named_parameters() if p.requires_grad}
     pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id
     reference = None
     if config.loss.beta > 0:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     ddp_model = dist.wrap(model)
+    k = config.groups_per_prompt
 
     def step_fn(step: int, optimizer_step) -> Dict[str, float]:
         chosen = step_rng(config.seed, step).sample(range(len(prompts)), config.prompts_per_step)
         per_minibatch = len(chosen) // config.minibatches
-        # minibatch m holds the same groups on any number of ranks; each rank takes its share of every minibatch
+        # minibatch m holds the same prompts on any number of ranks; each rank takes its share of every minibatch
         shares = [dist.shard(chosen[m * per_minibatch : (m + 1) * per_minibatch]) for m in range(config.minibatches)]
         indices = [i for share in shares for i in share]
         model.eval()
         responses = rollout(model, prompts, indices, config.width, config.max_new_tokens, (config.seed, step),
-                            temperature=config.temperature, eos_token_id=eos_token_id, pad_token_id=pad)
-        rewards = torch.tensor([reward_fn(i, r) for i, group in zip(indices, responses) for r in group])
-        widths = [len(group) for group in responses]
-        advantages = group_advantages(rewards, widths, config.scale_rewards).split(widths)
+                            copies=k, temperature=config.temperature, eos_token_id=eos_token_id, pad_token_id=pad)
+        group_rewards = score_groups(reward_fn, [i for i in indices for _ in range(k)], responses)
+        rewards = torch.tensor([r for group in group_rewards for r in group])
+        per_prompt = [sum(len(g) for g in responses[p * k : (p + 1) * k]) for p in range(len(indices))]
+        advantages = group_advantages(rewards, per_prompt, config.scale_rewards).split(per_prompt)
         model.train()
         stats: Dict[str, float] = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0}
         for m, share in enumerate(shares):
             part = slice(m * len(share), (m + 1) * len(share))
-            batch = grouped_batch([prompts[i] for i in share], responses[part], pad)
+            batch = grouped_batch([prompts[i] for i in share for _ in range(k)],
+                                  responses[part.start * k : part.stop * k], pad)
             adv = torch.cat(advantages[part])
             with torch.no_grad():  # the sampling policy and the reference, with the rollout's groups
                 old = token_log_probs(model, batch, config.temperature)
@@ -101,8 +136,9 @@ def train_grpo(
         stats = {"loss": dist.sum(stats["loss"]), "clip_fraction": dist.sum(stats["clip_fraction"]) / dist.world_size,
                  "kl": dist.sum(stats["kl"]) / dist.world_size}
         stats["reward"] = dist.sum(rewards.sum().item()) / dist.sum(rows)
-        solved = [float(g.max() > 0) for g in rewards.split(widths)]
-        stats["solved"] = dist.sum(sum(solved)) / dist.sum(len(solved))
+        by_prompt = rewards.split(per_prompt)
+        stats["solved"] = dist.sum(sum(float(g.max() > 0) for g in by_prompt)) / dist.sum(len(by_prompt))
+        stats["zero_advantage"] = dist.sum(sum(float(g.min() == g.max()) for g in by_prompt)) / dist.sum(len(by_prompt))
         stats["response_length"] = dist.sum(sum(len(r) for group in responses for r in group)) / dist.sum(rows)
         return stats
 

@@ -7,22 +7,24 @@ i.e. 4·D·d_bridge + D parameters per layer, exactly a BridgeBlock's count. It 
 """
 
 import types
+from typing import Optional
 
 import torch.nn.functional as F
 from torch import nn
 
+from ..block import default_init_std
 from ..hf.patch import REGISTRY, _generic_norm, decoder_layers
 
 
 class ResidualMLP(nn.Module):
     """norm -> Linear(D, hidden) -> SiLU -> Linear(hidden, D) (zero-initialized, so the block starts as zero)."""
 
-    def __init__(self, hidden_size: int, inner: int, norm: nn.Module, init_std: float = 0.02):
+    def __init__(self, hidden_size: int, inner: int, norm: nn.Module, init_std: Optional[float] = None):
         super().__init__()
         self.norm = norm
         self.up = nn.Linear(hidden_size, inner, bias=False)
         self.down = nn.Linear(inner, hidden_size, bias=False)
-        nn.init.normal_(self.up.weight, std=init_std)
+        nn.init.normal_(self.up.weight, std=default_init_std(hidden_size) if init_std is None else init_std)
         nn.init.zeros_(self.down.weight)
 
     def forward(self, hidden):
@@ -36,7 +38,7 @@ def _layer_forward(layer: nn.Module, *args, **kwargs):
     return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
 
-def apply_parameter_matched_mlp(model: nn.Module, d_bridge: int, init_std: float = 0.02) -> nn.Module:
+def apply_parameter_matched_mlp(model: nn.Module, d_bridge: int, init_std: Optional[float] = None) -> nn.Module:
     """Adds a ResidualMLP with the parameter count of a BridgeBlock(d_bridge) to every decoder layer (in place)."""
     layers = decoder_layers(model)
     make_norm = REGISTRY.get(getattr(model.config, "model_type", None), _generic_norm)

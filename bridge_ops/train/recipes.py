@@ -1,40 +1,47 @@
-"""The pipeline steps that the CLI, the demo and the experiment share, at sizes a CPU handles in minutes.
+"""The pipeline steps that the CLI, the demo and the experiments share, at sizes a CPU handles in minutes.
 
-    base = pretrain_base(train, BaseSpec())                       a tiny Llama trained from scratch on the task
-    model, log = train_method(base, "bridge", train, MethodSpec())  one of METHODS, from a copy of the base
-    evaluate_widths(model, test.prompts, ...)                       accuracy at widths 1..16
+    base = pretrain_base(train, BaseSpec())                              a tiny Llama trained from scratch on a task
+    model, log = train_method(base, "bridge-repair", train, MethodSpec())  a method, from a copy of the base
+    evaluate_widths(model, test.prompts, ...)                            accuracy at widths 1..16
 
-Methods (the paper's comparison, Table 2 of arXiv 2510.01143, plus two ablations):
-    grpo             GRPO on every parameter of the base ("RLVR only")
-    pmatch           a parameter-matched residual MLP per layer, then GRPO on everything ("P-Match + RLVR")
-    bridge           Bridge blocks, an SFT warm-up of the Bridge parameters on groups of the base model's own correct
-                     samples, then GRPO on everything ("Bridge")
-    pmatch-warmup    ablation: P-Match with the same warm-up (its MLP parameters on the same correct samples), which
-                     separates "fine-tuning on correct samples" from "samples that read each other"
-    bridge-nowarmup  ablation: Bridge blocks trained by GRPO alone
+A method is `<block>[-<warm-up>]`: block `grpo` (nothing added), `pmatch` (a parameter-matched residual MLP per
+layer, the paper's P-Match) or `bridge`; warm-up one of `bridge_ops.train.sft.WARMUP_MODES` (SFT of the added
+block's parameters only, on data from the base model's own samples), or none. Every method ends with GRPO on every
+parameter, the added blocks at `grpo.added_lr_mult` times the learning rate. Examples: `grpo` ("RLVR only"),
+`pmatch-correct` (P-Match with the paper's warm-up: rejection sampling), `bridge-repair` (Bridge warmed up to take
+answers from its peers), `bridge` (Bridge trained by GRPO alone).
 """
 
 import copy
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..charlm import tiny_causal_lm
 from ..hf.patch import apply_bridge, parameter_share
-from .grpo import GRPOConfig, train_grpo
+from .grpo import GRPOConfig, RewardFn, train_grpo
 from .pmatch import apply_parameter_matched_mlp
-from .sft import SFTConfig, collect_correct_groups, train_sft
+from .sft import WARMUP_MODES, SFTConfig, collect_warmup_groups, identical_groups, train_sft
 from .task_data import TaskData
 from .trainer import seed_of, select_trainable
 
-METHODS = ("grpo", "pmatch", "bridge", "pmatch-warmup", "bridge-nowarmup")
+BLOCKS = ("grpo", "pmatch", "bridge")
+
+
+def parse_method(method: str) -> Tuple[str, Optional[str]]:
+    """`bridge-repair` -> ("bridge", "repair"); `grpo` -> ("grpo", None)."""
+    block, _, warmup = method.partition("-")
+    if block not in BLOCKS or (warmup and (warmup not in WARMUP_MODES or block == "grpo")):
+        raise ValueError(f"bridge_ops: a method is one of {BLOCKS} (grpo alone, or pmatch/bridge followed by "
+                         f"-<warm-up>, warm-up one of {WARMUP_MODES}), got {method!r}")
+    return block, warmup or None
 
 
 @dataclass
 class BaseSpec:
-    """The base model and its pretraining (next-token loss on the answer tokens of the train problems)."""
+    """The base model and its pretraining (next-token loss on the reference responses of the train problems)."""
 
     model_type: str = "llama"
     hidden_size: int = 128
@@ -44,17 +51,20 @@ class BaseSpec:
     steps: int = 700
     batch: int = 128
     lr: float = 3e-3
+    schedule: str = "cosine"
     seed: int = 0
 
 
 @dataclass
 class MethodSpec:
-    """Sizes of the added blocks, the warm-up and GRPO (steps, width, prompts per step, lr)."""
+    """Sizes of the added blocks, the warm-up and GRPO (steps, width, prompts per step, learning rates)."""
 
     d_bridge: int = 16  # 4.2% of the default base's parameters (the paper: 2.8-5.1%)
     bridge_heads: int = 2
-    warmup_samples: int = 8  # samples per prompt for the warm-up data; prompts with >= 2 correct are kept
+    init_std: Optional[float] = None  # the added blocks' input projections; None: hidden_size ** -0.5
+    warmup_samples: int = 8  # samples per prompt for the warm-up data
     warmup_prompts: int = 1024
+    warmup_min_correct: int = 2
     warmup: SFTConfig = field(default_factory=lambda: SFTConfig(steps=150, lr=1e-3, groups_per_step=16))
     grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=150, lr=1e-4, width=4, prompts_per_step=16,
                                                                max_new_tokens=6))
@@ -62,58 +72,72 @@ class MethodSpec:
 
 
 def pretrain_base(train: TaskData, spec: BaseSpec = BaseSpec(), progress: bool = True) -> nn.Module:
-    """A tiny causal LM trained from scratch on `train`'s reference answers (all parameters)."""
+    """A tiny causal LM trained from scratch on `train`'s reference responses (all parameters)."""
     heads = spec.num_heads or max(1, spec.hidden_size // 32)
     kv_heads = spec.num_kv_heads or max(1, heads // 2)
     model = tiny_causal_lm(train.tokenizer, spec.model_type, spec.hidden_size, spec.num_layers, heads, kv_heads,
                            seed=spec.seed)
     config = SFTConfig(steps=spec.steps, lr=spec.lr, groups_per_step=spec.batch, seed=spec.seed, progress=progress,
-                       max_grad_norm=1.0)
+                       max_grad_norm=1.0, schedule=spec.schedule, warmup_steps=min(100, spec.steps // 10))
     train_sft(model, train.reference_groups(), config, trainable=select_trainable(model, "all"),
               description="pretrain")
     return model.eval()
 
 
-def _with_seed(config, seed: int, progress: bool):
-    return replace(config, seed=seed, progress=progress)
+def add_block(model: nn.Module, block: str, spec: MethodSpec) -> None:
+    """Adds the method's blocks (none for `grpo`), initialized from the method's seed, not torch's global RNG."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed_of("blocks", spec.seed))
+        if block == "pmatch":
+            apply_parameter_matched_mlp(model, spec.d_bridge, init_std=spec.init_std)
+        if block == "bridge":
+            apply_bridge(model, d_bridge=spec.d_bridge, num_heads=spec.bridge_heads, init_std=spec.init_std)
+
+
+def warmup_groups(base: nn.Module, mode: str, train: TaskData, spec: MethodSpec):
+    """The warm-up data of `mode`, sampled from the base model."""
+    return collect_warmup_groups(
+        base, train.prompts[: spec.warmup_prompts], spec.warmup_samples, mode, reward_fn=train.reward,
+        repair_fn=train.repair, min_correct=spec.warmup_min_correct, max_new_tokens=spec.grpo.max_new_tokens,
+        seed=spec.seed, eos_token_id=train.tokenizer.eos_token_id,
+    )
 
 
 def train_method(
-    base: nn.Module, method: str, train: TaskData, spec: MethodSpec = MethodSpec(), progress: bool = True
+    base: nn.Module, method: str, train: TaskData, spec: MethodSpec = MethodSpec(), progress: bool = True,
+    reward_fn: Optional[RewardFn] = None, on_stage: Optional[Callable[[str, nn.Module], None]] = None,
 ) -> Tuple[nn.Module, Dict[str, List[dict]]]:
-    """A trained copy of `base` for `method` (one of METHODS); returns (model, {stage: metrics})."""
-    if method not in METHODS:
-        raise ValueError(f"bridge_ops: method must be one of {METHODS}, got {method!r}")
+    """A trained copy of `base` for `method` (see `parse_method`); returns (model, {stage: metrics}).
+
+    reward_fn: GRPO's reward (default `train.reward`; a `GroupReward` scores whole groups). on_stage(stage, model)
+    is called after the warm-up ("warm-up") so a caller can measure the model between the stages.
+    """
+    block, warmup = parse_method(method)
     model = copy.deepcopy(base)
-    eos, log = train.tokenizer.eos_token_id, {}
-    block = method.split("-")[0]
-    with torch.random.fork_rng():  # the added blocks' initialization is a function of the method's seed
-        torch.manual_seed(seed_of("blocks", spec.seed))
-        if block == "pmatch":
-            apply_parameter_matched_mlp(model, spec.d_bridge)
-        if block == "bridge":
-            apply_bridge(model, d_bridge=spec.d_bridge, num_heads=spec.bridge_heads)
+    log: Dict[str, List[dict]] = {}
+    add_block(model, block, spec)
     if block == "bridge":
         log["share"] = [parameter_share(model)]
-    if method in ("bridge", "pmatch-warmup"):
-        groups = collect_correct_groups(
-            base, train.prompts[: spec.warmup_prompts], train.reward, spec.warmup_samples,
-            max_new_tokens=spec.grpo.max_new_tokens, seed=spec.seed, eos_token_id=eos,
-        )
-        log["warmup_groups"] = [{"groups": len(groups), "responses": sum(len(g[1]) for g in groups)}]
+    if warmup:
+        groups = warmup_groups(base, warmup, train, spec)
+        log["warmup_groups"] = [{"groups": len(groups), "responses": sum(len(g[1]) for g in groups),
+                                 "identical": identical_groups(groups)}]
         if groups:
-            log["warmup"] = train_sft(model, groups, _with_seed(spec.warmup, spec.seed, progress),
+            log["warmup"] = train_sft(model, groups, replace(spec.warmup, seed=spec.seed, progress=progress),
                                       trainable=select_trainable(model, block), description=f"{block} warm-up")
+        if on_stage is not None:
+            on_stage("warm-up", model)
     if block != "grpo":
-        log["output_norm"] = [{"stage": "start" if "warmup" not in log else "warm-up", "norm": _output_norm(model)}]
-    log["grpo"] = train_grpo(model, train.prompts, train.reward, _with_seed(spec.grpo, spec.seed, progress),
-                             trainable=select_trainable(model, "all"), eos_token_id=eos)
+        log["output_norm"] = [{"stage": "warm-up" if warmup else "start", "norm": output_norm(model)}]
+    log["grpo"] = train_grpo(model, train.prompts, reward_fn or train.reward,
+                             replace(spec.grpo, seed=spec.seed, progress=progress),
+                             trainable=select_trainable(model, "all"), eos_token_id=train.tokenizer.eos_token_id)
     if block != "grpo":
-        log["output_norm"].append({"stage": "grpo", "norm": _output_norm(model)})
+        log["output_norm"].append({"stage": "grpo", "norm": output_norm(model)})
     return model.eval(), log
 
 
-def _output_norm(model: nn.Module) -> float:
+def output_norm(model: nn.Module) -> float:
     """Frobenius norm of the added blocks' zero-initialized output projections (how far they are from inert)."""
     weights = [p for n, p in model.named_parameters() if n.endswith(("bridge.o_proj.weight", "pmatch.down.weight"))]
     return float(torch.stack([w.detach().norm() for w in weights]).norm())

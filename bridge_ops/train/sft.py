@@ -1,30 +1,61 @@
 """Supervised fine-tuning on grouped responses, and the Bridge warm-up data it trains on.
 
-`train_sft` minimizes the token-level NLL of response tokens (prompt tokens carry no loss), whole groups per batch,
-with the groups' Bridge mixing in the forward: a group is one prompt and its responses. Pretraining a base model is
-the same call on an unbridged model with one response (the reference answer) per prompt and every parameter
-trainable. The Bridge warm-up of the paper is `collect_correct_groups` (N samples per prompt from the base model,
-keep the correct ones, keep prompts with at least two) followed by `train_sft` with only Bridge parameters trainable.
+`train_sft` minimizes the token-level NLL of response tokens (prompt tokens carry no loss; a group may restrict the
+loss further with per-response loss masks), whole groups per batch, with the groups' Bridge mixing in the forward: a
+group is one prompt and its responses. Pretraining a base model is the same call on an unbridged model with the
+reference responses of each prompt and every parameter trainable.
+
+The Bridge warm-up is `collect_warmup_groups` (N samples per prompt from the base model, turned into groups by one
+of WARMUP_MODES) followed by `train_sft` with only the added parameters trainable:
+
+    correct   the paper's recipe: a prompt's correct samples form a group. With a unique exact answer the rows of a
+              group are the same string, and Bridge over identical rows returns v whatever its attention weights: its
+              Q and K get no gradient (train_sft warns), so this fits a per-row adapter.
+    distinct  the distinct correct samples of a prompt (duplicates removed): rows that differ, for tasks with
+              several correct answers.
+    repair    every sample keeps its own reasoning and gets the correct answer at its end (`repair_fn`); the loss
+              covers the whole response of rows whose own reasoning was right and only the answer of the others,
+              so a row whose chain went wrong must learn to take the answer from its peers.
 """
 
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from ..hf.patch import is_bridged
 from .data import grouped_batch, rollout, token_log_probs
 from .distributed import DistContext
 from .losses import sft_loss
 from .trainer import Trainer, TrainConfig, step_rng
 
-Group = Tuple[List[int], List[List[int]]]  # (prompt ids, responses' ids with EOS)
+WARMUP_MODES = ("correct", "distinct", "repair")
+
+
+class Group(NamedTuple):
+    """One prompt and its responses (token ids, EOS included); loss_masks: per response, which tokens carry a loss
+    (None: all of them). A plain (prompt, responses) tuple is a Group without loss masks."""
+
+    prompt: List[int]
+    responses: List[List[int]]
+    loss_masks: Optional[List[List[bool]]] = None
+
+
+# repair_fn(prompt index, response ids) -> (repaired ids, loss mask, own reasoning correct), or None to drop the row
+RepairFn = Callable[[int, List[int]], Optional[Tuple[List[int], List[bool], bool]]]
 
 
 @dataclass
 class SFTConfig(TrainConfig):
     lr: float = 1e-3
     groups_per_step: int = 16
+
+
+def identical_groups(groups: Sequence[Group]) -> int:
+    """How many groups of two or more rows have every row the same token string (no gradient for Bridge's Q/K)."""
+    return sum(1 for g in groups if len(g[1]) > 1 and all(r == g[1][0] for r in g[1]))
 
 
 def train_sft(
@@ -39,14 +70,21 @@ def train_sft(
 ) -> List[Dict[str, float]]:
     """Trains `model` in place on `groups`; each step takes `groups_per_step` groups chosen by (seed, step).
 
-    trainable: default every parameter with requires_grad (pass `bridge_ops.bridge_parameters`-based names for the
-    paper's Bridge-only warm-up). Metrics per step: loss (mean NLL per response token), tokens, grad_norm.
+    trainable: default every parameter with requires_grad (pass `select_trainable(model, "bridge")` for the paper's
+    Bridge-only warm-up). Metrics per step: loss (mean NLL per loss token), tokens, grad_norm. Warns when the model
+    is bridged and groups have identical rows (Bridge's Q/K learn nothing from them).
     """
     if not groups:
         raise ValueError("bridge_ops: no SFT groups")
     if config.groups_per_step % dist.world_size:
         raise ValueError(f"bridge_ops: groups_per_step={config.groups_per_step} must be a multiple of "
                          f"{dist.world_size} ranks")
+    groups = [Group(*g) for g in groups]
+    same = identical_groups(groups)
+    if same and is_bridged(model):
+        warnings.warn(f"bridge_ops: {same} of {len(groups)} SFT groups have identical rows; Bridge over identical rows "
+                      "returns v whatever its attention, so its Q/K projections get no gradient from them (use the "
+                      "'repair' or 'distinct' warm-up)", stacklevel=2)
     trainable = trainable if trainable is not None else {n: p for n, p in model.named_parameters() if p.requires_grad}
     pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id
     ddp_model = dist.wrap(model)
@@ -55,9 +93,10 @@ def train_sft(
     def step_fn(step: int, optimizer_step) -> Dict[str, float]:
         chosen = step_rng(config.seed, step).sample(range(len(groups)), count)
         mine = [groups[i] for i in dist.shard(chosen)]
-        batch = grouped_batch([g[0] for g in mine], [g[1] for g in mine], pad)
-        total_tokens = dist.sum(batch.response_mask.sum().item())
-        loss = sft_loss(token_log_probs(ddp_model, batch), batch.response_mask, total_tokens)
+        batch = grouped_batch([g.prompt for g in mine], [g.responses for g in mine], pad,
+                              [g.loss_masks for g in mine])
+        total_tokens = dist.sum(batch.loss_mask.sum().item())
+        loss = sft_loss(token_log_probs(ddp_model, batch), batch.loss_mask, total_tokens)
         (loss * dist.world_size).backward()
         optimizer_step()
         return {"loss": dist.sum(loss.item()), "tokens": total_tokens}
@@ -66,12 +105,14 @@ def train_sft(
 
 
 @torch.no_grad()
-def collect_correct_groups(
+def collect_warmup_groups(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
-    reward_fn: Callable[[int, List[int]], float],
     width: int = 8,
+    mode: str = "correct",
     *,
+    reward_fn: Optional[Callable[[int, List[int]], float]] = None,
+    repair_fn: Optional[RepairFn] = None,
     min_correct: int = 2,
     max_new_tokens: int = 16,
     temperature: float = 1.0,
@@ -80,16 +121,35 @@ def collect_correct_groups(
     eos_token_id=None,
     pad_token_id=None,
 ) -> List[Group]:
-    """Samples `width` responses per prompt, keeps those with reward > 0, and returns (prompt, correct responses)
-    for every prompt with at least `min_correct` of them (the paper's warm-up data: 8 samples, drop prompts with
-    <= 1 correct)."""
+    """Samples `width` responses per prompt from `model` and builds warm-up groups by `mode` (WARMUP_MODES, see the
+    module docstring). A prompt is kept when at least `min_correct` of its rows are correct: rewarded (reward_fn > 0)
+    for "correct" and "distinct" (distinct ones), with correct own reasoning for "repair" (repair_fn's flag); a
+    repair group also keeps its rows whose reasoning went wrong, with the loss on their answer only."""
+    if mode not in WARMUP_MODES:
+        raise ValueError(f"bridge_ops: warm-up mode must be one of {WARMUP_MODES}, got {mode!r}")
+    needed = "repair_fn" if mode == "repair" else "reward_fn"
+    if (repair_fn if mode == "repair" else reward_fn) is None:
+        raise ValueError(f"bridge_ops: the {mode!r} warm-up needs {needed}")
     out: List[Group] = []
     for start in range(0, len(prompts), batch_prompts):
         indices = list(range(start, min(start + batch_prompts, len(prompts))))
         samples = rollout(model, prompts, indices, width, max_new_tokens, (seed, 0), temperature=temperature,
                           eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         for i, responses in zip(indices, samples):
-            correct = [r for r in responses if reward_fn(i, r) > 0]
-            if len(correct) >= min_correct:
-                out.append((list(prompts[i]), correct))
+            group = _warmup_group(list(prompts[i]), i, responses, mode, reward_fn, repair_fn)
+            if group is not None and group[1] >= min_correct:
+                out.append(group[0])
     return out
+
+
+def _warmup_group(prompt, index, responses, mode, reward_fn, repair_fn) -> Optional[Tuple[Group, int]]:
+    """(the group of one prompt's samples, its number of correct rows), or None when no row is usable."""
+    if mode == "repair":
+        rows = [r for r in (repair_fn(index, response) for response in responses) if r is not None]
+        if not rows:
+            return None
+        return Group(prompt, [r[0] for r in rows], [r[1] for r in rows]), sum(r[2] for r in rows)
+    correct = [r for r in responses if reward_fn(index, r) > 0]
+    if mode == "distinct":
+        correct = [list(r) for r in dict.fromkeys(tuple(r) for r in correct)]
+    return Group(prompt, correct), len(correct)

@@ -11,6 +11,7 @@ Files in `out_dir` (rank 0 writes them):
 
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -37,6 +38,24 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: a checkpoint at the end only (when out_dir is set)
     log_every: int = 1
     progress: bool = True
+    added_lr_mult: float = 1.0  # learning-rate multiplier of the added blocks (Bridge, P-Match) among the trainable
+    schedule: str = "constant"  # or "cosine": decays every learning rate to 10% of its value at the last step
+    warmup_steps: int = 0  # linear learning-rate warm-up over the first steps
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """The learning-rate multiplier of `step` (1-based): linear warm-up, then constant or cosine down to 0.1."""
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"bridge_ops: schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+    if step <= config.warmup_steps:
+        return step / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def seed_of(*parts) -> int:
@@ -67,7 +86,10 @@ class Trainer:
             raise ValueError("bridge_ops: nothing to train (no trainable parameters)")
         self.model, self.trainable, self.config, self.step_fn = model, trainable, config, step_fn
         self.dist, self.description = dist, description
-        self.optimizer = torch.optim.AdamW(list(trainable.values()), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(parameter_groups(trainable, config.lr, config.added_lr_mult),
+                                           weight_decay=config.weight_decay)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        lr_factor(config, 1)  # checks the schedule's name before any work
         self.step = 0
         self.history: List[Dict[str, float]] = []
 
@@ -144,6 +166,8 @@ class Trainer:
                 norms.append(self.optimizer_step())
                 return norms[-1]
 
+            for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = lr * lr_factor(cfg, step)
             metrics = self.step_fn(step, optimizer_step)
             if not norms:
                 raise RuntimeError(f"bridge_ops: step {step} made no optimizer step")
@@ -164,7 +188,23 @@ class Trainer:
         return self.history
 
 
-TRAINABLE = ("all", "bridge", "pmatch")
+ADDED_BLOCKS = ("bridge", "pmatch")
+TRAINABLE = ("all", *ADDED_BLOCKS)
+
+
+def is_added(name: str) -> bool:
+    """Whether a parameter name belongs to an added block (a layer's `.bridge.` or `.pmatch.` submodule)."""
+    return any(f".{block}." in name for block in ADDED_BLOCKS)
+
+
+def parameter_groups(trainable: Dict[str, nn.Parameter], lr: float, added_lr_mult: float = 1.0) -> List[dict]:
+    """AdamW parameter groups: the base parameters at `lr`, the added blocks' at `lr * added_lr_mult` (a block that
+    starts at zero output moves only as far as its learning rate lets it in a short run)."""
+    if added_lr_mult <= 0:
+        raise ValueError(f"bridge_ops: added_lr_mult must be > 0, got {added_lr_mult}")
+    added = [p for n, p in trainable.items() if is_added(n)]
+    base = [p for n, p in trainable.items() if not is_added(n)]
+    return [g for g in ({"params": base, "lr": lr}, {"params": added, "lr": lr * added_lr_mult}) if g["params"]]
 
 
 def select_trainable(model: nn.Module, which: str = "all") -> Dict[str, nn.Parameter]:
