@@ -9,11 +9,16 @@ key mask (`key_mask`, [B, S]) are set, and every bridged decoder layer reads the
   `attention_mask` (padding is invisible) and, with `eos_token_id`, the tokens it has seen (a sequence's keys are
   invisible after its EOS; the EOS position itself stays visible). This is what `model.generate(...)` of a bridged
   model does automatically, with N = num_return_sequences.
+  Forwards are independent unless they share a KV cache: a forward that extends a cache continues where the
+  block's previous forward over that cache stopped (rows that emitted EOS stay finished); a forward without a cache,
+  or with an empty one, starts fresh (a prompt, or a teacher-forced batch whose `attention_mask` already says which
+  keys exist), so unrelated batches in one block never see each other's state.
 - `runtime.set(cu_group_lens, key_mask)` before each forward: what `bridge_ops.generate` does, since it knows
   finished rows and compacts the batch itself.
 """
 
 import contextlib
+import weakref
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -74,7 +79,8 @@ class _ForwardGroups:
         self.cu_group_lens, self.key_mask = cu_group_lens, key_mask
         eos = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
         self.eos = None if eos is None else torch.as_tensor(list(eos))
-        self.finished: Optional[torch.Tensor] = None  # [B]: sequence emitted EOS in a forward after the first
+        self.cache: Optional[weakref.ref] = None  # the KV cache whose forwards `finished` follows
+        self.finished: Optional[torch.Tensor] = None  # [B]: rows that emitted EOS in an earlier forward over it
 
     def __call__(self, module, args, kwargs):
         tokens = kwargs.get("input_ids", args[0] if args else None)
@@ -89,7 +95,7 @@ class _ForwardGroups:
             if attention_mask is not None and attention_mask.dim() == 2:
                 key_mask = attention_mask[:, -seqlen:].bool()
             if self.eos is not None and tokens is not None:
-                key_mask = key_mask & ~self._after_eos(tokens)
+                key_mask = key_mask & ~self._after_eos(tokens, kwargs.get("past_key_values"))
         self.runtime.set(cu, key_mask, batch)
 
     def _cu_group_lens(self, batch: int, device) -> torch.Tensor:
@@ -101,11 +107,26 @@ class _ForwardGroups:
             return cu_group_lens_from_sizes(self.sizes, device=device)
         return cu_group_lens_from_width(batch, self.width, device=device)
 
-    def _after_eos(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, S]: position follows an EOS this block has seen (the first forward is the prompt: no EOS counts)."""
-        if self.finished is None or self.finished.shape[0] != tokens.shape[0]:
+    def _after_eos(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """[B, S]: the position follows an EOS of its row. Only a forward that extends a KV cache continues a
+        sequence: EOS tokens it feeds, and those fed by the block's earlier forwards over the same cache, count. A
+        forward without a cache, or with an empty one, starts fresh (its tokens are a prompt: no EOS counts)."""
+        if cache is None or cache.get_seq_length() == 0:
+            self.cache = None if cache is None else weakref.ref(cache)
             self.finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
             return torch.zeros_like(tokens, dtype=torch.bool)
+        if self.cache is None or self.cache() is not cache:
+            raise ValueError(
+                "bridge_ops: this forward extends a KV cache whose first forward ran outside this groups(..., "
+                "eos_token_id=...) block, so which rows already finished is unknown: run the prompt's forward "
+                "inside the block too"
+            )
+        if self.finished.shape[0] != tokens.shape[0]:
+            raise ValueError(
+                f"bridge_ops: the KV cache holds {self.finished.shape[0]} rows but this forward has "
+                f"{tokens.shape[0]}: rows cannot be added, dropped or reordered inside a groups(..., eos_token_id=...) "
+                "block"
+            )
         hits = torch.isin(tokens, self.eos.to(tokens.device)).int()
         after = self.finished[:, None] | ((hits.cumsum(1) - hits) > 0)
         self.finished = self.finished | hits.bool().any(1)
@@ -127,7 +148,8 @@ def groups(
     Give exactly one of: `width` (consecutive groups of `width` rows, the `num_return_sequences` layout), `sizes`
     (ragged group sizes), `cu_group_lens` (int32 [G+1] offsets). The key mask of each forward is `key_mask` if given
     (bool [B, S]), else the forward's 2-D `attention_mask` (padding invisible), and with `eos_token_id` also hides
-    every position after a sequence's EOS (tokens of the first forward in the block, the prompt, never count).
+    every position after a sequence's EOS, followed across the forwards that extend one KV cache (a forward without
+    a cache, or with an empty one, is a prompt: its EOS tokens never count).
     """
     if sum(x is not None for x in (width, sizes, cu_group_lens)) != 1:
         raise ValueError("bridge_ops: give exactly one of width, sizes or cu_group_lens")
