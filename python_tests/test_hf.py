@@ -383,6 +383,35 @@ def test_hf_generate_with_num_return_sequences_matches_bridge_ops_generate():
         assert mine == hf[: len(mine)]
 
 
+def test_gradient_checkpointing_recompute_sees_the_groups_of_its_forward():
+    """Groups travel with the forward's kwargs: the checkpointed layers' recompute, run by a backward after the
+    groups block closed and another forward ran, gives the gradients of a run without checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        model = bridged_model("llama").train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        ids, mask = left_padded([p for p in PROMPTS for _ in range(2)])
+        with bridge_ops.groups(model, width=2):
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        with torch.no_grad(), bridge_ops.groups(model, width=3):
+            model(input_ids=ids)
+        loss.backward()
+        grads.append([p.grad for p in bridge_ops.bridge_parameters(model)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_generation_prints_no_deprecation_warning():
+    """The cache goes to the model under the argument name its transformers version expects."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for cache in ("shared-prefix", "expanded"):
+            bridge_ops.generate(bridged_model("llama"), PROMPTS, 2, max_new_tokens=3, cache=cache)
+
+
 def test_generation_inputs_and_errors():
     model = bridged_model("llama")
     with pytest.raises(ValueError, match="2 widths given for 3 prompts"):
