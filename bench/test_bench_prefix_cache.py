@@ -67,10 +67,11 @@ def filled_caches(prompt_len: int, width: int):
 
 
 class Stepper:
-    """One decode step per call (the cache grows by one position per call, as in generation)."""
+    """One decode step per call (the cache grows by one position per call, as in generation). `forward_kwargs`
+    give the model its cache (`cascade_attention`'s kwargs for the shared-prefix cache)."""
 
     def __init__(self, model, cache, width, **forward_kwargs):
-        self.model, self.cache, self.kwargs = model, cache, forward_kwargs
+        self.model, self.kwargs = model, forward_kwargs or {"past_key_values": cache}
         self.length = cache.get_seq_length()
         self.tokens = torch.randint(3, 32000, (width, 1), generator=torch.Generator().manual_seed(1))
 
@@ -78,8 +79,8 @@ class Stepper:
     def __call__(self):
         mask = torch.ones(self.tokens.shape[0], self.length + 1, dtype=torch.long)
         positions = torch.full_like(self.tokens, self.length)
-        logits = self.model(input_ids=self.tokens, attention_mask=mask, position_ids=positions,
-                            past_key_values=self.cache, use_cache=True, **self.kwargs).logits
+        logits = self.model(input_ids=self.tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                            **self.kwargs).logits
         self.length += 1
         return logits
 

@@ -9,11 +9,12 @@ per layer,
 - the suffix: each row's generated keys/values, `[B, Hkv, T, Dh]` (rows of one group adjacent, `cu_group_lens`).
 
 It is a `transformers.Cache` (importing this module imports transformers) and works wherever a `DynamicCache` does:
-a forward over the G prompts fills the prefix, later forwards over the B rows append to the suffix. By default
-`update` then returns the expanded keys/values `[B, Hkv, P + T, Dh]` (materialized per call, so any attention
-implementation reads the right keys). Inside `bridge_ops.hf.attention.cascade_attention(model, cache)` (what
-`bridge_ops.generate(..., cache="shared-prefix")` uses) it returns only the suffix, and the cascade op `prefix_suffix_attention` reads the prefix in place: no copy of
-the prompt is ever made, in memory or per step.
+a forward over the G prompts fills the prefix, later forwards over the B rows append to the suffix, and `update`
+returns the expanded keys/values `[B, Hkv, P + T, Dh]` (materialized per call, so any attention implementation reads
+the right keys). The cascade attention reads it differently, through `cache.cascade_view()`: a cache over the same
+layers whose `update` returns only the suffix, while the cascade op `prefix_suffix_attention` reads the prefix in
+place, so no copy of the prompt is ever made, in memory or per step (`bridge_ops.hf.attention.cascade_attention`
+passes both to the model; `bridge_ops.generate(..., cache="shared-prefix")` decodes that way).
 """
 
 from typing import Optional, Sequence, Tuple
@@ -45,11 +46,6 @@ class _GroupPrefixLayer(CacheLayerMixin):
         self.length = 0  # T: suffix positions written
 
     # -- state ------------------------------------------------------------------------------------------------------
-    @property
-    def decoding(self) -> bool:
-        """The prompt is stored and the suffix has been written to (the next attention is a decode step's)."""
-        return self._suffix_keys is not None
-
     @property
     def suffix_keys(self) -> torch.Tensor:
         return self._suffix_keys[:, :, : self.length]
@@ -108,13 +104,15 @@ class _GroupPrefixLayer(CacheLayerMixin):
                 self.cache.to(key_states.device)
             self.lazy_initialization(key_states, value_states)
             return key_states, value_states
-        if key_states.shape[0] != self.cache.num_rows:
-            fail(f"GroupPrefixCache: forwards after the prompts must hold one row per group member "
-                 f"({self.cache.num_rows} rows), got a batch of {key_states.shape[0]}")
-        self.append(key_states, value_states)
-        if self.cache.cascade:
-            return self.suffix_keys, self.suffix_values
+        self.append_rows(key_states, value_states)
         return self.expanded()
+
+    def append_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Appends a forward's keys/values [B, Hkv, s, Dh] over the group members to the suffix."""
+        if keys.shape[0] != self.cache.num_rows:
+            fail(f"GroupPrefixCache: forwards after the prompts must hold one row per group member "
+                 f"({self.cache.num_rows} rows), got a batch of {keys.shape[0]}")
+        self.append(keys, values)
 
     def expanded(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every row, [B, Hkv, P + T, Dh] (a copy)."""
@@ -148,7 +146,7 @@ class GroupPrefixCache(Cache):
 
     Attributes:
         cu_group_lens: int32 [G+1] row offsets of the groups; prefix_lens: int32 [G]; row_group: int64 [B], the
-        group of every row; cascade: whether `update` returns the suffix only (set by `cascade_attention`).
+        group of every row.
     """
 
     def __init__(self, widths: Sequence[int], prefix_lens: torch.Tensor):
@@ -161,7 +159,6 @@ class GroupPrefixCache(Cache):
             fail(f"GroupPrefixCache: prefix_lens must have shape [G] = [{len(widths)}], got {list(prefix_lens.shape)}")
         self.prefix_lens = prefix_lens.to(torch.int32)
         self._set_groups(torch.as_tensor(widths, device=prefix_lens.device))
-        self.cascade = False
 
     def _set_groups(self, sizes: torch.Tensor) -> None:
         self.cu_group_lens = cu_group_lens_from_sizes(sizes, device=sizes.device)
@@ -198,6 +195,10 @@ class GroupPrefixCache(Cache):
             layer.select(indices, groups)
         self.prefix_lens = self.prefix_lens[groups]
         self._set_groups(counts)
+
+    def cascade_view(self) -> "CascadeView":
+        """This cache as the cascade attention reads it (see `CascadeView`); the prompts must be stored already."""
+        return CascadeView(self)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("GroupPrefixCache is already grouped: give the widths at construction")
@@ -246,3 +247,21 @@ class GroupPrefixCache(Cache):
             new.layers.append(target)
         return new
 
+
+
+class CascadeView(Cache):
+    """A `GroupPrefixCache` as the cascade attention reads it: the same layers (writes go to the cache), but `update`
+    appends a forward's keys/values to the rows' suffixes and returns only those suffixes, [B, Hkv, T, Dh]; the cascade
+    op reads the prefix in place. Give it to a model only together with the cascade attention, which attends to the
+    prefix itself: `bridge_ops.hf.attention.cascade_attention(model, cache)` yields both."""
+
+    def __init__(self, cache: GroupPrefixCache):
+        if not cache.layers or any(layer.prefix_keys is None for layer in cache.layers):
+            fail("GroupPrefixCache.cascade_view: store the prompts first (a forward over one row per group)")
+        super().__init__(layers=cache.layers)
+        self.cache = cache
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        layer.append_rows(key_states, value_states)
+        return layer.suffix_keys, layer.suffix_values

@@ -29,8 +29,7 @@ from torch import nn
 from .aggregation import best_of_n, majority_vote
 from .groups import cu_group_lens_from_sizes
 from .hf.attention import cascade_attention, unsupported_reason
-from .hf.patch import is_bridged
-from .hf.runtime import runtime_of
+from .hf.runtime import GROUPS_KWARG, BridgeGroups, cache_argument, groups_active, is_bridged
 
 Prompts = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[str]]
 
@@ -195,27 +194,28 @@ def prefill_once(
     shared = cache == "shared-prefix"
     kv = GroupPrefixCache(widths, attention_mask.sum(-1)) if shared else DynamicCache(config=model.config)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    runtime = runtime_of(model) if is_bridged(model) else None
-    if runtime is not None:
-        runtime.set(torch.arange(prompts_count + 1, dtype=torch.int32, device=device), attention_mask.bool(),
-                    prompts_count)
-    try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                    past_key_values=kv, use_cache=True, logits_to_keep=1)
-    finally:
-        if runtime is not None:
-            runtime.clear()
+    one_per_prompt = torch.arange(prompts_count + 1, dtype=torch.int32, device=device)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1, **{cache_argument(model): kv},
+                **_groups_kwargs(model, one_per_prompt, attention_mask.bool(), prompts_count))
     expand = torch.repeat_interleave(torch.arange(prompts_count, device=device), torch.as_tensor(widths, device=device))
     if not shared:
         kv.batch_select_indices(expand)
     return Prefill(kv, out.logits[:, -1].float()[expand], attention_mask[expand], positions[expand, -1], expand)
 
 
+def _groups_kwargs(model: nn.Module, cu_group_lens: torch.Tensor, key_mask: torch.Tensor, batch_size: int) -> dict:
+    """The forward kwargs that give a bridged model the groups of one forward (none for a model without Bridge)."""
+    return {GROUPS_KWARG: BridgeGroups(cu_group_lens, key_mask, batch_size)} if is_bridged(model) else {}
+
+
 def _decode_attention(model: nn.Module, kv):
-    """The forward kwargs of the decode steps, inside the attention mode the cache needs."""
+    """The forward kwargs that give the decode steps their cache, inside the attention mode the cache needs."""
     from .cache import GroupPrefixCache
 
-    return cascade_attention(model, kv) if isinstance(kv, GroupPrefixCache) else contextlib.nullcontext({})
+    if isinstance(kv, GroupPrefixCache):
+        return cascade_attention(model, kv)
+    return contextlib.nullcontext({cache_argument(model): kv})
 
 
 @torch.no_grad()
@@ -277,8 +277,7 @@ def generate(
     widths = _widths(width, input_ids.shape[0])
     if generators is not None and len(generators) != len(widths):
         raise ValueError(f"bridge_ops: {len(generators)} generators given for {len(widths)} prompts")
-    runtime = runtime_of(model) if is_bridged(model) else None
-    if runtime is not None and runtime.context_active:
+    if groups_active(model):
         raise RuntimeError("bridge_ops: generate sets the groups itself; call it outside a groups(...) block")
     if cache not in CACHE_KINDS:
         raise ValueError(f"bridge_ops: cache must be one of {CACHE_KINDS}, got {cache!r}")
@@ -288,59 +287,54 @@ def generate(
     eos_tensor = torch.as_tensor(eos_ids, dtype=torch.long, device=device)
 
     start = time.perf_counter()
-    try:
-        # 1-2. Prefill once per prompt, then expand the cache to the groups' members (or share it: `cache`).
-        state = prefill_once(model, input_ids, mask, widths, cache)
-        kv, logits, mask, last_position = state.cache, state.logits, state.attention_mask, state.last_position
-        batch = _Batch(widths, device)
-        total_rows = batch.rows.numel()
-        generated = torch.full((total_rows, max_new_tokens), pad, dtype=torch.long, device=device)
-        lengths = torch.zeros(total_rows, dtype=torch.long, device=device)
-        log_probs = torch.zeros(total_rows, dtype=torch.float64, device=device)
-        step_logits = torch.zeros(total_rows, max_new_tokens, logits.shape[-1]) if return_logits else None
-        tokens_so_far = input_ids[state.expand]
+    # 1-2. Prefill once per prompt, then expand the cache to the groups' members (or share it: `cache`).
+    state = prefill_once(model, input_ids, mask, widths, cache)
+    kv, logits, mask, last_position = state.cache, state.logits, state.attention_mask, state.last_position
+    batch = _Batch(widths, device)
+    total_rows = batch.rows.numel()
+    generated = torch.full((total_rows, max_new_tokens), pad, dtype=torch.long, device=device)
+    lengths = torch.zeros(total_rows, dtype=torch.long, device=device)
+    log_probs = torch.zeros(total_rows, dtype=torch.float64, device=device)
+    step_logits = torch.zeros(total_rows, max_new_tokens, logits.shape[-1]) if return_logits else None
+    tokens_so_far = input_ids[state.expand]
 
-        with _decode_attention(model, kv) as forward_kwargs:
-            steps = range(max_new_tokens)
-            if progress:
-                from tqdm.auto import tqdm
+    with _decode_attention(model, kv) as forward_kwargs:
+        steps = range(max_new_tokens)
+        if progress:
+            from tqdm.auto import tqdm
 
-                steps = tqdm(steps, desc="bridge_ops.generate", unit="step")
-            for step in steps:
-                # 3. Sample one token per live row; finished rows get padding.
-                next_tokens, scores = pick(tokens_so_far, logits, batch, generators)
-                next_tokens = torch.where(batch.finished, torch.full_like(next_tokens, pad), next_tokens)
-                live = ~batch.finished
-                generated[batch.rows[live], step] = next_tokens[live]
-                lengths[batch.rows[live]] += 1
-                if return_log_probs:
-                    chosen = torch.log_softmax(scores, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)
-                    log_probs[batch.rows[live]] += chosen[live].double()
-                if return_logits:
-                    step_logits[batch.rows[live].cpu(), step] = logits[live].cpu()
-                visible = live  # a row's EOS position is still a visible key; later positions are not
-                batch.finished = batch.finished | torch.isin(next_tokens, eos_tensor)
-                if bool(batch.finished.all()) or step == max_new_tokens - 1:
-                    break
-                if compact:
-                    done = batch.finished_groups()
-                    if bool(done.any()):
-                        keep = batch.drop_groups(done)
-                        kv.batch_select_indices(keep)
-                        mask, last_position = mask[keep], last_position[keep]
-                        next_tokens, visible, tokens_so_far = next_tokens[keep], visible[keep], tokens_so_far[keep]
-                # 4. One decode step for every live row.
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-                last_position = last_position + 1
-                tokens_so_far = torch.cat([tokens_so_far, next_tokens[:, None]], dim=1)
-                if runtime is not None:
-                    runtime.set(batch.cu_group_lens(device), visible[:, None], next_tokens.shape[0])
-                out = model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=last_position[:, None],
-                            past_key_values=kv, use_cache=True, **forward_kwargs)
-                logits = out.logits[:, -1].float()
-    finally:
-        if runtime is not None:
-            runtime.clear()
+            steps = tqdm(steps, desc="bridge_ops.generate", unit="step")
+        for step in steps:
+            # 3. Sample one token per live row; finished rows get padding.
+            next_tokens, scores = pick(tokens_so_far, logits, batch, generators)
+            next_tokens = torch.where(batch.finished, torch.full_like(next_tokens, pad), next_tokens)
+            live = ~batch.finished
+            generated[batch.rows[live], step] = next_tokens[live]
+            lengths[batch.rows[live]] += 1
+            if return_log_probs:
+                chosen = torch.log_softmax(scores, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)
+                log_probs[batch.rows[live]] += chosen[live].double()
+            if return_logits:
+                step_logits[batch.rows[live].cpu(), step] = logits[live].cpu()
+            visible = live  # a row's EOS position is still a visible key; later positions are not
+            batch.finished = batch.finished | torch.isin(next_tokens, eos_tensor)
+            if bool(batch.finished.all()) or step == max_new_tokens - 1:
+                break
+            if compact:
+                done = batch.finished_groups()
+                if bool(done.any()):
+                    keep = batch.drop_groups(done)
+                    kv.batch_select_indices(keep)
+                    mask, last_position = mask[keep], last_position[keep]
+                    next_tokens, visible, tokens_so_far = next_tokens[keep], visible[keep], tokens_so_far[keep]
+            # 4. One decode step for every live row.
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            last_position = last_position + 1
+            tokens_so_far = torch.cat([tokens_so_far, next_tokens[:, None]], dim=1)
+            out = model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=last_position[:, None],
+                        use_cache=True, **forward_kwargs,
+                        **_groups_kwargs(model, batch.cu_group_lens(device), visible[:, None], len(next_tokens)))
+            logits = out.logits[:, -1].float()
     seconds = time.perf_counter() - start
 
     sequences, scores_out, logits_out, row = [], [] if return_log_probs else None, [] if return_logits else None, 0

@@ -156,6 +156,76 @@ def test_groups_context_hides_keys_after_eos():
     assert not torch.equal(outs[0][0], outs[1][0])
 
 
+def recorded_key_masks(monkeypatch):
+    """Every key mask a Bridge layer receives, in call order."""
+    masks = []
+    residual = bridge_ops.BridgeBlock.residual
+
+    def spy(block, hidden, cu_group_lens, key_mask=None):
+        masks.append(key_mask.clone())
+        return residual(block, hidden, cu_group_lens, key_mask)
+
+    monkeypatch.setattr(bridge_ops.BridgeBlock, "residual", spy)
+    return masks
+
+
+def test_groups_block_keeps_no_state_between_unrelated_forwards(monkeypatch):
+    """Inside one groups(..., eos_token_id=...) block, two unrelated generations of the same batch size and a
+    teacher-forced forward (no cache) see exactly the key masks they see in separate blocks: EOS state follows a KV
+    cache, never the batch size. Each generation still equals teacher forcing over its own tokens."""
+    model = bridged_model("llama")
+    width, steps = 2, 8
+    eos = eos_after_two_steps(model, PROMPTS[:2], [width] * 2, seed=3)
+    batches = [left_padded([p for p in prompts for _ in range(width)]) for prompts in (PROMPTS[:2], PROMPTS[1:])]
+    teacher_ids = torch.randint(3, 60, (2 * width, 6), generator=torch.Generator().manual_seed(0))
+    masks = recorded_key_masks(monkeypatch)
+
+    def generation(seed, ids, mask):
+        torch.manual_seed(seed)
+        return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=steps,
+                              eos_token_id=eos, pad_token_id=PAD, return_dict_in_generate=True, output_logits=True)
+
+    forwards = [lambda: generation(3, *batches[0]), lambda: generation(4, *batches[1]),
+                lambda: model(input_ids=teacher_ids)]
+    with torch.no_grad(), bridge_ops.groups(model, width=width, eos_token_id=eos):
+        together = [forward() for forward in forwards]
+    masks_together = list(masks)
+    masks.clear()
+    apart = []
+    for forward in forwards:
+        with torch.no_grad(), bridge_ops.groups(model, width=width, eos_token_id=eos):
+            apart.append(forward())
+    assert len(masks) == len(masks_together) and all(torch.equal(a, b) for a, b in zip(masks, masks_together))
+    assert all(mask.all() for mask in masks_together[-2:])  # the teacher-forced forward hides nothing
+
+    for (ids, _), prompts, out, alone in zip(batches, (PROMPTS[:2], PROMPTS[1:]), together, apart):
+        assert torch.equal(out.sequences, alone.sequences)
+        rows = out.sequences[:, ids.shape[1] :].tolist()
+        sequences = [[row[: row.index(eos) + 1] if eos in row else row for row in rows[g * width : (g + 1) * width]]
+                     for g in range(len(prompts))]
+        assert any(len(s) < steps for g in sequences for s in g)  # some rows finished while their peers went on
+        step_logits = torch.stack(out.logits, dim=1)
+        result = bridge_ops.GenerationOutput(
+            sequences, None, 0, 1.0, [[step_logits[g * width + m, : len(s)] for m, s in enumerate(group)]
+                                      for g, group in enumerate(sequences)]
+        )
+        assert_incremental_matches_teacher_forced(model, prompts, [width] * len(prompts), result)
+
+
+def test_continuing_a_cache_the_block_did_not_start_is_refused():
+    from transformers import DynamicCache
+
+    model = bridged_model("llama")
+    cache = DynamicCache(config=model.config)
+    prompt = torch.tensor([[5, 6, 7]] * 2)
+    with torch.no_grad():
+        with bridge_ops.groups(model, width=2):
+            model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="first forward ran outside"):
+            with bridge_ops.groups(model, width=2, eos_token_id=EOS):
+                model(input_ids=torch.tensor([[8], [9]]), past_key_values=cache, use_cache=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Save and load
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,6 +381,35 @@ def test_hf_generate_with_num_return_sequences_matches_bridge_ops_generate():
                                eos_token_id=eos, pad_token_id=PAD)[:, ids.shape[1] :].tolist()
     for (mine,), hf in zip(greedy_ours.sequences, greedy_hf):
         assert mine == hf[: len(mine)]
+
+
+def test_gradient_checkpointing_recompute_sees_the_groups_of_its_forward():
+    """Groups travel with the forward's kwargs: the checkpointed layers' recompute, run by a backward after the
+    groups block closed and another forward ran, gives the gradients of a run without checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        model = bridged_model("llama").train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        ids, mask = left_padded([p for p in PROMPTS for _ in range(2)])
+        with bridge_ops.groups(model, width=2):
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        with torch.no_grad(), bridge_ops.groups(model, width=3):
+            model(input_ids=ids)
+        loss.backward()
+        grads.append([p.grad for p in bridge_ops.bridge_parameters(model)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_generation_prints_no_deprecation_warning():
+    """The cache goes to the model under the argument name its transformers version expects."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for cache in ("shared-prefix", "expanded"):
+            bridge_ops.generate(bridged_model("llama"), PROMPTS, 2, max_new_tokens=3, cache=cache)
 
 
 def test_generation_inputs_and_errors():

@@ -60,3 +60,19 @@ def test_build_info_describes_the_build():
     assert "cpu" in build["backends"]
     expected_isa = os.environ.get("BRIDGE_OPS_CPU_ISA") == "default" and "default"
     assert build["cpu_isa"] in (("default",) if expected_isa else ("default", "avx2+fma"))
+
+
+def test_import_never_needs_trl():
+    result = run_python(
+        """
+        import sys
+        sys.modules["trl"] = None  # what a missing trl looks like to Python
+        import bridge_ops, bridge_ops.hf, bridge_ops.train, bridge_ops.integrations
+        try:
+            import bridge_ops.integrations.trl
+        except ImportError:
+            print("the TRL integration needs trl")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "the TRL integration needs trl" in result.stdout

@@ -185,3 +185,8 @@ def test_wrong_batches_and_unsupported_operations_are_refused():
     shared.reset()
     assert shared.get_seq_length() == 0 and shared.layers[0].prefix_keys is None
 
+
+
+def test_the_cascade_view_needs_the_prompts_stored():
+    with pytest.raises(ValueError, match="store the prompts first"):
+        GroupPrefixCache(WIDTHS, torch.tensor([5, 2, 3])).cascade_view()

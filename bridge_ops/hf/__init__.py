@@ -1,11 +1,11 @@
 """Bridge for HuggingFace transformers models: patch a loaded instance, tell it the groups, save and load."""
 
 from .patch import apply_bridge, bridge_blocks, bridge_parameters, decoder_layers, is_bridged, parameter_share, remove_bridge
-from .runtime import BridgeRuntime, groups, runtime_of
+from .runtime import BridgeGroups, groups
 from .weights import load_bridge, save_bridge
 
 __all__ = [
-    "BridgeRuntime",
+    "BridgeGroups",
     "apply_bridge",
     "bridge_blocks",
     "bridge_parameters",
@@ -15,6 +15,5 @@ __all__ = [
     "load_bridge",
     "parameter_share",
     "remove_bridge",
-    "runtime_of",
     "save_bridge",
 ]

@@ -1,11 +1,13 @@
 """Self-attention of a HuggingFace model over a `GroupPrefixCache`, through transformers' attention registry.
 
 `cascade_attention(model, cache)` switches the model to the attention implementation registered here
-(`AttentionInterface` + `AttentionMaskInterface`, name `ATTENTION_NAME`) and the cache to returning the suffix only.
-Then, in every decode step (one new token per row), each self-attention layer calls the cascade op
-`prefix_suffix_attention`: the group's prefix is read in place, once per group, and no attention mask is built (the
-op masks the prompts' left padding through the cache's `prefix_lens`). The prompts' forward (one row per group, the
-prefix being written) runs transformers' SDPA attention with the usual causal + padding mask.
+(`AttentionInterface` + `AttentionMaskInterface`, name `ATTENTION_NAME`) and yields the forward kwargs of a decode
+step: the model's cache argument is `cache.cascade_view()` (its `update` returns each row's suffix only) and
+`CACHE_KWARG` carries the `GroupPrefixCache` itself to the attention function (forward kwargs reach it through every
+decoder layer, see `bridge_ops.hf.runtime`). Then, in every decode step (one new token per row), each self-attention
+layer calls the cascade op `prefix_suffix_attention`: the group's prefix is read in place, once per group, and no
+attention mask is built (the op masks the prompts' left padding through the cache's `prefix_lens`). The prompts'
+forward (one row per group, the prefix being written) runs before, outside the block, with transformers' attention.
 
 Works for the models whose attention layers call `past_key_values.update` and then the registered attention function
 with the updated keys/values (Llama, Qwen2, Qwen3, Mistral and the other `modeling_*` files written the same way).
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from ..ops import prefix_suffix_attention
+from .runtime import cache_argument
 
 ATTENTION_NAME = "bridge_ops_prefix_cascade"
 CACHE_KWARG = "bridge_prefix_cache"  # forward kwarg through which the attention function receives the cache
@@ -40,10 +43,10 @@ def _attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cache = kwargs.pop(CACHE_KWARG, None)
-    layer = None if cache is None or not cache.cascade else cache.layers[module.layer_idx]
-    if layer is None or not layer.decoding:
+    if cache is None:  # a forward without the cascade's kwargs
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
+    layer = cache.layers[module.layer_idx]
     if query.shape[2] != 1:
         raise NotImplementedError(f"bridge_ops: the cascade attention decodes one token per row, got {query.shape[2]}")
     window = kwargs.get("sliding_window")
@@ -58,9 +61,8 @@ def _attention(
 
 
 def _mask(*, q_length: int, **kwargs):
-    """Decode steps need no mask (the cascade op masks the prompts' padding itself); the prompts' forward gets SDPA's
-    causal + padding mask. (Within `cascade_attention` a one-token forward is a decode step, or a prompt batch of
-    one-token prompts, which has no padding.)"""
+    """Decode steps need no mask (the cascade op masks the prompts' padding itself); any other forward gets SDPA's
+    causal + padding mask."""
     from transformers.masking_utils import sdpa_mask
 
     return None if q_length == 1 else sdpa_mask(q_length=q_length, **kwargs)
@@ -92,15 +94,15 @@ def register() -> None:
 def cascade_attention(model: nn.Module, cache) -> Iterator[dict]:
     """Runs the model's self-attention through the cascade op over `cache` (a GroupPrefixCache) inside the block.
 
-    Yields the extra forward kwargs to pass (`model(..., past_key_values=cache, **kwargs)`). The model's attention
-    implementation and the cache's mode are restored on exit.
+    Yields the forward kwargs of a decode step (`model(input_ids, ..., **kwargs)`): the cache's `cascade_view()` as the
+    model's cache argument, and the cache itself under `CACHE_KWARG`. The prompts must be stored in the cache already.
+    The model's attention implementation is restored on exit.
     """
     register()
+    kwargs = {cache_argument(model): cache.cascade_view(), CACHE_KWARG: cache}
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
-    cache.cascade = True
     try:
-        yield {CACHE_KWARG: cache}
+        yield kwargs
     finally:
-        cache.cascade = False
         model.set_attn_implementation(previous)

@@ -3,9 +3,10 @@
 `apply_bridge(model)` patches one *instance* (Liger-Kernel style: the class, and any other model in the process,
 stay untouched; the base weights are kept): every decoder layer gets a `bridge` submodule (a `BridgeBlock` in the
 model's dtype and device) and an instance-level `forward` that runs the original layer and then adds the Bridge
-residual, which is `h = h + Bridge(norm(h))` right after the layer's `h = h + MLP(norm(h))`. The model's `generate`
-is wrapped so `model.generate(..., num_return_sequences=N)` groups the N samples of each prompt. The Bridge
-hyper-parameters are recorded in `model.config.bridge`, so `save_pretrained` keeps them.
+residual, which is `h = h + Bridge(norm(h))` right after the layer's `h = h + MLP(norm(h))`, with the groups the
+forward passes as `bridge_groups=` (see `bridge_ops.hf.runtime`). The model's `generate` is wrapped so
+`model.generate(..., num_return_sequences=N)` groups the N samples of each prompt. The Bridge hyper-parameters are
+recorded in `model.config.bridge`, so `save_pretrained` keeps them.
 """
 
 import types
@@ -15,7 +16,8 @@ from typing import Callable, Dict, Optional
 from torch import nn
 
 from ..block import BridgeBlock
-from .runtime import BridgeRuntime, groups, runtime_of
+from .runtime import (ACTIVE_BLOCK, GROUPS_KWARG, NO_GROUPS, base_model, groups, groups_active, is_bridged,
+                      require_bridged)
 
 MIN_TRANSFORMERS = (4, 56)
 
@@ -61,7 +63,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers Bridge attaches to: `<base>.layers` for registered types, else the first ModuleList of
     the base model whose every layer has an `mlp` submodule (the generic path)."""
     model_type = getattr(model.config, "model_type", None)
-    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    base = base_model(model)
     if model_type in REGISTRY:
         return base.layers
     for child in base.children():
@@ -74,16 +76,17 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _bridged_layer_forward(layer: nn.Module, *args, **kwargs):
+    bridge_groups = kwargs.pop(GROUPS_KWARG, None)
+    if bridge_groups is None:
+        raise RuntimeError(NO_GROUPS)
     out = layer._bridge_base_forward(*args, **kwargs)
     hidden = out[0] if isinstance(out, tuple) else out
-    cu_group_lens, key_mask = layer._bridge_runtime.groups_for(hidden)
-    hidden = layer.bridge.residual(hidden, cu_group_lens, key_mask)
+    hidden = layer.bridge.residual(hidden, *bridge_groups.for_hidden(hidden))
     return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
 
 def _bridged_generate(model: nn.Module, *args, **kwargs):
-    runtime = model._bridge_runtime
-    if runtime.context_active:  # the caller set the groups
+    if groups_active(model):  # the caller set the groups
         return model._bridge_base_generate(*args, **kwargs)
     config = kwargs.get("generation_config") or model.generation_config
     width = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1
@@ -92,10 +95,6 @@ def _bridged_generate(model: nn.Module, *args, **kwargs):
     eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
     with groups(model, width=width, eos_token_id=eos):
         return model._bridge_base_generate(*args, **kwargs)
-
-
-def is_bridged(model: nn.Module) -> bool:
-    return getattr(model, "_bridge_runtime", None) is not None
 
 
 def apply_bridge(
@@ -126,19 +125,17 @@ def apply_bridge(
     layers = decoder_layers(model)
     make_norm = REGISTRY.get(getattr(model.config, "model_type", None), _generic_norm)
     reference_param = next(model.parameters())
-    runtime = BridgeRuntime()
     for layer in layers:
         block = BridgeBlock(
             model.config.hidden_size, cfg.d_bridge, cfg.num_heads, norm=make_norm(layer, model.config),
             init_std=cfg.init_std,
         )
         layer.bridge = block.to(device=reference_param.device, dtype=reference_param.dtype)
-        layer._bridge_runtime = runtime
         layer._bridge_base_forward = layer.forward
         layer.forward = types.MethodType(_bridged_layer_forward, layer)
     cfg = BridgeConfig(cfg.d_bridge, layers[0].bridge.num_heads, layers[0].bridge.init_std)
     model.config.bridge = asdict(cfg)
-    model._bridge_runtime = runtime
+    setattr(model, ACTIVE_BLOCK, None)
     if hasattr(model, "generate"):
         model._bridge_base_generate = model.generate
         model.generate = types.MethodType(_bridged_generate, model)
@@ -147,13 +144,15 @@ def apply_bridge(
 
 def remove_bridge(model: nn.Module) -> nn.Module:
     """Takes the Bridge blocks out again: the model is the original one (same modules, same weights)."""
-    runtime_of(model)
+    require_bridged(model)
+    if groups_active(model):
+        raise RuntimeError("bridge_ops: remove_bridge inside a groups(...) block of the model")
     for layer in decoder_layers(model):
         del layer.bridge
-        del layer.forward, layer._bridge_base_forward, layer._bridge_runtime
+        del layer.forward, layer._bridge_base_forward
     if hasattr(model, "_bridge_base_generate"):
         del model.generate, model._bridge_base_generate
-    del model._bridge_runtime
+    delattr(model, ACTIVE_BLOCK)
     if hasattr(model.config, "bridge"):
         del model.config.bridge
     return model
@@ -161,7 +160,7 @@ def remove_bridge(model: nn.Module) -> nn.Module:
 
 def bridge_blocks(model: nn.Module):
     """The BridgeBlock of every decoder layer, in layer order."""
-    runtime_of(model)
+    require_bridged(model)
     return [layer.bridge for layer in decoder_layers(model)]
 
 
