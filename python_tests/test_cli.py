@@ -65,7 +65,8 @@ def test_demo_runs():
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr
-    assert "GRPO reward" in result.stdout and "-> vote" in result.stdout and "majority vote" in result.stdout
+    assert "GRPO: accuracy at N=4" in result.stdout and "majority vote" in result.stdout
+    assert "with peers" in result.stdout and "each alone" in result.stdout
 
 
 def test_package_exports():

@@ -334,11 +334,13 @@ def test_prefill_once_equals_expanded_prefill():
 
 
 def test_groups_of_different_prompts_do_not_interact():
+    # compact=False keeps the batch shape fixed, so that the comparison can be bit-exact: when the other group
+    # finishes earlier in one run, compaction changes the batch size and with it the float rounding of the matmuls.
     model = bridged_model("llama")
     a = bridge_ops.generate(model, [PROMPTS[0], [20, 21, 22]], [3, 2], max_new_tokens=6, do_sample=False,
-                            return_logits=True)
+                            return_logits=True, compact=False)
     b = bridge_ops.generate(model, [PROMPTS[0], [30, 31, 32]], [3, 2], max_new_tokens=6, do_sample=False,
-                            return_logits=True)
+                            return_logits=True, compact=False)
     assert a.sequences[0] == b.sequences[0]
     assert all(torch.equal(x, y) for x, y in zip(a.logits[0], b.logits[0]))
     assert a.sequences[1] != b.sequences[1]

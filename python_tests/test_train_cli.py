@@ -34,10 +34,16 @@ def test_grpo_then_resume_then_eval(base_dir, tmp_path, capsys):
     assert steps == [1, 2, 3]
     result = tmp_path / "eval.json"
     assert main(["eval", "--model", str(out), "--widths", "1,2", "--test-problems", "4", "--json", str(result),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--peers", "both"]) == 0
     rows = json.loads(result.read_text())
-    assert [r["width"] for r in rows] == [1, 2]
+    assert [(r["width"], r["peers"]) for r in rows] == [(1, "group"), (2, "group"), (1, "solo"), (2, "solo")]
     assert "mean_acc" in capsys.readouterr().out
+
+
+def test_repair_warmup_needs_a_task_with_a_chain(base_dir, tmp_path):
+    with pytest.raises(SystemExit, match="chain"):
+        main(["train", "sft", "--model", str(base_dir), "--bridge", "8", "--warmup", "repair", "--out",
+              str(tmp_path / "warm"), "--steps", "1", *TINY])
 
 
 def test_sft_refuses_a_model_without_correct_samples(base_dir, tmp_path):

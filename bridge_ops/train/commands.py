@@ -44,7 +44,7 @@ def _load(args, bridge: int = 0):
     if bridge and not is_bridged(model):
         with torch.random.fork_rng():  # fresh blocks initialized from --seed
             torch.manual_seed(args.seed)
-            apply_bridge(model, d_bridge=bridge, num_heads=args.bridge_heads)
+            apply_bridge(model, d_bridge=bridge, num_heads=args.bridge_heads, init_std=args.bridge_init_std)
     return model.eval(), tokenizer
 
 
@@ -138,13 +138,15 @@ def run_eval(args) -> int:
     model, tokenizer = _load(args)
     test = task_data(_task(args), tokenizer, "test", args.test_problems, args.data_seed)
     widths = [int(w) for w in args.widths.split(",")]
-    results = evaluate_widths(model, test.prompts, test.reward, test.extract_answer, test.answers, widths,
-                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                              eos_token_id=tokenizer.eos_token_id, progress=not args.no_progress)
-    print("width  mean_acc  majority  all_correct  any_correct")
+    results = []
+    for peers in ("group", "solo") if args.peers == "both" else (args.peers,):
+        results += evaluate_widths(model, test.prompts, test.reward, test.extract_answer, test.answers, widths,
+                                   peers=peers, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   seed=args.seed, eos_token_id=tokenizer.eos_token_id, progress=not args.no_progress)
+    print("width  peers  mean_acc  majority  all_correct  any_correct")
     for r in results:
-        print(f"{r['width']:>5}  {r['mean_accuracy']:8.3f}  {r['majority_accuracy']:8.3f}  {r['all_correct']:11.3f}"
-              f"  {r['any_correct']:11.3f}")
+        print(f"{r['width']:>5}  {r['peers']:>5}  {r['mean_accuracy']:8.3f}  {r['majority_accuracy']:8.3f}  "
+              f"{r['all_correct']:11.3f}  {r['any_correct']:11.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -190,6 +192,8 @@ def add_commands(commands) -> None:
         stage.add_argument("--bridge", type=int, default=0, metavar="D_BRIDGE",
                            help="add fresh Bridge blocks of this inner width (when the model has none)")
         stage.add_argument("--bridge-heads", type=int, default=None)
+        stage.add_argument("--bridge-init-std", type=float, default=None,
+                           help="std of the fresh blocks' Q/K/V projections (default hidden_size ** -0.5)")
         stage.add_argument("--trainable", default=trainable, choices=["all", "bridge"])
         stage.add_argument("--added-lr-mult", type=float, default=1.0,
                            help="learning-rate multiplier of the Bridge parameters when other parameters train too")
@@ -212,5 +216,8 @@ def add_commands(commands) -> None:
     ev.add_argument("--widths", default="1,2,4,8,16")
     ev.add_argument("--test-problems", type=int, default=300)
     ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--peers", default="group", choices=["group", "solo", "both"],
+                    help="samples read each other (group), each sample alone (solo: the same checkpoint without "
+                         "interdependence), or both")
     ev.add_argument("--json", default=None, help="also write the results to this file")
     ev.set_defaults(run=run_eval)

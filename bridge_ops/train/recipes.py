@@ -65,7 +65,7 @@ class MethodSpec:
     warmup_samples: int = 8  # samples per prompt for the warm-up data
     warmup_prompts: int = 1024
     warmup_min_correct: int = 2
-    warmup: SFTConfig = field(default_factory=lambda: SFTConfig(steps=150, lr=1e-3, groups_per_step=16))
+    warmup: SFTConfig = field(default_factory=lambda: SFTConfig(steps=300, lr=3e-3, groups_per_step=16))
     grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=150, lr=1e-4, width=4, prompts_per_step=16,
                                                                max_new_tokens=6))
     seed: int = 0
