@@ -1,0 +1,182 @@
+"""Hardening (issue 13): no silent garbage, no half-loaded models, no lost training, errors that say what to fix.
+
+Each test here failed on the code before the fix it covers.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import make_inputs
+from test_prefix_attention import cascade_inputs
+
+import bridge_ops
+from bridge_ops import reference
+
+NAN, INF = float("nan"), float("inf")
+compiled = pytest.mark.skipif(not hasattr(torch.ops.bridge_ops, "prefix_suffix_attention"), reason="no compiled _C")
+
+
+# ---- ops: non-finite values ----------------------------------------------------------------------------------------
+def _poison(args, case):
+    """A NaN or +inf where the row of group 0 (rows 0-1) or row 3 (group 1) can see it; P = 70 spans two key blocks
+    and the vectorized exp."""
+    q, pk, pv, _, sk, sv, _, _ = args
+    if case == "prefix-key-nan":
+        pk[0, 0, 60, 3] = NAN
+    elif case == "prefix-value-nan":
+        pv[0, 1, 69, 0] = NAN
+    elif case == "prefix-key-plus-inf-score":
+        q[0, 0] = q[0, 0].abs()
+        pk[0, 0, 65] = INF
+    elif case == "suffix-key-nan":
+        sk[3, 1, 2, 5] = NAN
+    elif case == "query-nan":
+        q[3, 2, 0] = NAN
+
+
+@compiled
+@pytest.mark.parametrize("case", ["prefix-key-nan", "prefix-value-nan", "prefix-key-plus-inf-score", "suffix-key-nan",
+                                  "query-nan"])
+def test_prefix_suffix_attention_propagates_nan_and_inf_like_the_reference(case):
+    args = cascade_inputs([2, 3], 4, 2, 16, 70, 4, prefix_lens=[70, 70])
+    _poison(args, case)
+    out, lse = bridge_ops.prefix_suffix_attention(*args, return_lse=True)
+    ref_out, ref_lse = reference.prefix_suffix_attention(*args)
+    q, pk, pv, _, sk, sv, _, _ = args  # stock attention over each row's [prefix; suffix]
+    group = torch.tensor([0, 0, 1, 1, 1])
+    keys, values = (torch.cat([p[group], s], 2).repeat_interleave(2, 1) for p, s in ((pk, sk), (pv, sv)))
+    sdpa = F.scaled_dot_product_attention(q[:, :, None], keys, values)[:, :, 0]
+    nan = torch.isnan(ref_out)
+    assert nan.any() and not nan.all()
+    assert torch.equal(torch.isnan(out), nan) and torch.equal(torch.isnan(sdpa), nan)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(out[~nan], ref_out[~nan])
+    torch.testing.assert_close(lse[finite], ref_lse[finite])
+
+
+@compiled
+def test_prefix_suffix_attention_never_reads_padding():
+    args = cascade_inputs([2, 1], 2, 1, 8, 12, 3, prefix_lens=[5, 12], suffix_lens=[1, 3, 2])
+    q, pk, pv, _, sk, sv, _, _ = args
+    pk[0, :, :7], pv[0, :, :7] = NAN, INF  # left padding of group 0's prompt
+    sk[0, :, 1:], sv[0, :, 1:], sv[2, :, 2] = NAN, NAN, NAN  # beyond suffix_lens
+    out, lse = bridge_ops.prefix_suffix_attention(*args, return_lse=True)
+    ref_out, ref_lse = reference.prefix_suffix_attention(*args)
+    assert torch.isfinite(out).all() and torch.isfinite(ref_out).all()
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+
+
+@pytest.mark.parametrize("merge", [bridge_ops.merge_attention_states, reference.merge_attention_states])
+def test_merge_attention_states_takes_plus_inf_lse_as_an_empty_side(merge):
+    o_a, o_b = torch.randn(4, 8), torch.randn(4, 8)
+    lse_a = torch.tensor([INF, 0.5, INF, NAN])
+    lse_b = torch.tensor([1.5, INF, INF, 0.0])
+    o_a[0], o_b[1], o_a[2] = NAN, NAN, NAN  # an empty side is never read
+    out, lse = merge(o_a, lse_a, o_b, lse_b)
+    torch.testing.assert_close(out[0], o_b[0])
+    torch.testing.assert_close(out[1], o_a[1])
+    assert torch.equal(out[2], torch.zeros(8)) and lse[2] == -INF
+    assert torch.isnan(out[3]).all() and torch.isnan(lse[3])
+    torch.testing.assert_close(lse[:2], torch.tensor([1.5, 0.5]))
+
+
+def test_reference_keeps_nan_of_hidden_keys_in_their_own_row():
+    """A padding or finished row's key/value is hidden from its peers: a NaN there reaches its own output only, in
+    the reference as in the fused kernel."""
+    q, k, v, cu, mask = make_inputs([3, 2, 1], 4, 2, 8)  # ragged: the reference pads the groups
+    mask[:] = True
+    mask[1, :2] = False  # row 1: left padding at positions 0-1
+    mask[4, 3] = False  # row 4: finished before position 3
+    for row, position in ((1, 0), (1, 1), (4, 3)):
+        k[row, position], v[row, position] = NAN, NAN
+    out = bridge_ops.bridge_attention(q, k, v, cu, mask)
+    ref, _ = reference.bridge_attention(q, k, v, cu, mask)
+    poisoned = torch.zeros(6, 4, dtype=torch.bool)
+    poisoned[1, :2] = poisoned[4, 3] = True
+    for result in (out, ref):
+        assert torch.equal(torch.isnan(result).any(-1).any(-1), poisoned)
+    torch.testing.assert_close(out[~poisoned], ref[~poisoned])
+
+
+# ---- ops: fake kernels, double backward, argument errors --------------------------------------------------------------
+def _decode_args():
+    hidden, norm = torch.randn(4, 1, 16), torch.ones(16)
+    w, o = torch.randn(8, 16), torch.randn(16, 8)
+    mask = torch.ones(4, 1, dtype=torch.bool)
+    return dict(hidden=hidden, norm_weight=norm, eps=1e-6, q_weight=w, k_weight=w, v_weight=w, o_weight=o,
+                cu_group_lens=bridge_ops.cu_group_lens_from_width(4, 2), key_mask=mask, num_heads=2)
+
+
+@compiled
+@pytest.mark.parametrize("name", ["norm_weight", "cu_group_lens", "key_mask", "k_weight"])
+def test_block_decode_with_an_argument_on_meta_is_an_error(name):
+    args = _decode_args()
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=f"{name} is on meta but hidden is on cpu"):
+        bridge_ops.bridge_block_decode(**args)
+
+
+@compiled
+@pytest.mark.parametrize("name", ["lse", "grad_lse"])
+def test_attention_backward_with_an_argument_on_meta_is_an_error(name):
+    q, k, v, cu, mask = make_inputs([3, 2], 4, 2, 8)
+    _, lse = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)
+    args = dict(grad_out=torch.randn_like(q), grad_lse=torch.randn_like(lse), q=q, k=k, v=v, lse=lse,
+                cu_group_lens=cu, key_mask=mask, scale=None)
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=f"{name} is on meta but q is on cpu"):
+        torch.ops.bridge_ops.bridge_attention_backward(*args.values())
+
+
+@compiled
+def test_double_backward_raises_instead_of_returning_zeros():
+    q, k, v, cu, mask = make_inputs([3, 2], 3, 2, 8, torch.float64, requires_grad=True)
+
+    def loss(impl):
+        out, lse = impl(q, k, v, cu, mask)
+        return out.square().sum() + lse.sum()
+
+    grads = torch.autograd.grad(loss(torch.ops.bridge_ops.bridge_attention), (q, k, v), create_graph=True)
+    expected = torch.autograd.grad(loss(reference.bridge_attention), (q, k, v))
+    for got, want in zip(grads, expected):  # first order is right, even with create_graph=True
+        torch.testing.assert_close(got, want)
+    with pytest.raises(RuntimeError, match="bridge_attention has no double backward"):
+        torch.autograd.grad(grads[0].sum(), q)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((5, 4, 2, 8), dtype=np.float32), [[0.0]], None], ids=["numpy", "list", "None"])
+def test_ops_refuse_non_tensors_naming_the_argument(bad):
+    q, k, v, cu, mask = make_inputs([3, 2], 4, 2, 8)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got"):
+        bridge_ops.bridge_attention(bad, k, v, cu, mask)
+    with pytest.raises(TypeError, match="key_mask must be a torch.Tensor or None"):
+        bridge_ops.bridge_attention(q, k, v, cu, np.ones((5, 4), dtype=bool))
+    with pytest.raises(TypeError, match="hidden must be a torch.Tensor"):
+        bridge_ops.bridge_block_decode(**dict(_decode_args(), hidden=bad))
+    with pytest.raises(TypeError, match="lse_b must be a torch.Tensor"):
+        bridge_ops.merge_attention_states(torch.randn(2, 4), torch.randn(2), torch.randn(2, 4), bad)
+    args = cascade_inputs([2], 2, 1, 8, 4, 1)
+    args[3] = bad
+    with pytest.raises(TypeError, match="prefix_lens must be a torch.Tensor"):
+        bridge_ops.prefix_suffix_attention(*args)
+
+
+@pytest.mark.parametrize("impl", [bridge_ops.bridge_block_decode, reference.bridge_block_decode])
+def test_block_decode_refuses_a_bad_eps_and_a_norm_weight_of_another_dtype(impl):
+    for eps in (0.0, -1e-6, NAN, INF):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            impl(**dict(_decode_args(), eps=eps))
+    args = _decode_args()
+    with pytest.raises(ValueError, match="norm_weight must have the dtype of hidden"):
+        impl(**dict(args, norm_weight=args["norm_weight"].double()))
+
+
+def test_cu_group_lens_from_sizes_refuses_fractions_and_int32_overflow():
+    with pytest.raises(ValueError, match="group sizes must be integers"):
+        bridge_ops.cu_group_lens_from_sizes([2.5, 1.5])
+    with pytest.raises(ValueError, match="add up to 2147483649 rows"):
+        bridge_ops.cu_group_lens_from_sizes([2**31, 1])
+    assert bridge_ops.cu_group_lens_from_sizes(np.array([2, 3])).tolist() == [0, 2, 5]
