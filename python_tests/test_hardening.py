@@ -180,3 +180,116 @@ def test_cu_group_lens_from_sizes_refuses_fractions_and_int32_overflow():
     with pytest.raises(ValueError, match="add up to 2147483649 rows"):
         bridge_ops.cu_group_lens_from_sizes([2**31, 1])
     assert bridge_ops.cu_group_lens_from_sizes(np.array([2, 3])).tolist() == [0, 2, 5]
+
+
+# ---- generation and the shared-prefix cache --------------------------------------------------------------------------
+PROMPTS = [[1, 5, 6, 7, 8], [1, 10], [1, 12, 13]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    pytest.importorskip("transformers")
+    from hf_models import bridged_model
+
+    return bridged_model("llama")
+
+
+def test_generate_takes_one_string_as_one_prompt():
+    from bridge_ops.charlm import char_tokenizer, tiny_causal_lm
+
+    tok = char_tokenizer()
+    out = bridge_ops.generate(tiny_causal_lm(tok, hidden_size=32, num_layers=1), "12+7=", 2, 3, tokenizer=tok)
+    assert len(out.sequences) == 1 and len(out.sequences[0]) == 2
+
+
+BAD_GENERATE_ARGS = {
+    "all-zero mask row": (dict(attention_mask=torch.tensor([[1, 1], [0, 0]])), ValueError, "prompt 1 has no token"),
+    "right padding": (dict(attention_mask=torch.tensor([[1, 1], [1, 0]])), ValueError, "must be left-padded"),
+    "top_p above 1": (dict(top_p=1.5), ValueError, "top_p must be a number in"),
+    "top_p NaN": (dict(top_p=NAN), ValueError, "top_p must be a number in"),
+    "temperature 0": (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+    "top_k negative": (dict(top_k=-1), ValueError, "top_k must be >= 0"),
+    "id past the vocabulary": (dict(prompts=torch.tensor([[1, 61]])), ValueError, "token id 61 at position 1"),
+    "pad -1": (dict(pad_token_id=-1), ValueError, "pad_token_id -1 is outside the model's vocabulary"),
+    "pad 999": (dict(pad_token_id=999), ValueError, "pad_token_id 999 is outside"),
+    "prompt past max positions": (dict(prompts=torch.ones(1, 300, dtype=torch.long)), ValueError,
+                                  "a prompt of 300 tokens plus max_new_tokens=3 passes the model's max_position"),
+    "generation past max positions": (dict(prompts=torch.ones(1, 250, dtype=torch.long), max_new_tokens=8), ValueError,
+                                      "lower max_new_tokens"),
+    "width 2.0": (dict(width=2.0), TypeError, "width must be an integer, got 2.0"),
+    "width True": (dict(width=True), TypeError, "width must be an integer, got True"),
+    "max_new_tokens 2.5": (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an integer, got 2.5"),
+    "eos as text": (dict(eos_token_id="</s>"), TypeError, "eos_token_id must be an integer, got '</s>'"),
+    "float input_ids": (dict(prompts=torch.ones(1, 2)), TypeError, "input_ids must hold integer token ids"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GENERATE_ARGS))
+def test_generate_refuses_bad_arguments_before_running(model, case, monkeypatch):
+    overrides, error, message = BAD_GENERATE_ARGS[case]
+    calls = []
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1))
+    args = {**dict(prompts=torch.tensor([[1, 5], [1, 6]]), width=2, max_new_tokens=3), **overrides}
+    with pytest.raises(error, match=message):
+        bridge_ops.generate(model, args.pop("prompts"), args.pop("width"), args.pop("max_new_tokens"), **args)
+    assert not calls
+
+
+def test_generate_accepts_numpy_integers(model):
+    out = bridge_ops.generate(model, PROMPTS, np.int64(2), np.int64(2), top_k=np.int64(5))
+    assert [len(g) for g in out.sequences] == [2, 2, 2]
+
+
+def _cascade_decode_logits(model, cache, steps=3):
+    """The prompts' forward into `cache`, then decode steps through the cascade attention, as `generate` runs them."""
+    from hf_models import left_padded
+
+    from bridge_ops.hf.attention import cascade_attention
+
+    ids, mask = left_padded(PROMPTS)
+    rows = torch.repeat_interleave(torch.arange(len(PROMPTS)), torch.tensor([3, 1, 2]))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    tokens = torch.randint(3, 60, (steps, rows.numel(), 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), bridge_ops.groups(model, sizes=[1, 1, 1]):
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    mask, positions = mask[rows], positions[rows, -1:]
+    with torch.no_grad(), cascade_attention(model, cache) as kwargs, bridge_ops.groups(model, sizes=[3, 1, 2]):
+        for step in range(steps):
+            mask, positions = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), positions + 1
+            logits = model(input_ids=tokens[step], attention_mask=mask, position_ids=positions,
+                           past_key_values=cache, use_cache=True, **kwargs).logits
+    return logits
+
+
+def test_a_deep_copied_group_prefix_cache_is_independent(model):
+    import copy
+
+    from bridge_ops.cache import GroupPrefixCache
+
+    lens = torch.tensor([len(p) for p in PROMPTS])
+    fresh = _cascade_decode_logits(model, GroupPrefixCache([3, 1, 2], lens))
+    copied = _cascade_decode_logits(model, copy.deepcopy(GroupPrefixCache([3, 1, 2], lens)))
+    torch.testing.assert_close(copied, fresh, rtol=0, atol=0)
+    original = GroupPrefixCache([3, 1, 2], lens)
+    _cascade_decode_logits(model, original)
+    clone = copy.deepcopy(original)
+    clone.batch_select_indices(torch.tensor([0, 1, 2]))
+    assert original.num_rows == 6 and original.layers[0].cache is original and clone.layers[0].cache is clone
+
+
+def test_group_prefix_cache_honors_the_cache_layer_api():
+    """transformers' test_dynamic_cache pattern: update layers, read `cache.layers[i].keys / .values`."""
+    from bridge_ops.cache import GroupPrefixCache
+
+    prefill = torch.tensor([1.0, 2.0])[None, None, :, None]
+    update3, update4 = torch.tensor(3.0)[None, None, None, None], torch.tensor(4.0)[None, None, None, None]
+    cache = GroupPrefixCache([1], torch.tensor([2]))
+    cache.update(prefill, prefill, 0)
+    cache.update(update3, update3, 0)
+    assert cache.layers[0].keys[0, 0, :, 0].tolist() == [1.0, 2.0, 3.0]
+    cache.update(update4, update4, 0)
+    assert cache.layers[0].values[0, 0, :, 0].tolist() == [1.0, 2.0, 3.0, 4.0]
+    cache.update(prefill + 10, prefill + 10, 1)  # a second layer, independently
+    assert cache.layers[1].keys[0, 0, :, 0].tolist() == [11.0, 12.0] and cache.layers[0].keys.shape[2] == 4
+    with pytest.raises(NotImplementedError, match="convert with to_dynamic_cache"):
+        cache.layers[0].keys = prefill
