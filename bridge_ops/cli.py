@@ -39,12 +39,12 @@ def _tiny_model(args) -> int:
 
 
 def _has_bridge(directory: str) -> bool:
-    import json
+    from .files import read_json
 
     if os.path.exists(os.path.join(directory, "bridge.safetensors")):
         return True
     config = os.path.join(directory, "config.json")
-    return os.path.exists(config) and "bridge" in json.load(open(config))
+    return os.path.exists(config) and "bridge" in read_json(config)
 
 
 def _generate(args) -> int:

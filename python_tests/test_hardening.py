@@ -17,7 +17,7 @@ NAN, INF = float("nan"), float("inf")
 compiled = pytest.mark.skipif(not hasattr(torch.ops.bridge_ops, "prefix_suffix_attention"), reason="no compiled _C")
 
 
-# ---- ops: non-finite values ----------------------------------------------------------------------------------------
+# ---- ops: non-finite values ------------------------------------------------------------------------------------------
 def _poison(args, case):
     """A NaN or +inf where the row of group 0 (rows 0-1) or row 3 (group 1) can see it; P = 70 spans two key blocks
     and the vectorized exp."""
@@ -101,7 +101,7 @@ def test_reference_keeps_nan_of_hidden_keys_in_their_own_row():
     torch.testing.assert_close(out[~poisoned], ref[~poisoned])
 
 
-# ---- ops: fake kernels, double backward, argument errors --------------------------------------------------------------
+# ---- ops: fake kernels, double backward, argument errors -------------------------------------------------------------
 def _decode_args():
     hidden, norm = torch.randn(4, 1, 16), torch.ones(16)
     w, o = torch.randn(8, 16), torch.randn(16, 8)
@@ -147,7 +147,8 @@ def test_double_backward_raises_instead_of_returning_zeros():
         torch.autograd.grad(grads[0].sum(), q)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((5, 4, 2, 8), dtype=np.float32), [[0.0]], None], ids=["numpy", "list", "None"])
+@pytest.mark.parametrize("bad", [np.zeros((5, 4, 2, 8), dtype=np.float32), [[0.0]], None],
+                         ids=["numpy", "list", "None"])
 def test_ops_refuse_non_tensors_naming_the_argument(bad):
     q, k, v, cu, mask = make_inputs([3, 2], 4, 2, 8)
     with pytest.raises(TypeError, match="q must be a torch.Tensor, got"):
@@ -293,3 +294,126 @@ def test_group_prefix_cache_honors_the_cache_layer_api():
     assert cache.layers[1].keys[0, 0, :, 0].tolist() == [11.0, 12.0] and cache.layers[0].keys.shape[2] == 4
     with pytest.raises(NotImplementedError, match="convert with to_dynamic_cache"):
         cache.layers[0].keys = prefill
+
+
+# ---- load_bridge: validate everything, then load; checksums ----------------------------------------------------------
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, getattr(model.config, "bridge", None)
+
+
+def _assert_unchanged(model, snapshot):
+    state, bridge = snapshot
+    assert model.state_dict().keys() == state.keys() and getattr(model.config, "bridge", None) == bridge
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def _resave(directory, edit_tensors=None, **config_changes):
+    """Rewrites a saved Bridge consistently (its checksum updated): a wrong save, not a corrupted file."""
+    from safetensors.torch import load_file, save_file
+
+    from bridge_ops.files import read_json, sha256_of, write_json
+
+    path = directory / "bridge.safetensors"
+    tensors = load_file(path)
+    if edit_tensors is not None:
+        edit_tensors(tensors)
+    save_file(tensors, path)
+    config = read_json(directory / "bridge_config.json")
+    config.update(config_changes, sha256={"bridge.safetensors": sha256_of(path)})
+    write_json(directory / "bridge_config.json", config)
+
+
+def _drop_layer_1(tensors):
+    for key in [k for k in tensors if k.startswith("layers.1.")]:
+        del tensors[key]
+
+
+def _nan_norm(tensors):
+    tensors["layers.0.norm.weight"][3] = NAN
+
+
+def _int_q(tensors):
+    tensors["layers.0.q_proj.weight"] = tensors["layers.0.q_proj.weight"].int()
+
+
+BAD_SAVES = {
+    "missing layer": (dict(edit_tensors=_drop_layer_1), "no tensor layers.1.k_proj.weight"),
+    "misshapen tensor": (dict(edit_tensors=lambda t: t.update({"layers.1.o_proj.weight": torch.zeros(64, 16)})),
+                         r"layers.1.o_proj.weight has shape \[64, 16\], the model needs \[64, 32\]"),
+    "edited d_bridge": (dict(d_bridge=16), "d_bridge 16 \\(saved\\) vs 32 \\(model\\)|the model needs \\[16, 64\\]"),
+    "NaN weight": (dict(edit_tensors=_nan_norm), "layers.0.norm.weight holds NaN or infinite values"),
+    "integer tensor": (dict(edit_tensors=_int_q), "not a floating-point tensor"),
+}
+
+
+@pytest.mark.parametrize("bridged", [False, True], ids=["plain", "bridged"])
+@pytest.mark.parametrize("case", list(BAD_SAVES))
+def test_load_bridge_refuses_before_changing_the_model(tmp_path, case, bridged):
+    from hf_models import bridged_model, tiny_model
+
+    bridge_ops.save_bridge(bridged_model("llama", seed=1), tmp_path)
+    changes, message = BAD_SAVES[case]
+    _resave(tmp_path, **changes)
+    target = bridged_model("llama") if bridged else tiny_model("llama")
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=message):
+        bridge_ops.load_bridge(target, tmp_path)
+    _assert_unchanged(target, before)
+    assert bridge_ops.hf.is_bridged(target) == bridged
+
+
+def test_load_bridge_refuses_another_model_type_unless_allowed(tmp_path):
+    from hf_models import bridged_model, tiny_model
+
+    saved = bridged_model("llama")
+    bridge_ops.save_bridge(saved, tmp_path)
+    qwen2 = tiny_model("qwen2")
+    before = _snapshot(qwen2)
+    with pytest.raises(ValueError, match="model_type 'llama' \\(saved\\) vs 'qwen2' \\(model\\); pass allow_other"):
+        bridge_ops.load_bridge(qwen2, tmp_path)
+    _assert_unchanged(qwen2, before)
+    bridge_ops.load_bridge(qwen2, tmp_path, allow_other_model_type=True)
+    for a, b in zip(bridge_ops.bridge_parameters(saved), bridge_ops.bridge_parameters(qwen2)):
+        assert torch.equal(a, b)
+
+
+def test_load_bridge_refuses_a_flipped_bit_naming_the_file(tmp_path):
+    from hf_models import bridged_model, tiny_model
+
+    bridge_ops.save_bridge(bridged_model("llama"), tmp_path)
+    path = tmp_path / "bridge.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x10  # one bit of a weight: still a valid safetensors file
+    path.write_bytes(bytes(data))
+    target = tiny_model("llama")
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=f"{path} is corrupted or was replaced: its sha256 is"):
+        bridge_ops.load_bridge(target, tmp_path)
+    _assert_unchanged(target, before)
+
+
+def test_unreadable_bridge_files_are_named(tmp_path):
+    from hf_models import bridged_model, tiny_model
+
+    bridge_ops.save_bridge(bridged_model("llama"), tmp_path)
+    config = tmp_path / "bridge_config.json"
+    text = config.read_text()
+    config.write_text(text[:-10])
+    with pytest.raises(ValueError, match=f"{config} is not valid JSON"):
+        bridge_ops.load_bridge(tiny_model("llama"), tmp_path)
+    config.write_text(text.replace('"sha256"', '"old_sha256"'))  # a file saved before checksums existed
+    weights = tmp_path / "bridge.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"cannot read {weights} \\(truncated or not a safetensors file\\)"):
+        bridge_ops.load_bridge(tiny_model("llama"), tmp_path)
+
+
+def test_save_bridge_records_checksums_and_leaves_no_temporary_files(tmp_path):
+    from hf_models import bridged_model
+
+    from bridge_ops.files import read_json, sha256_of
+
+    bridge_ops.save_bridge(bridged_model("llama"), tmp_path)
+    recorded = read_json(tmp_path / "bridge_config.json")["sha256"]
+    assert recorded == {"bridge.safetensors": sha256_of(tmp_path / "bridge.safetensors")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bridge.safetensors", "bridge_config.json"]
