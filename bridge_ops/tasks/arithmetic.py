@@ -5,10 +5,12 @@ A problem is a chain like `17+4-9+12=`; its answer the decimal result (`24`), fo
 and test splits are disjoint by construction (a problem's text decides its split through a hash).
 """
 
+import functools
 import hashlib
+import itertools
 import random
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 ALPHABET = "0123456789+-="
 
@@ -45,10 +47,28 @@ class ArithmeticTask:
         digest = hashlib.sha256(problem.prompt.encode()).digest()
         return "test" if digest[0] < 52 else "train"
 
+    @functools.lru_cache(maxsize=None)  # the task is frozen (hashable): counted once per task
+    def split_sizes(self) -> Optional[Dict[str, int]]:
+        """How many distinct problems each split holds, counted when there are at most a million in all (else None)."""
+        shapes = range(self.min_terms, self.max_terms + 1)
+        if sum((self.max_operand + 1) ** t * 2 ** (t - 1) for t in shapes) > 10**6:
+            return None
+        sizes = {"train": 0, "test": 0}
+        for terms in shapes:
+            for operands in itertools.product(range(self.max_operand + 1), repeat=terms):
+                for ops in itertools.product("+-", repeat=terms - 1):
+                    text = str(operands[0]) + "".join(f"{op}{x}" for op, x in zip(ops, operands[1:])) + "="
+                    sizes[self.split_of(Problem(text, ""))] += 1
+        return sizes
+
     def problems(self, split: str, count: int, seed: int = 0) -> List[Problem]:
         """`count` distinct problems of `split` ('train' or 'test'), the same for the same seed."""
         if split not in ("train", "test"):
             raise ValueError(f"bridge_ops: split must be 'train' or 'test', got {split!r}")
+        available = (self.split_sizes() or {}).get(split)
+        if available is not None and count > available:
+            raise ValueError(f"bridge_ops: the {split} split of {self} has {available} distinct problems, fewer "
+                             f"than the {count} asked for")
         rng, seen, out = random.Random(f"{self.name}-{split}-{seed}"), set(), []
         attempts = 0
         while len(out) < count:

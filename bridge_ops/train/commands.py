@@ -6,9 +6,10 @@
     bridge-ops train grpo --model warm/ --task arithmetic --width 4 --out rl/
     bridge-ops eval --model rl/ --task arithmetic --widths 1,2,4,8,16
 
-Every training command writes the whole model (`save_pretrained`, plus `bridge.safetensors` when bridged) and the
-tokenizer to --out, with metrics.jsonl and checkpoint.pt; running the same command again resumes from the
-checkpoint. Under `torchrun --nproc_per_node K` the trainers run data-parallel (whole groups per rank).
+Every training command checks that --out is writable before it starts, then writes the whole model (`save_pretrained`,
+plus `bridge.safetensors` when bridged) and the tokenizer to --out, with metrics.jsonl, checkpoint.pt and its manifest;
+running the same command again resumes from the checkpoint (pretraining included). Under
+`torchrun --nproc_per_node K` the trainers run data-parallel (whole groups per rank).
 """
 
 import argparse
@@ -67,7 +68,8 @@ def _pretrain(args, dist) -> int:
     train = task_data(task, tokenizer, "train", args.train_problems, args.data_seed)
     spec = BaseSpec(hidden_size=args.hidden_size, num_layers=args.layers, steps=args.steps, lr=args.lr,
                     batch=args.batch, seed=args.seed)
-    model = pretrain_base(train, spec, progress=not args.no_progress)
+    model = pretrain_base(train, spec, progress=not args.no_progress, out_dir=args.out,
+                          checkpoint_every=args.checkpoint_every)
     _save(model, tokenizer, args.out, dist)
     return 0
 
@@ -115,9 +117,12 @@ def _grpo(args, dist) -> int:
 
 
 def run_train(args) -> int:
+    from ..files import ensure_writable_dir
     from .distributed import init_distributed
 
     dist = init_distributed()
+    if dist.is_main:  # before any work: a run must not train for hours and then fail to save
+        ensure_writable_dir(args.out)
     return {"pretrain": _pretrain, "sft": _sft, "grpo": _grpo}[args.stage](args, dist)
 
 

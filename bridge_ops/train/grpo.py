@@ -21,7 +21,7 @@ from torch import nn
 
 from .data import grouped_batch, rollout, token_log_probs
 from .distributed import DistContext
-from .losses import GRPOLossConfig, group_advantages, grpo_loss
+from .losses import GRPOLossConfig, group_advantages, grpo_loss, rewards_of
 from .trainer import Trainer, TrainConfig, step_rng
 
 RewardFn = Callable[[int, List[int]], float]  # (prompt index, response token ids incl. EOS) -> reward
@@ -56,6 +56,8 @@ def train_grpo(
     frozen copy of the model at the start is the reference. Metrics per step: loss, reward (mean), solved (fraction
     of groups with a rewarded member), clip_fraction, kl, response_length (tokens), grad_norm.
     """
+    if config.minibatches < 1:
+        raise ValueError(f"bridge_ops: minibatches must be >= 1, got {config.minibatches}")
     if config.prompts_per_step > len(prompts):
         raise ValueError(f"bridge_ops: prompts_per_step={config.prompts_per_step} > {len(prompts)} prompts")
     if config.prompts_per_step % (dist.world_size * config.minibatches):
@@ -77,7 +79,7 @@ def train_grpo(
         model.eval()
         responses = rollout(model, prompts, indices, config.width, config.max_new_tokens, (config.seed, step),
                             temperature=config.temperature, eos_token_id=eos_token_id, pad_token_id=pad)
-        rewards = torch.tensor([reward_fn(i, r) for i, group in zip(indices, responses) for r in group])
+        rewards = rewards_of(reward_fn, indices, responses)
         widths = [len(group) for group in responses]
         advantages = group_advantages(rewards, widths, config.scale_rewards).split(widths)
         model.train()
@@ -93,7 +95,7 @@ def train_grpo(
             new = token_log_probs(ddp_model, batch, config.temperature)
             out = grpo_loss(new, old, adv, batch.response_mask, config.loss, ref, total_tokens)
             (out["loss"] * dist.world_size).backward()
-            optimizer_step()
+            optimizer_step(out["loss"])
             for key in stats:
                 stats[key] += out[key].item() / config.minibatches
         rows = float(rewards.numel())

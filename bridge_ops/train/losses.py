@@ -11,10 +11,29 @@ response tokens in the whole step (all ranks): every token weighs the same, what
 std is the population std of the group; a group whose rewards are all equal has zero advantage.
 """
 
+import math
+import numbers
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+
+def rewards_of(reward_fn: Callable[[int, List[int]], float], indices: Sequence[int],
+               responses: Sequence[Sequence[List[int]]]) -> torch.Tensor:
+    """float32 [R]: reward_fn(prompt index, response) of every response, refusing anything but a finite number (a
+    single NaN, inf or None would turn every trained parameter into NaN)."""
+    rewards = []
+    for index, group in zip(indices, responses):
+        for member, response in enumerate(group):
+            reward = reward_fn(index, response)
+            if isinstance(reward, torch.Tensor) and reward.numel() == 1:
+                reward = reward.item()
+            if isinstance(reward, bool) or not isinstance(reward, numbers.Real) or not math.isfinite(reward):
+                raise ValueError(f"bridge_ops: reward_fn returned {reward!r} for prompt {index} (response {member}); "
+                                 "it must return a finite number for every response")
+            rewards.append(float(reward))
+    return torch.tensor(rewards, dtype=torch.float32)
 
 
 def group_advantages(
