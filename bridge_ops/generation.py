@@ -128,7 +128,8 @@ def _validate_generate_args(model: nn.Module, input_ids: torch.Tensor, mask: tor
     if top_k is not None:
         _integer("top_k", top_k, 0)
     if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
-        raise ValueError(f"bridge_ops: top_p must be a number in (0, 1] (1 or None: no nucleus filtering), got {top_p!r}")
+        raise ValueError(f"bridge_ops: top_p must be a number in (0, 1] (1 or None: no nucleus filtering), "
+                         f"got {top_p!r}")
     if do_sample and not (isinstance(temperature, numbers.Real) and 0 < temperature < math.inf):
         raise ValueError(f"bridge_ops: temperature must be a finite number > 0 when sampling, got {temperature!r} "
                          "(for greedy decoding pass do_sample=False)")

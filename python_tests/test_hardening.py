@@ -602,3 +602,56 @@ def test_arithmetic_task_refuses_more_problems_than_exist_at_once():
     with pytest.raises(ValueError, match="train split of .* has 3321 distinct problems, fewer than the 100000"):
         ArithmeticTask(max_operand=9).problems("train", 100_000)
     assert time.perf_counter() - start < 5
+
+
+# ---- the CLI ---------------------------------------------------------------------------------------------------------
+def test_cli_user_errors_are_one_line_with_status_2(tmp_path, capsys):
+    from bridge_ops.cli import main
+
+    args = ["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]
+    assert main(args) == 2  # the exit status of `bridge-ops` (sys.exit(main()))
+    err = capsys.readouterr().err
+    assert err.startswith("bridge-ops: error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    with pytest.raises(OSError):
+        main(["--debug", *args])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--model", "m", "--widths", "1,a"], "argument --widths: 'a' is not an integer"),
+    (["eval", "--model", "m", "--widths", "0"], "argument --widths: must be >= 1, got 0"),
+    (["eval", "--model", "m", "--test-problems", "0"], "argument --test-problems: must be >= 1, got 0"),
+    (["tiny-model", "d", "--hidden-size", "0"], "argument --hidden-size: must be >= 1, got 0"),
+    (["tiny-model", "d", "--layers", "0"], "argument --layers: must be >= 1, got 0"),
+    (["train", "grpo", "--model", "m", "--out", "o", "--minibatches", "0"], "argument --minibatches: must be >= 1"),
+])
+def test_cli_bad_numbers_are_argument_errors(args, message, capsys):
+    from bridge_ops.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+PRETRAIN = ["train", "pretrain", "--hidden-size", "32", "--layers", "1", "--batch", "8", "--train-problems", "16",
+            "--no-progress"]
+
+
+def test_pretrain_checks_its_output_directory_before_training(tmp_path, capsys):
+    from bridge_ops.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main([*PRETRAIN, "--out", str(blocker / "out"), "--steps", "1000"]) == 2  # fails at once, trains nothing
+    assert f"cannot write to the output directory {blocker / 'out'}" in capsys.readouterr().err
+
+
+def test_pretrain_checkpoints_and_resumes(tmp_path):
+    import json
+
+    from bridge_ops.cli import main
+
+    out = tmp_path / "base"
+    assert main([*PRETRAIN, "--out", str(out), "--steps", "2"]) == 0
+    assert (out / "checkpoint.pt").exists() and (out / "checkpoint.json").exists()
+    assert main([*PRETRAIN, "--out", str(out), "--steps", "3"]) == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

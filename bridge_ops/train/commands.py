@@ -12,9 +12,9 @@ running the same command again resumes from the checkpoint (pretraining included
 `torchrun --nproc_per_node K` the trainers run data-parallel (whole groups per rank).
 """
 
-import argparse
 import json
-import os
+
+from ..cli import int_list, non_negative_int, positive_int
 
 TASK_DEFAULTS = {"max_operand": 9}
 
@@ -132,8 +132,7 @@ def run_eval(args) -> int:
 
     model, tokenizer = _load(args)
     test = task_data(_task(args), tokenizer, "test", args.test_problems, args.data_seed)
-    widths = [int(w) for w in args.widths.split(",")]
-    results = evaluate_widths(model, test.prompts, test.reward, test.extract_answer, test.answers, widths,
+    results = evaluate_widths(model, test.prompts, test.reward, test.extract_answer, test.answers, args.widths,
                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                               eos_token_id=tokenizer.eos_token_id, progress=not args.no_progress)
     print("width  mean_acc  majority  all_correct  any_correct")
@@ -152,16 +151,16 @@ def _common(parser, model: bool = True) -> None:
     parser.add_argument("--task", default="arithmetic", choices=["arithmetic"])
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the generated problems")
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and data order")
-    parser.add_argument("--max-new-tokens", type=int, default=6)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=6)
     parser.add_argument("--no-progress", action="store_true")
 
 
 def _training(parser, steps: int, lr: float) -> None:
     parser.add_argument("--out", required=True, help="output directory (resumes from its checkpoint.pt)")
-    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--steps", type=positive_int, default=steps)
     parser.add_argument("--lr", type=float, default=lr)
-    parser.add_argument("--train-problems", type=int, default=3000)
-    parser.add_argument("--checkpoint-every", type=int, default=0)
+    parser.add_argument("--train-problems", type=positive_int, default=3000)
+    parser.add_argument("--checkpoint-every", type=non_negative_int, default=0)
 
 
 def add_commands(commands) -> None:
@@ -172,32 +171,32 @@ def add_commands(commands) -> None:
     pre = stages.add_parser("pretrain", help="a tiny base model trained from scratch on the task")
     _common(pre, model=False)
     _training(pre, steps=700, lr=3e-3)
-    pre.add_argument("--hidden-size", type=int, default=128)
-    pre.add_argument("--layers", type=int, default=4)
-    pre.add_argument("--batch", type=int, default=128)
+    pre.add_argument("--hidden-size", type=positive_int, default=128)
+    pre.add_argument("--layers", type=positive_int, default=4)
+    pre.add_argument("--batch", type=positive_int, default=128)
 
     for name, steps, lr, trainable, width in (("sft", 150, 1e-3, "bridge", 8), ("grpo", 150, 1e-4, "all", 4)):
         stage = stages.add_parser(name, help={"sft": "SFT warm-up on groups of the model's own correct samples",
                                               "grpo": "GRPO with rollouts at width N"}[name])
         _common(stage)
         _training(stage, steps, lr)
-        stage.add_argument("--width", type=int, default=width, help="samples per prompt")
-        stage.add_argument("--bridge", type=int, default=0, metavar="D_BRIDGE",
+        stage.add_argument("--width", type=positive_int, default=width, help="samples per prompt")
+        stage.add_argument("--bridge", type=non_negative_int, default=0, metavar="D_BRIDGE",
                            help="add fresh Bridge blocks of this inner width (when the model has none)")
-        stage.add_argument("--bridge-heads", type=int, default=None)
+        stage.add_argument("--bridge-heads", type=positive_int, default=None)
         stage.add_argument("--trainable", default=trainable, choices=["all", "bridge"])
-    stages.choices["sft"].add_argument("--groups-per-step", type=int, default=16)
+    stages.choices["sft"].add_argument("--groups-per-step", type=positive_int, default=16)
     grpo = stages.choices["grpo"]
-    grpo.add_argument("--prompts-per-step", type=int, default=16)
+    grpo.add_argument("--prompts-per-step", type=positive_int, default=16)
     grpo.add_argument("--temperature", type=float, default=1.0)
-    grpo.add_argument("--minibatches", type=int, default=1)
+    grpo.add_argument("--minibatches", type=positive_int, default=1)
     grpo.add_argument("--beta", type=float, default=0.0, help="KL weight to the starting model")
     train.set_defaults(run=run_train)
 
     ev = commands.add_parser("eval", help="accuracy, majority vote and all-correct rate at several widths")
     _common(ev)
-    ev.add_argument("--widths", default="1,2,4,8,16")
-    ev.add_argument("--test-problems", type=int, default=300)
+    ev.add_argument("--widths", type=int_list, default=[1, 2, 4, 8, 16], help="comma-separated, e.g. 1,2,4")
+    ev.add_argument("--test-problems", type=positive_int, default=300)
     ev.add_argument("--temperature", type=float, default=1.0)
     ev.add_argument("--json", default=None, help="also write the results to this file")
     ev.set_defaults(run=run_eval)
