@@ -28,6 +28,12 @@ from .groups import cu_group_lens_from_sizes, group_ids
 _SUFFIX_GROWTH = 64  # suffix capacity grows in steps of this many positions (amortized O(1) append)
 
 
+def _refuse_assignment(value) -> None:
+    if value is not None:  # CacheLayerMixin.__init__ assigns None
+        raise NotImplementedError("GroupPrefixCache layers hold the prompt once per group: their keys/values cannot be "
+                                  "assigned (offloading, beam reordering); convert with to_dynamic_cache() first")
+
+
 class _GroupPrefixLayer(CacheLayerMixin):
     """One layer's prefix and suffix (see the module docstring). Created by `GroupPrefixCache` only."""
 
@@ -53,6 +59,24 @@ class _GroupPrefixLayer(CacheLayerMixin):
     @property
     def suffix_values(self) -> torch.Tensor:
         return self._suffix_values[:, :, : self.length]
+
+    # The standard `Cache` layer attributes: every row's keys/values [B, Hkv, P + T, Dh], materialized on each read (a
+    # copy; None before the prompts' forward). They cannot be assigned: the layer holds the prompt once per group.
+    @property
+    def keys(self) -> Optional[torch.Tensor]:
+        return None if self.prefix_keys is None else self._expand(self.prefix_keys, self._suffix_keys)
+
+    @keys.setter
+    def keys(self, value) -> None:
+        _refuse_assignment(value)
+
+    @property
+    def values(self) -> Optional[torch.Tensor]:
+        return None if self.prefix_values is None else self._expand(self.prefix_values, self._suffix_values)
+
+    @values.setter
+    def values(self, value) -> None:
+        _refuse_assignment(value)
 
     def get_seq_length(self) -> int:
         return 0 if self.prefix_keys is None else self.prefix_keys.shape[2] + self.length
@@ -114,13 +138,13 @@ class _GroupPrefixLayer(CacheLayerMixin):
                  f"({self.cache.num_rows} rows), got a batch of {keys.shape[0]}")
         self.append(keys, values)
 
+    def _expand(self, prefix: torch.Tensor, suffix: Optional[torch.Tensor]) -> torch.Tensor:
+        rows = prefix[self.cache.row_group]
+        return rows if suffix is None else torch.cat([rows, suffix[:, :, : self.length]], dim=2)
+
     def expanded(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every row, [B, Hkv, P + T, Dh] (a copy)."""
-        rows = self.cache.row_group
-        if self._suffix_keys is None:
-            return self.prefix_keys[rows], self.prefix_values[rows]
-        return (torch.cat([self.prefix_keys[rows], self.suffix_keys], dim=2),
-                torch.cat([self.prefix_values[rows], self.suffix_values], dim=2))
+        return self.keys, self.values
 
     # -- rows -------------------------------------------------------------------------------------------------------
     def select(self, rows: torch.Tensor, groups: torch.Tensor) -> None:
@@ -150,7 +174,8 @@ class GroupPrefixCache(Cache):
     """
 
     def __init__(self, widths: Sequence[int], prefix_lens: torch.Tensor):
-        super().__init__(layer_class_to_replicate=lambda: _GroupPrefixLayer(self))
+        # a bound method, not a closure over self: copy.deepcopy rebinds it to the copy (HF deep-copies caches)
+        super().__init__(layer_class_to_replicate=self._new_layer)
         widths = [int(w) for w in widths]
         if not widths or min(widths) < 1:
             fail(f"GroupPrefixCache: widths must be >= 1 (one per group), got {widths}")
@@ -159,6 +184,9 @@ class GroupPrefixCache(Cache):
             fail(f"GroupPrefixCache: prefix_lens must have shape [G] = [{len(widths)}], got {list(prefix_lens.shape)}")
         self.prefix_lens = prefix_lens.to(torch.int32)
         self._set_groups(torch.as_tensor(widths, device=prefix_lens.device))
+
+    def _new_layer(self) -> _GroupPrefixLayer:
+        return _GroupPrefixLayer(self)
 
     def _set_groups(self, sizes: torch.Tensor) -> None:
         self.cu_group_lens = cu_group_lens_from_sizes(sizes, device=sizes.device)

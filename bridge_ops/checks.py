@@ -1,9 +1,11 @@
 """Argument checks of the Python paths (the reference fallback and the fake kernels used by torch.compile).
 
-They mirror csrc/checks.h: same conditions, same messages naming the argument, always ValueError.
+They mirror csrc/checks.h: same conditions, same messages naming the argument, always ValueError (TypeError for an
+argument that is not a tensor at all, `check_tensors`, which the public wrappers run first).
 Shape/dtype/device checks never read tensor contents; `check_cu_group_lens_values` does (it syncs on GPU).
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -15,24 +17,47 @@ def fail(message: str) -> None:
     raise ValueError(f"bridge_ops: {message}")
 
 
+def check_tensors(optional=(), **named) -> None:
+    """Every named argument is a torch.Tensor (those listed in `optional` may also be None)."""
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) and not (t is None and name in optional):
+            allowed = "a torch.Tensor or None" if name in optional else "a torch.Tensor"
+            raise TypeError(f"bridge_ops: {name} must be {allowed}, got {type(t).__name__} "
+                            "(convert it with torch.as_tensor(...) on the device of the other tensors)")
+
+
+def check_same_device(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        fail(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all tensors must be on one device")
+
+
 def check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
     if t.shape != ref.shape:
         fail(f"{name} must have the same shape as {ref_name} {list(ref.shape)}, got {list(t.shape)}")
     if t.dtype != ref.dtype:
         fail(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
-    if t.device != ref.device:
-        fail(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all tensors must be on one device")
+    check_same_device(t, name, ref, ref_name)
 
 
-def check_cu_group_lens_meta(cu_group_lens: torch.Tensor, q: torch.Tensor) -> None:
+def check_cu_group_lens_meta(cu_group_lens: torch.Tensor, q: torch.Tensor, q_name: str = "q") -> None:
     if cu_group_lens.dtype != torch.int32:
         fail(f"cu_group_lens must be int32 (torch.int32), got {cu_group_lens.dtype}")
     if cu_group_lens.dim() != 1:
         fail(f"cu_group_lens must be 1-D [G+1], got shape {list(cu_group_lens.shape)}")
     if cu_group_lens.numel() < 2:
         fail(f"cu_group_lens must hold at least 2 offsets ([0, B] for one group), got {cu_group_lens.numel()}")
-    if cu_group_lens.device != q.device:
-        fail(f"cu_group_lens is on {cu_group_lens.device} but q is on {q.device}; all tensors must be on one device")
+    check_same_device(cu_group_lens, "cu_group_lens", q, q_name)
+
+
+def check_key_mask(key_mask: Optional[torch.Tensor], q: torch.Tensor, q_name: str = "q") -> None:
+    """key_mask is None or bool [B, S] (q's first two dims) on q's device."""
+    if key_mask is None:
+        return
+    if key_mask.dtype != torch.bool:
+        fail(f"key_mask must be bool (True = visible key), got {key_mask.dtype}")
+    if key_mask.dim() != 2 or tuple(key_mask.shape) != tuple(q.shape[:2]):
+        fail(f"key_mask must have shape [B, S] = {list(q.shape[:2])}, got {list(key_mask.shape)}")
+    check_same_device(key_mask, "key_mask", q, q_name)
 
 
 def check_attention_args(
@@ -53,13 +78,7 @@ def check_attention_args(
     if q.shape[2] == 0 or q.shape[3] == 0:
         fail(f"q must have H > 0 heads and Dh > 0 head_dim, got shape {list(q.shape)}")
     check_cu_group_lens_meta(cu_group_lens, q)
-    if key_mask is not None:
-        if key_mask.dtype != torch.bool:
-            fail(f"key_mask must be bool (True = visible key), got {key_mask.dtype}")
-        if key_mask.dim() != 2 or tuple(key_mask.shape) != tuple(q.shape[:2]):
-            fail(f"key_mask must have shape [B, S] = {list(q.shape[:2])}, got {list(key_mask.shape)}")
-        if key_mask.device != q.device:
-            fail(f"key_mask is on {key_mask.device} but q is on {q.device}; all tensors must be on one device")
+    check_key_mask(key_mask, q)
 
 
 def check_cu_group_lens_values(cu_group_lens: torch.Tensor, batch: int) -> int:
@@ -84,8 +103,11 @@ def check_attention_backward_args(
     check_like(grad_out, "grad_out", q, "q")
     if tuple(lse.shape) != tuple(q.shape[:3]):
         fail(f"lse must have shape [B, S, H] = {list(q.shape[:3])}, got {list(lse.shape)}")
-    if grad_lse is not None and grad_lse.shape != lse.shape:
-        fail(f"grad_lse must have the shape of lse {list(lse.shape)}, got {list(grad_lse.shape)}")
+    check_same_device(lse, "lse", q, "q")
+    if grad_lse is not None:
+        if grad_lse.shape != lse.shape:
+            fail(f"grad_lse must have the shape of lse {list(lse.shape)}, got {list(grad_lse.shape)}")
+        check_same_device(grad_lse, "grad_lse", q, "q")
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,20 +122,30 @@ def resolve_scale(scale: Optional[float], head_dim: int) -> float:
 def check_block_decode_args(
     hidden: torch.Tensor,
     norm_weight: torch.Tensor,
+    eps: float,
     q_weight: torch.Tensor,
     k_weight: torch.Tensor,
     v_weight: torch.Tensor,
     o_weight: torch.Tensor,
+    cu_group_lens: torch.Tensor,
+    key_mask: Optional[torch.Tensor],
     num_heads: int,
 ) -> None:
     if hidden.dim() != 3:
         fail(f"hidden must have shape [B, S, D], got {list(hidden.shape)}")
     if hidden.dtype not in SUPPORTED_DTYPES:
         fail(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    if not (eps > 0 and math.isfinite(eps)):
+        fail(f"eps must be a finite number > 0 (the RMSNorm epsilon, e.g. 1e-6), got {eps}")
     dim = hidden.shape[-1]
     d_bridge = q_weight.shape[0] if q_weight.dim() == 2 else -1
     if norm_weight.dim() != 1 or norm_weight.shape[0] != dim:
         fail(f"norm_weight must have shape [{dim}], got {list(norm_weight.shape)}")
+    if norm_weight.dtype != hidden.dtype:
+        fail(f"norm_weight must have the dtype of hidden ({hidden.dtype}), got {norm_weight.dtype}")
+    check_same_device(norm_weight, "norm_weight", hidden, "hidden")
+    check_cu_group_lens_meta(cu_group_lens, hidden, "hidden")
+    check_key_mask(key_mask, hidden, "hidden")
     for name, weight, shape in (
         ("q_weight", q_weight, [d_bridge, dim]),
         ("k_weight", k_weight, [d_bridge, dim]),
@@ -124,8 +156,7 @@ def check_block_decode_args(
             fail(f"{name} must have shape {shape}, got {list(weight.shape)}")
         if weight.dtype != hidden.dtype:
             fail(f"{name} must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
-        if weight.device != hidden.device:
-            fail(f"{name} is on {weight.device} but hidden is on {hidden.device}; all tensors must be on one device")
+        check_same_device(weight, name, hidden, "hidden")
     if num_heads < 1 or d_bridge % num_heads != 0:
         fail(f"num_heads ({num_heads}) must be >= 1 and divide d_bridge ({d_bridge})")
 
@@ -135,8 +166,7 @@ def _check_lengths(t: torch.Tensor, name: str, n: int, shape: str, q: torch.Tens
         fail(f"{name} must be int32 (torch.int32), got {t.dtype}")
     if t.dim() != 1 or t.shape[0] != n:
         fail(f"{name} must have shape {shape} = [{n}], got {list(t.shape)}")
-    if t.device != q.device:
-        fail(f"{name} is on {t.device} but q is on {q.device}; all tensors must be on one device")
+    check_same_device(t, name, q, "q")
 
 
 def _check_kv(t: torch.Tensor, name: str, shape: str, d0: int, d1: int, head_dim: int, q: torch.Tensor) -> None:
@@ -144,8 +174,7 @@ def _check_kv(t: torch.Tensor, name: str, shape: str, d0: int, d1: int, head_dim
         fail(f"{name} must have shape {shape} = [{d0}, {d1}, *, {head_dim}], got {list(t.shape)}")
     if t.dtype != q.dtype:
         fail(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
-    if t.device != q.device:
-        fail(f"{name} is on {t.device} but q is on {q.device}; all tensors must be on one device")
+    check_same_device(t, name, q, "q")
 
 
 def check_prefix_attention_args(
@@ -200,5 +229,4 @@ def check_merge_args(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, 
             fail(f"{name} must have shape {list(o_a.shape[:-1])} (o_a without its last dim), got {list(t.shape)}")
         if t.dtype != stat:
             fail(f"{name} must be {stat} (the lse dtype of {o_a.dtype} outputs), got {t.dtype}")
-        if t.device != o_a.device:
-            fail(f"{name} is on {t.device} but o_a is on {o_a.device}; all tensors must be on one device")
+        check_same_device(t, name, o_a, "o_a")

@@ -7,12 +7,52 @@
                                                            (its saved Bridge weights are used when DIR has them)
     bridge-ops train pretrain|sft|grpo ...                 train on a generated task (see bridge_ops/train/commands.py)
     bridge-ops eval --model DIR --widths 1,2,4,8,16        accuracy at several widths
+
+A bad argument is an argparse error; an error of the run itself (a bad model directory, a corrupted file, a checkpoint
+of another run, training that diverged) prints one line and exits with status 2. `bridge-ops --debug ...` shows the
+traceback instead.
 """
 
 import argparse
+import math
 import os
 import sys
 from typing import List, Optional
+
+# what a user's input or files can cause: one line, exit status 2 (anything else is a bug: a traceback)
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def int_list(text: str) -> List[int]:
+    """'1,2,4' -> [1, 2, 4], every entry >= 1."""
+    return [positive_int(part) for part in text.split(",")]
 
 
 def _info(args) -> int:
@@ -39,12 +79,12 @@ def _tiny_model(args) -> int:
 
 
 def _has_bridge(directory: str) -> bool:
-    import json
+    from .files import read_json
 
     if os.path.exists(os.path.join(directory, "bridge.safetensors")):
         return True
     config = os.path.join(directory, "config.json")
-    return os.path.exists(config) and "bridge" in json.load(open(config))
+    return os.path.exists(config) and "bridge" in read_json(config)
 
 
 def _generate(args) -> int:
@@ -78,25 +118,27 @@ def _generate(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="bridge-ops", description="Bridge: interdependent parallel generation")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, build and backends").set_defaults(run=_info)
 
     tiny = commands.add_parser("tiny-model", help="save a tiny character-level model built locally")
     tiny.add_argument("directory")
     tiny.add_argument("--model-type", default="llama", choices=["llama", "mistral", "qwen2", "qwen3"])
-    tiny.add_argument("--hidden-size", type=int, default=128)
-    tiny.add_argument("--layers", type=int, default=4)
-    tiny.add_argument("--bridge", type=int, default=0, metavar="D_BRIDGE", help="also add and save Bridge blocks")
+    tiny.add_argument("--hidden-size", type=positive_int, default=128)
+    tiny.add_argument("--layers", type=positive_int, default=4)
+    tiny.add_argument("--bridge", type=non_negative_int, default=0, metavar="D_BRIDGE",
+                      help="also add and save Bridge blocks")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_tiny_model)
 
     gen = commands.add_parser("generate", help="N interdependent responses per prompt")
     gen.add_argument("--model", required=True, help="a local HF model directory")
     gen.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    gen.add_argument("--width", type=int, default=4, help="responses per prompt")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--width", type=positive_int, default=4, help="responses per prompt")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=32)
     gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-k", type=non_negative_int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--greedy", action="store_true")
     gen.add_argument("--seed", type=int, default=0)
@@ -110,7 +152,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_commands(commands)
 
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"bridge-ops: error: {str(e).removeprefix('bridge_ops: ')} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

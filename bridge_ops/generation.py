@@ -19,7 +19,11 @@ the tokens equal those of `model.generate(..., num_return_sequences=N)` (both dr
 """
 
 import contextlib
+import math
+import numbers
+import operator
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -61,6 +65,8 @@ class GenerationOutput:
 
 
 def _left_padded(prompts: Prompts, attention_mask, pad_token_id: int, tokenizer, device):
+    if isinstance(prompts, str):  # one text prompt, not one prompt per character
+        prompts = [prompts]
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() != 2 or prompts.shape[0] == 0:
             raise ValueError(f"bridge_ops: input_ids must be [P, L] with P >= 1, got {list(prompts.shape)}")
@@ -84,13 +90,75 @@ def _left_padded(prompts: Prompts, attention_mask, pad_token_id: int, tokenizer,
     return ids.to(device), mask.to(device)
 
 
+def _integer(name: str, value, minimum: Optional[int] = None) -> int:
+    """`value` as an int (Python, numpy and 0-d tensor integers; not bool, float or str), >= minimum if given."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"bridge_ops: {name} must be an integer, got {value!r} ({type(value).__name__})") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"bridge_ops: {name} must be >= {minimum}, got {number}")
+    return number
+
+
 def _widths(width: Union[int, Sequence[int]], num_prompts: int) -> List[int]:
-    widths = [width] * num_prompts if isinstance(width, int) else list(width)
+    widths = [_integer("width", w) for w in (width if isinstance(width, Iterable) else [width] * num_prompts)]
     if len(widths) != num_prompts:
         raise ValueError(f"bridge_ops: {len(widths)} widths given for {num_prompts} prompts")
     if any(w < 1 for w in widths):
         raise ValueError(f"bridge_ops: every width must be >= 1, got {widths}")
     return widths
+
+
+def _token_ids(name: str, value) -> List[int]:
+    """None, one token id or several, as a list of ints."""
+    if value is None:
+        return []
+    values = list(value) if isinstance(value, Iterable) and not isinstance(value, str) else [value]
+    return [_integer(name, v) for v in values]
+
+
+def _validate_generate_args(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                            pad: int, do_sample: bool, temperature: float, top_k, top_p) -> None:
+    """Refuses, before anything runs, what would crash deep inside the model or silently generate something else."""
+    _integer("max_new_tokens", max_new_tokens, 1)
+    if top_k is not None:
+        _integer("top_k", top_k, 0)
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+        raise ValueError(f"bridge_ops: top_p must be a number in (0, 1] (1 or None: no nucleus filtering), "
+                         f"got {top_p!r}")
+    if do_sample and not (isinstance(temperature, numbers.Real) and 0 < temperature < math.inf):
+        raise ValueError(f"bridge_ops: temperature must be a finite number > 0 when sampling, got {temperature!r} "
+                         "(for greedy decoding pass do_sample=False)")
+    vocab = model.get_input_embeddings().num_embeddings
+    if not 0 <= _integer("pad_token_id", pad) < vocab:
+        raise ValueError(f"bridge_ops: pad_token_id {pad} is outside the model's vocabulary [0, {vocab}): pass a valid "
+                         "pad_token_id (e.g. tokenizer.pad_token_id)")
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"bridge_ops: attention_mask must have the shape of input_ids {list(input_ids.shape)}, got "
+                         f"{list(mask.shape)}")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise TypeError(f"bridge_ops: input_ids must hold integer token ids, got {input_ids.dtype}")
+    bad = (input_ids < 0) | (input_ids >= vocab)
+    if bool(bad.any()):
+        prompt, position = torch.nonzero(bad)[0].tolist()
+        raise ValueError(f"bridge_ops: prompt {prompt} holds token id {int(input_ids[prompt, position])} at position "
+                         f"{position}, outside the model's vocabulary [0, {vocab})")
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("bridge_ops: attention_mask must hold only 0 (padding) and 1 (token)")
+    if not bool(mask.any(-1).all()):
+        empty = torch.nonzero(~mask.bool().any(-1))[0].item()
+        raise ValueError(f"bridge_ops: prompt {empty} has no token (its attention_mask row is all 0)")
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("bridge_ops: input_ids must be left-padded (attention_mask 0s before the 1s of each row); "
+                         "set tokenizer.padding_side = 'left'")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = int(mask.sum(-1).max())
+    if limit is not None and longest + max_new_tokens - 1 > limit:
+        raise ValueError(f"bridge_ops: a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} passes the "
+                         f"model's max_position_embeddings ({limit}): shorten the prompt or lower max_new_tokens")
 
 
 def _sampler(do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float]):
@@ -107,7 +175,7 @@ def _sampler(do_sample: bool, temperature: float, top_k: Optional[int], top_p: O
         if temperature != 1.0:
             processors.append(TemperatureLogitsWarper(temperature))
         if top_k:
-            processors.append(TopKLogitsWarper(top_k=top_k))
+            processors.append(TopKLogitsWarper(top_k=int(top_k)))
         if top_p is not None and top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p=top_p))
 
@@ -245,7 +313,8 @@ def generate(
     Args:
         model: a HF causal LM, usually with `apply_bridge` (without Bridge the N samples are independent).
         prompts: input_ids [P, L] (left-padded, with `attention_mask`), or P lists of token ids, or P strings (with
-            `tokenizer`).
+            `tokenizer`; one string is one prompt). Token ids must lie in the model's vocabulary, and the longest
+            prompt plus max_new_tokens within its max_position_embeddings.
         width: samples per prompt, one int or one per prompt (ragged groups).
         max_new_tokens: tokens generated per sequence at most.
         do_sample, temperature, top_k, top_p: sampling as in HF (greedy when do_sample=False). The random numbers
@@ -267,14 +336,13 @@ def generate(
     """
     config = getattr(model, "generation_config", None)
     eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
-    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    eos_ids = _token_ids("eos_token_id", eos)
     pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
     pad = pad if pad is not None else (eos_ids[0] if eos_ids else 0)
-    if max_new_tokens < 1:
-        raise ValueError(f"bridge_ops: max_new_tokens must be >= 1, got {max_new_tokens}")
     device = next(model.parameters()).device
     input_ids, mask = _left_padded(prompts, attention_mask, pad, tokenizer, device)
     widths = _widths(width, input_ids.shape[0])
+    _validate_generate_args(model, input_ids, mask, max_new_tokens, pad, do_sample, temperature, top_k, top_p)
     if generators is not None and len(generators) != len(widths):
         raise ValueError(f"bridge_ops: {len(generators)} generators given for {len(widths)} prompts")
     if groups_active(model):

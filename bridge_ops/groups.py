@@ -15,13 +15,19 @@ Device = Union[torch.device, str, None]
 
 def cu_group_lens_from_sizes(sizes: Union[Sequence[int], torch.Tensor], device: Device = None) -> torch.Tensor:
     """Offsets of groups of the given sizes, e.g. [4, 1, 3] -> tensor([0, 4, 5, 8], dtype=int32)."""
-    sizes = torch.as_tensor(sizes, dtype=torch.int64, device=device)
+    sizes = torch.as_tensor(sizes, device=device)
     if sizes.dim() != 1 or sizes.numel() == 0:
         raise ValueError(f"bridge_ops: group sizes must be a non-empty 1-D sequence, got shape {list(sizes.shape)}")
+    if sizes.dtype == torch.bool or sizes.is_floating_point() or sizes.is_complex():
+        raise ValueError(f"bridge_ops: group sizes must be integers, got {sizes.dtype} values {sizes.tolist()}")
     if bool((sizes < 1).any()):
         raise ValueError(f"bridge_ops: every group needs at least one row, got sizes {sizes.tolist()}")
+    ends = torch.cumsum(sizes.long(), 0)
+    if int(ends[-1]) > torch.iinfo(torch.int32).max:
+        raise ValueError(f"bridge_ops: the group sizes add up to {int(ends[-1])} rows, more than the int32 offsets of "
+                         f"cu_group_lens can hold ({torch.iinfo(torch.int32).max})")
     cu = torch.zeros(sizes.numel() + 1, dtype=torch.int32, device=sizes.device)
-    cu[1:] = torch.cumsum(sizes, 0)
+    cu[1:] = ends
     return cu
 
 

@@ -54,6 +54,7 @@ def bridge_attention(
         float64 inputs). Differentiable in q, k, v (through out and lse); the backward is a fused kernel and has
         no backward of its own (no double backward). Accumulation is float32 (float64 for float64 inputs).
     """
+    checks.check_tensors(q=q, k=k, v=v, cu_group_lens=cu_group_lens, key_mask=key_mask, optional=("key_mask",))
     if q.device.type in _COMPILED:
         out, lse = torch.ops.bridge_ops.bridge_attention(q, k, v, cu_group_lens, key_mask, scale)
     else:
@@ -89,6 +90,9 @@ def bridge_block_decode(
     Returns:
         [B, S, D] in hidden's dtype. No backward (an inference op; training uses `BridgeBlock.forward`).
     """
+    checks.check_tensors(hidden=hidden, norm_weight=norm_weight, q_weight=q_weight, k_weight=k_weight,
+                         v_weight=v_weight, o_weight=o_weight, cu_group_lens=cu_group_lens, key_mask=key_mask,
+                         optional=("key_mask",))
     args = (hidden, norm_weight, eps, q_weight, k_weight, v_weight, o_weight, cu_group_lens, key_mask, num_heads, scale)
     if hidden.device.type in _COMPILED:
         return torch.ops.bridge_ops.bridge_block_decode(*args)
@@ -137,9 +141,13 @@ def prefix_suffix_attention(
 
     Returns:
         out [B, Hq, Dh] (contiguous, q.dtype) and with return_lse also lse [B, Hq] (float32; float64 for float64
-        inputs). A row with no visible key gets out = 0 and lse = -inf. Accumulation is float32 (float64 for
+        inputs). A row with no visible key gets out = 0 and lse = -inf; a NaN in its query or in a visible key or
+        value, or a +inf score, makes its out NaN (as in the reference and SDPA). Accumulation is float32 (float64 for
         float64). No backward (an inference op): calls that need a gradient raise an error.
     """
+    checks.check_tensors(q=q, prefix_k=prefix_k, prefix_v=prefix_v, prefix_lens=prefix_lens, suffix_k=suffix_k,
+                         suffix_v=suffix_v, cu_group_lens=cu_group_lens, suffix_lens=suffix_lens,
+                         optional=("suffix_lens",))
     args = (q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu_group_lens, suffix_lens, scale)
     if q.device.type in _COMPILED_CASCADE:
         out, lse = torch.ops.bridge_ops.prefix_suffix_attention(*args)
@@ -154,7 +162,8 @@ def merge_attention_states(
     """Exact merge of two attention results over disjoint key sets A and B of the same queries.
 
     lse = logaddexp(lse_a, lse_b) and out = exp(lse_a - lse) o_a + exp(lse_b - lse) o_b: the attention over A u B.
-    An empty side has lse = -inf (its o is ignored); both empty give out = 0, lse = -inf.
+    An empty side has lse = -inf, or +inf (how FlashAttention-2 and vLLM mark an empty split; vLLM's merge treats it
+    the same way); its o is ignored. Both empty give out = 0, lse = -inf. A NaN lse gives NaN.
 
     Args:
         o_a, o_b: [..., Dh], one dtype (float16 / bfloat16 / float32 / float64) and device.
@@ -163,6 +172,7 @@ def merge_attention_states(
     Returns:
         (out [..., Dh] in o's dtype, lse [...]). Computed in float32 (float64). No backward (an inference op).
     """
+    checks.check_tensors(o_a=o_a, lse_a=lse_a, o_b=o_b, lse_b=lse_b)
     if o_a.device.type in _COMPILED_CASCADE:
         return torch.ops.bridge_ops.merge_attention_states(o_a, lse_a, o_b, lse_b)
     return _no_grad_reference(reference.merge_attention_states, "merge_attention_states", (o_a, lse_a, o_b, lse_b))
@@ -195,7 +205,8 @@ if _C is not None:
     def _bridge_block_decode_fake(
         hidden, norm_weight, eps, q_weight, k_weight, v_weight, o_weight, cu_group_lens, key_mask, num_heads, scale=None
     ):
-        checks.check_block_decode_args(hidden, norm_weight, q_weight, k_weight, v_weight, o_weight, num_heads)
+        checks.check_block_decode_args(hidden, norm_weight, eps, q_weight, k_weight, v_weight, o_weight, cu_group_lens,
+                                       key_mask, num_heads)
         return torch.empty_like(hidden)
 
     @torch.library.register_fake("bridge_ops::prefix_suffix_attention")

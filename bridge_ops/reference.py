@@ -78,7 +78,11 @@ def bridge_attention(
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [G, S, H, N]
     probs = torch.exp(scores - lse[..., None])
-    out = torch.einsum("gsHij,gjsHd->gisHd", probs, vg)  # [G, N, S, H, Dh]
+    # A hidden key's value reaches its own row only: peers take it from zeros, so that a NaN or inf there (a padding
+    # or finished row) never meets their zero weight, as in the fused kernels, which never read it.
+    hidden_zeroed = vg.masked_fill(~visible[..., None, None], 0.0)
+    peers = torch.einsum("gsHij,gjsHd->gisHd", probs.masked_fill(itself, 0.0), hidden_zeroed)
+    out = peers + probs.diagonal(dim1=-2, dim2=-1).permute(0, 3, 1, 2)[..., None] * vg  # [G, N, S, H, Dh]
     lse = lse.permute(0, 3, 1, 2)  # [G, N, S, H]
     if rows is None:
         out, lse = out.reshape(batch, seqlen, heads, head_dim), lse.reshape(batch, seqlen, heads)
@@ -157,7 +161,8 @@ def bridge_block_decode(
     scale: Optional[float] = None,
 ) -> torch.Tensor:
     """Reference of `bridge_ops.bridge_block_decode`: the same step as separate PyTorch calls."""
-    checks.check_block_decode_args(hidden, norm_weight, q_weight, k_weight, v_weight, o_weight, num_heads)
+    checks.check_block_decode_args(hidden, norm_weight, eps, q_weight, k_weight, v_weight, o_weight, cu_group_lens,
+                                   key_mask, num_heads)
     batch, seqlen, _ = hidden.shape
     normed = rms_norm(hidden, norm_weight, eps)
     heads = (batch, seqlen, num_heads, q_weight.shape[0] // num_heads)
@@ -170,8 +175,9 @@ def merge_attention_states(
     o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of `bridge_ops.merge_attention_states`: o = w_a o_a + w_b o_b, w_x = exp(lse_x - lse),
-    lse = logaddexp(lse_a, lse_b)."""
+    lse = logaddexp(lse_a, lse_b); a side with lse -inf or +inf is empty."""
     checks.check_merge_args(o_a, lse_a, o_b, lse_b)
+    lse_a, lse_b = (lse.masked_fill(lse == float("inf"), float("-inf")) for lse in (lse_a, lse_b))  # +inf: empty
     top = torch.maximum(lse_a, lse_b)
     empty = top == float("-inf")  # both sides empty: o = 0, lse = -inf
     top = top.masked_fill(empty, 0.0)
@@ -234,5 +240,5 @@ def prefix_suffix_attention(
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])  # all-masked rows: 0
-    out = torch.einsum("bhk,bhkd->bhd", probs, values)
+    out = torch.einsum("bhk,bhkd->bhd", probs, values.masked_fill(~visible[..., None], 0.0))  # pads never read
     return out.to(q.dtype), lse.to(checks.lse_dtype(q.dtype))

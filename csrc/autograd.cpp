@@ -1,11 +1,14 @@
 // Autograd kernels of the bridge_ops operators (device-independent: they call the ops back through the
-// dispatcher, which picks the CPU or CUDA kernel): bridge_attention's backward, and the refusal of the inference ops
-// (bridge_block_decode, prefix_suffix_attention, merge_attention_states) to run where a backward would be needed.
+// dispatcher, which picks the CPU or CUDA kernel): bridge_attention's backward, and the refusal of the backward op
+// (no double backward) and of the inference ops (bridge_block_decode, prefix_suffix_attention,
+// merge_attention_states) to run where a backward would be needed.
 // Registered in C++ rather than from Python so that a call from Python, under no_grad included, never re-enters the
 // interpreter: at decode shapes a Python autograd wrapper costs more than the kernel itself.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 namespace bridge_ops {
@@ -63,6 +66,28 @@ class BridgeAttention : public torch::autograd::Function<BridgeAttention> {
     return {grad_q, grad_k, grad_v, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
+
+// The backward is a fused kernel without a backward of its own. Where its result could be differentiated again
+// (create_graph=True through bridge_attention), the gradients it returns hang on an Error node (what
+// torch.autograd.function.once_differentiable does): a double backward raises instead of returning zeros.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bridge_attention_backward_autograd(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& lse, const at::Tensor& cu_group_lens,
+    const std::optional<at::Tensor>& key_mask, std::optional<double> scale) {
+  const bool differentiable = torch::autograd::compute_requires_grad(grad_out, grad_lse, q, k, v, lse);
+  auto grads = [&] {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_backward(grad_out, grad_lse, q, k, v, lse, cu_group_lens, key_mask, scale);
+  }();
+  if (differentiable) {
+    const auto error = c10::make_intrusive<torch::autograd::Error>(
+        "bridge_ops: bridge_attention has no double backward (its backward is a fused kernel without a backward): "
+        "use bridge_ops.reference.bridge_attention (plain PyTorch) for higher-order gradients",
+        torch::autograd::collect_next_edges(grad_out, grad_lse, q, k, v, lse));
+    torch::autograd::set_history({std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)}, error);
+  }
+  return grads;
+}
 
 std::tuple<at::Tensor, at::Tensor> bridge_attention_autograd(const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v, const at::Tensor& cu_group_lens,
@@ -132,6 +157,7 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_states_autograd(const at::Ten
 
 TORCH_LIBRARY_IMPL(bridge_ops, Autograd, m) {
   m.impl("bridge_attention", &bridge_attention_autograd);
+  m.impl("bridge_attention_backward", &bridge_attention_backward_autograd);
   m.impl("bridge_block_decode", &bridge_block_decode_autograd);
   m.impl("prefix_suffix_attention", &prefix_suffix_attention_autograd);
   m.impl("merge_attention_states", &merge_attention_states_autograd);

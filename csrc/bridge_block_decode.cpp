@@ -16,13 +16,17 @@
 namespace bridge_ops {
 namespace {
 
+void check_device(const at::Tensor& t, const char* name, const at::Tensor& hidden) {
+  BRIDGE_CHECK(t.device() == hidden.device(), name, " is on ", t.device(), " but hidden is on ", hidden.device(),
+               "; all tensors must be on one device");
+}
+
 void check_weight(const at::Tensor& w, const char* name, int64_t rows, int64_t cols, const at::Tensor& hidden) {
   BRIDGE_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, name, " must have shape [", rows, ", ", cols,
                "], got ", w.sizes());
   BRIDGE_CHECK(w.scalar_type() == hidden.scalar_type(), name, " must have the dtype of hidden (",
                hidden.scalar_type(), "), got ", w.scalar_type());
-  BRIDGE_CHECK(w.device() == hidden.device(), name, " is on ", w.device(), " but hidden is on ", hidden.device(),
-               "; all tensors must be on one device");
+  check_device(w, name, hidden);
 }
 
 at::Tensor bridge_block_decode(const at::Tensor& hidden, const at::Tensor& norm_weight, double eps,
@@ -33,12 +37,17 @@ at::Tensor bridge_block_decode(const at::Tensor& hidden, const at::Tensor& norm_
   BRIDGE_CHECK(hidden.dim() == 3, "hidden must have shape [B, S, D], got ", hidden.sizes());
   BRIDGE_CHECK(is_supported_float(hidden.scalar_type()), "hidden must be float16, bfloat16, float32 or float64, got ",
                hidden.scalar_type());
+  BRIDGE_CHECK(eps > 0 && std::isfinite(eps), "eps must be a finite number > 0 (the RMSNorm epsilon, e.g. 1e-6), got ",
+               eps);
   const int64_t batch = hidden.size(0), seqlen = hidden.size(1), dim = hidden.size(2);
   const int64_t d_bridge = q_weight.dim() == 2 ? q_weight.size(0) : -1;
   BRIDGE_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == dim, "norm_weight must have shape [", dim, "], got ",
                norm_weight.sizes());
-  BRIDGE_CHECK(norm_weight.device() == hidden.device(), "norm_weight is on ", norm_weight.device(),
-               " but hidden is on ", hidden.device(), "; all tensors must be on one device");
+  BRIDGE_CHECK(norm_weight.scalar_type() == hidden.scalar_type(), "norm_weight must have the dtype of hidden (",
+               hidden.scalar_type(), "), got ", norm_weight.scalar_type());
+  check_device(norm_weight, "norm_weight", hidden);
+  check_device(cu_group_lens, "cu_group_lens", hidden);
+  if (key_mask.has_value()) check_device(*key_mask, "key_mask", hidden);
   check_weight(q_weight, "q_weight", d_bridge, dim, hidden);
   check_weight(k_weight, "k_weight", d_bridge, dim, hidden);
   check_weight(v_weight, "v_weight", d_bridge, dim, hidden);

@@ -75,6 +75,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def new_bridge_block(model: nn.Module, layer: nn.Module, cfg: BridgeConfig) -> BridgeBlock:
+    """The BridgeBlock `apply_bridge` adds to `layer` (on the current default device, in float32)."""
+    make_norm = REGISTRY.get(getattr(model.config, "model_type", None), _generic_norm)
+    return BridgeBlock(model.config.hidden_size, cfg.d_bridge, cfg.num_heads, norm=make_norm(layer, model.config),
+                       init_std=cfg.init_std)
+
+
 def _bridged_layer_forward(layer: nn.Module, *args, **kwargs):
     bridge_groups = kwargs.pop(GROUPS_KWARG, None)
     if bridge_groups is None:
@@ -123,14 +130,9 @@ def apply_bridge(
         init_std=init_std if init_std is not None else defaults.init_std,
     )
     layers = decoder_layers(model)
-    make_norm = REGISTRY.get(getattr(model.config, "model_type", None), _generic_norm)
-    reference_param = next(model.parameters())
+    param = next(model.parameters())
     for layer in layers:
-        block = BridgeBlock(
-            model.config.hidden_size, cfg.d_bridge, cfg.num_heads, norm=make_norm(layer, model.config),
-            init_std=cfg.init_std,
-        )
-        layer.bridge = block.to(device=reference_param.device, dtype=reference_param.dtype)
+        layer.bridge = new_bridge_block(model, layer, cfg).to(device=param.device, dtype=param.dtype)
         layer._bridge_base_forward = layer.forward
         layer.forward = types.MethodType(_bridged_layer_forward, layer)
     cfg = BridgeConfig(cfg.d_bridge, layers[0].bridge.num_heads, layers[0].bridge.init_std)

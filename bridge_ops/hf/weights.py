@@ -1,22 +1,25 @@
 """Saving and loading Bridge weights on their own, PEFT-adapter style.
 
 `save_bridge(model, dir)` writes `bridge.safetensors` (the blocks' tensors, keyed `layers.<i>.<name>`) and
-`bridge_config.json` (hyper-parameters and the shape of the model they belong to). `load_bridge(model, dir)` reads
-them back, bit-exactly, after checking the shapes; it adds the blocks first if the model has none. It also reads
-Bridge weights out of a directory written by `model.save_pretrained` of a bridged model (whose state dict holds
-them as `...layers.<i>.bridge.<name>`), so `from_pretrained` + `load_bridge` restores a saved bridged model.
+`bridge_config.json` (hyper-parameters, the shape and model type of the model they belong to, and the sha256 of
+bridge.safetensors), each atomically. `load_bridge(model, dir)` verifies the checksum and checks everything against the
+model first (hidden size, layers, d_bridge, heads, model type, tensor names, shapes, floating dtypes, finite values);
+only then does it add the blocks (if the model has none) and copy the weights, bit-exactly. A refused load leaves the
+model exactly as it was. It also reads Bridge weights out of a directory written by `model.save_pretrained` of a
+bridged model (whose state dict holds them as `...layers.<i>.bridge.<name>`), so `from_pretrained` + `load_bridge`
+restores a saved bridged model.
 """
 
-import json
 import os
 import re
-from typing import Dict
+from typing import Dict, List
 
 import torch
 from torch import nn
 
+from ..files import atomic_write, read_json, sha256_of, verify_sha256, write_json
 from ..version import __version__
-from .patch import apply_bridge, bridge_blocks, decoder_layers, is_bridged
+from .patch import BridgeConfig, apply_bridge, bridge_blocks, decoder_layers, is_bridged, new_bridge_block
 
 WEIGHTS_NAME = "bridge.safetensors"
 CONFIG_NAME = "bridge_config.json"
@@ -34,7 +37,7 @@ def _shape_of(model: nn.Module) -> Dict[str, int]:
 
 
 def save_bridge(model: nn.Module, directory: str) -> None:
-    """Writes the Bridge weights and config of `model` to `directory` (created if needed)."""
+    """Writes the Bridge weights and config of `model` to `directory` (created if needed), each file atomically."""
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
@@ -43,66 +46,113 @@ def save_bridge(model: nn.Module, directory: str) -> None:
         for i, block in enumerate(bridge_blocks(model))
         for name, tensor in block.state_dict().items()
     }
-    save_file(tensors, os.path.join(directory, WEIGHTS_NAME))
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp))
     config = dict(_shape_of(model), **model.config.bridge)
-    config.update(model_type=getattr(model.config, "model_type", None), bridge_ops_version=__version__)
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2)
+    config.update(model_type=getattr(model.config, "model_type", None), bridge_ops_version=__version__,
+                  sha256={WEIGHTS_NAME: sha256_of(weights)})
+    write_json(os.path.join(directory, CONFIG_NAME), config)
+
+
+def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"bridge_ops: cannot read {path} (truncated or not a safetensors file): {e}") from None
 
 
 def _read_saved(directory: str):
     """(config, tensors keyed layers.<i>.<name>) from a save_bridge or a save_pretrained directory."""
-    from safetensors.torch import load_file
-
-    if os.path.exists(os.path.join(directory, WEIGHTS_NAME)):
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
-            return json.load(f), load_file(os.path.join(directory, WEIGHTS_NAME))
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.exists(weights):
+        config_path = os.path.join(directory, CONFIG_NAME)
+        config = read_json(config_path)
+        digest = (config.get("sha256") or {}).get(WEIGHTS_NAME)  # absent in files saved before checksums existed
+        if digest is not None:
+            verify_sha256(weights, digest, config_path)
+        return config, _load_safetensors(weights)
     index_path = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index_path):
-        with open(index_path) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = sorted(set(read_json(index_path)["weight_map"].values()))
     elif os.path.exists(os.path.join(directory, "model.safetensors")):
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"bridge_ops: no {WEIGHTS_NAME} and no model.safetensors in {directory}")
     tensors = {}
     for name in files:
-        for key, tensor in load_file(os.path.join(directory, name)).items():
+        for key, tensor in _load_safetensors(os.path.join(directory, name)).items():
             match = _IN_MODEL_KEY.search(key)
             if match:
                 tensors[f"layers.{match.group(1)}.{match.group(2)}"] = tensor
-    if not tensors:
-        raise ValueError(f"bridge_ops: the model saved in {directory} has no Bridge weights")
-    with open(os.path.join(directory, "config.json")) as f:
-        config = json.load(f).get("bridge", {})
-    layers = sorted({int(k.split(".")[1]) for k in tensors})
+    if "layers.0.q_proj.weight" not in tensors:
+        raise ValueError(f"bridge_ops: the model saved in {directory} has no Bridge weights (of layer 0 at least)")
+    model_config = read_json(os.path.join(directory, "config.json"))
+    config = dict(model_config.get("bridge", {}), model_type=model_config.get("model_type"))
     q = tensors["layers.0.q_proj.weight"]
-    config.update(num_layers=len(layers), d_bridge=q.shape[0], hidden_size=q.shape[1])
+    config.update(num_layers=len({k.split(".")[1] for k in tensors}), d_bridge=q.shape[0], hidden_size=q.shape[1])
     return config, tensors
 
 
-def load_bridge(model: nn.Module, directory: str) -> nn.Module:
+def _target_blocks(model: nn.Module, config: dict) -> List[nn.Module]:
+    """The blocks the saved weights go to: the model's own, or the ones `apply_bridge` would add (built on the meta
+    device, so nothing is allocated or changed)."""
+    if is_bridged(model):
+        return bridge_blocks(model)
+    cfg = BridgeConfig(config["d_bridge"], config.get("num_heads"), config.get("init_std", BridgeConfig.init_std))
+    with torch.device("meta"):
+        return [new_bridge_block(model, layer, cfg) for layer in decoder_layers(model)]
+
+
+def _problems(model: nn.Module, config: dict, tensors: Dict[str, torch.Tensor], allow_other_model_type: bool):
+    """Everything that keeps the saved Bridge from loading into `model`, as readable strings (none: it fits)."""
+    shape = _shape_of(model) if is_bridged(model) else {"hidden_size": model.config.hidden_size,
+                                                         "num_layers": len(decoder_layers(model))}
+    problems = [f"{k} {config[k]} (saved) vs {v} (model)" for k, v in shape.items() if config.get(k, v) != v]
+    saved_type, model_type = config.get("model_type"), getattr(model.config, "model_type", None)
+    if saved_type is not None and saved_type != model_type and not allow_other_model_type:
+        problems.append(f"model_type {saved_type!r} (saved) vs {model_type!r} (model); pass "
+                        "allow_other_model_type=True to load it anyway")
+    if type(config.get("d_bridge")) is not int:
+        problems.append(f"d_bridge must be an integer, got {config.get('d_bridge')!r}")
+    if problems:
+        return problems
+    expected = {f"layers.{i}.{name}": t for i, block in enumerate(_target_blocks(model, config))
+                for name, t in block.state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    problems += [f"no tensor {name}" for name in missing] + [f"unexpected tensor {name}" for name in unexpected]
+    for name in sorted(expected.keys() & tensors.keys()):
+        saved, target = tensors[name], expected[name]
+        if saved.shape != target.shape:
+            problems.append(f"{name} has shape {list(saved.shape)}, the model needs {list(target.shape)}")
+        elif not saved.is_floating_point():
+            problems.append(f"{name} is {saved.dtype}, not a floating-point tensor")
+        elif not bool(torch.isfinite(saved).all()):
+            problems.append(f"{name} holds NaN or infinite values")
+    return problems
+
+
+def load_bridge(model: nn.Module, directory: str, *, allow_other_model_type: bool = False) -> nn.Module:
     """Loads Bridge weights saved by `save_bridge` (or inside a `save_pretrained` directory) into `model`.
 
-    Adds the blocks first (with the saved hyper-parameters) if the model has none. Raises ValueError, leaving the
-    model as it was, if the saved blocks were made for another shape (hidden size, layers, d_bridge, heads).
+    Adds the blocks first (with the saved hyper-parameters) if the model has none. Saved tensors are cast to the
+    model's dtype. Raises ValueError, leaving the model exactly as it was, if a file is corrupted (sha256 mismatch,
+    unreadable) or the saved blocks do not fit the model: another hidden size, layer count, d_bridge or head count,
+    missing, extra or misshapen tensors, non-finite values, or another `model_type` (Bridge weights trained on one
+    architecture; `allow_other_model_type=True` loads them anyway).
     """
     config, tensors = _read_saved(directory)
-    model_shape = {"hidden_size": model.config.hidden_size, "num_layers": len(decoder_layers(model))}
-    if is_bridged(model):
-        model_shape = _shape_of(model)
-    mismatched = [f"{k} {config[k]} (saved) vs {v} (model)" for k, v in model_shape.items() if config.get(k, v) != v]
-    if mismatched:
-        raise ValueError(f"bridge_ops: the Bridge weights in {directory} do not fit this model: {', '.join(mismatched)}")
+    problems = _problems(model, config, tensors, allow_other_model_type)
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(f"bridge_ops: the Bridge weights in {directory} do not fit this model: "
+                         f"{'; '.join(problems[:5])}{more}")
     if not is_bridged(model):
         apply_bridge(model, config["d_bridge"], config.get("num_heads"), init_std=config.get("init_std"))
     with torch.no_grad():
         for i, block in enumerate(bridge_blocks(model)):
             for name, tensor in block.state_dict().items():
-                saved = tensors.get(f"layers.{i}.{name}")
-                if saved is None or saved.shape != tensor.shape:
-                    found = None if saved is None else list(saved.shape)
-                    raise ValueError(f"bridge_ops: {directory} has no tensor layers.{i}.{name} of shape "
-                                     f"{list(tensor.shape)} (found {found})")
-                tensor.copy_(saved)
+                tensor.copy_(tensors[f"layers.{i}.{name}"])
     return model

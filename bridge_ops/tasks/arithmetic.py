@@ -5,9 +5,11 @@ seeded `random.Random` streams, so a (seed, split) pair always yields the same p
 splits are disjoint by construction (a problem's text decides its split through a hash).
 """
 
+import functools
+import itertools
 import random
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from .base import GeneratedTask, Problem
 
@@ -36,6 +38,20 @@ class ArithmeticTask(GeneratedTask):
 
     def references(self, problem: Problem) -> List[str]:
         return [problem.answer]
+
+    @functools.lru_cache(maxsize=None)  # the task is frozen (hashable): counted once per task
+    def split_sizes(self) -> Optional[Dict[str, int]]:
+        """How many distinct problems each split holds, counted when there are at most a million in all (else None)."""
+        shapes = range(self.min_terms, self.max_terms + 1)
+        if sum((self.max_operand + 1) ** t * 2 ** (t - 1) for t in shapes) > 10**6:
+            return None
+        sizes = {"train": 0, "test": 0}
+        for terms in shapes:
+            for operands in itertools.product(range(self.max_operand + 1), repeat=terms):
+                for ops in itertools.product("+-", repeat=terms - 1):
+                    text = str(operands[0]) + "".join(f"{op}{x}" for op, x in zip(ops, operands[1:])) + "="
+                    sizes[self.split_of(Problem(text, ""))] += 1
+        return sizes
 
     @staticmethod
     def extract_answer(response: str) -> Optional[str]:

@@ -9,7 +9,7 @@ split; a problem's split is decided by a hash of its prompt, so the two splits n
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,18 @@ class GeneratedTask:
         digest = hashlib.sha256(problem.prompt.encode()).digest()
         return "test" if digest[0] < TEST_SHARE * 256 else "train"
 
+    def split_sizes(self) -> Optional[Dict[str, int]]:
+        """How many distinct problems each split holds, where the task can count them cheaply (else None)."""
+        return None
+
     def problems(self, split: str, count: int, seed: int = 0) -> List[Problem]:
         """`count` distinct problems of `split` ('train' or 'test'), the same for the same seed."""
         if split not in ("train", "test"):
             raise ValueError(f"bridge_ops: split must be 'train' or 'test', got {split!r}")
+        available = (self.split_sizes() or {}).get(split)
+        if available is not None and count > available:
+            raise ValueError(f"bridge_ops: the {split} split of {self} has {available} distinct problems, fewer "
+                             f"than the {count} asked for")
         rng, seen, out = random.Random(f"{self.name}-{split}-{seed}"), set(), []
         attempts = 0
         while len(out) < count:

@@ -7,15 +7,15 @@
     bridge-ops train grpo --model warm/ --task arithmetic --width 4 --out rl/
     bridge-ops eval --model rl/ --task arithmetic --widths 1,2,4,8,16
 
-Every training command writes the whole model (`save_pretrained`, plus `bridge.safetensors` when bridged) and the
-tokenizer to --out, with metrics.jsonl and checkpoint.pt; running the same command again resumes from the
-checkpoint. Under `torchrun --nproc_per_node K` the trainers run data-parallel (whole groups per rank).
+Every training command checks that --out is writable before it starts, then writes the whole model (`save_pretrained`,
+plus `bridge.safetensors` when bridged) and the tokenizer to --out, with metrics.jsonl, checkpoint.pt and its manifest;
+running the same command again resumes from the checkpoint (pretraining included). Under
+`torchrun --nproc_per_node K` the trainers run data-parallel (whole groups per rank).
 """
 
-import argparse
 import json
-import os
 
+from ..cli import int_list, non_negative_int, positive_float, positive_int
 from ..tasks import TASKS
 from .sft import WARMUP_MODES
 
@@ -71,7 +71,8 @@ def _pretrain(args, dist) -> int:
     train = task_data(task, tokenizer, "train", args.train_problems, args.data_seed)
     spec = BaseSpec(hidden_size=args.hidden_size, num_layers=args.layers, steps=args.steps, lr=args.lr,
                     batch=args.batch, seed=args.seed)
-    model = pretrain_base(train, spec, progress=not args.no_progress)
+    model = pretrain_base(train, spec, progress=not args.no_progress, out_dir=args.out,
+                          checkpoint_every=args.checkpoint_every)
     _save(model, tokenizer, args.out, dist)
     return 0
 
@@ -125,9 +126,12 @@ def _grpo(args, dist) -> int:
 
 
 def run_train(args) -> int:
+    from ..files import ensure_writable_dir
     from .distributed import init_distributed
 
     dist = init_distributed()
+    if dist.is_main:  # before any work: a run must not train for hours and then fail to save
+        ensure_writable_dir(args.out)
     return {"pretrain": _pretrain, "sft": _sft, "grpo": _grpo}[args.stage](args, dist)
 
 
@@ -137,10 +141,9 @@ def run_eval(args) -> int:
 
     model, tokenizer = _load(args)
     test = task_data(_task(args), tokenizer, "test", args.test_problems, args.data_seed)
-    widths = [int(w) for w in args.widths.split(",")]
     results = []
     for peers in ("group", "solo") if args.peers == "both" else (args.peers,):
-        results += evaluate_widths(model, test.prompts, test.reward, test.extract_answer, test.answers, widths,
+        results += evaluate_widths(model, test.prompts, test.reward, test.extract_answer, test.answers, args.widths,
                                    peers=peers, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                    seed=args.seed, eos_token_id=tokenizer.eos_token_id, progress=not args.no_progress)
     print("width  peers  mean_acc  majority  all_correct  any_correct")
@@ -159,16 +162,16 @@ def _common(parser, model: bool = True) -> None:
     parser.add_argument("--task", default="arithmetic", choices=sorted(TASKS))
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the generated problems")
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and data order")
-    parser.add_argument("--max-new-tokens", type=int, default=6)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=6)
     parser.add_argument("--no-progress", action="store_true")
 
 
 def _training(parser, steps: int, lr: float) -> None:
     parser.add_argument("--out", required=True, help="output directory (resumes from its checkpoint.pt)")
-    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--steps", type=positive_int, default=steps)
     parser.add_argument("--lr", type=float, default=lr)
-    parser.add_argument("--train-problems", type=int, default=3000)
-    parser.add_argument("--checkpoint-every", type=int, default=0)
+    parser.add_argument("--train-problems", type=positive_int, default=3000)
+    parser.add_argument("--checkpoint-every", type=non_negative_int, default=0)
 
 
 def add_commands(commands) -> None:
@@ -179,42 +182,42 @@ def add_commands(commands) -> None:
     pre = stages.add_parser("pretrain", help="a tiny base model trained from scratch on the task")
     _common(pre, model=False)
     _training(pre, steps=700, lr=3e-3)
-    pre.add_argument("--hidden-size", type=int, default=128)
-    pre.add_argument("--layers", type=int, default=4)
-    pre.add_argument("--batch", type=int, default=128)
+    pre.add_argument("--hidden-size", type=positive_int, default=128)
+    pre.add_argument("--layers", type=positive_int, default=4)
+    pre.add_argument("--batch", type=positive_int, default=128)
 
     for name, steps, lr, trainable, width in (("sft", 150, 1e-3, "bridge", 8), ("grpo", 150, 1e-4, "all", 4)):
         stage = stages.add_parser(name, help={"sft": "SFT warm-up on groups of the model's own correct samples",
                                               "grpo": "GRPO with rollouts at width N"}[name])
         _common(stage)
         _training(stage, steps, lr)
-        stage.add_argument("--width", type=int, default=width, help="samples per prompt")
-        stage.add_argument("--bridge", type=int, default=0, metavar="D_BRIDGE",
+        stage.add_argument("--width", type=positive_int, default=width, help="samples per prompt")
+        stage.add_argument("--bridge", type=non_negative_int, default=0, metavar="D_BRIDGE",
                            help="add fresh Bridge blocks of this inner width (when the model has none)")
-        stage.add_argument("--bridge-heads", type=int, default=None)
-        stage.add_argument("--bridge-init-std", type=float, default=None,
+        stage.add_argument("--bridge-heads", type=positive_int, default=None)
+        stage.add_argument("--bridge-init-std", type=positive_float, default=None,
                            help="std of the fresh blocks' Q/K/V projections (default hidden_size ** -0.5)")
         stage.add_argument("--trainable", default=trainable, choices=["all", "bridge"])
-        stage.add_argument("--added-lr-mult", type=float, default=1.0,
+        stage.add_argument("--added-lr-mult", type=positive_float, default=1.0,
                            help="learning-rate multiplier of the Bridge parameters when other parameters train too")
     sft = stages.choices["sft"]
-    sft.add_argument("--groups-per-step", type=int, default=16)
+    sft.add_argument("--groups-per-step", type=positive_int, default=16)
     sft.add_argument("--warmup", default="correct", choices=list(WARMUP_MODES),
                      help="warm-up data: correct samples (the paper), distinct correct samples, or each sample's own "
                           "chain with the correct answer (repair: teaches a row to take the answer from its peers)")
     grpo = stages.choices["grpo"]
-    grpo.add_argument("--prompts-per-step", type=int, default=16)
-    grpo.add_argument("--groups-per-prompt", type=int, default=1,
+    grpo.add_argument("--prompts-per-step", type=positive_int, default=16)
+    grpo.add_argument("--groups-per-prompt", type=positive_int, default=1,
                       help="Bridge groups per prompt; advantages over all their responses")
     grpo.add_argument("--temperature", type=float, default=1.0)
-    grpo.add_argument("--minibatches", type=int, default=1)
+    grpo.add_argument("--minibatches", type=positive_int, default=1)
     grpo.add_argument("--beta", type=float, default=0.0, help="KL weight to the starting model")
     train.set_defaults(run=run_train)
 
     ev = commands.add_parser("eval", help="accuracy, majority vote and all-correct rate at several widths")
     _common(ev)
-    ev.add_argument("--widths", default="1,2,4,8,16")
-    ev.add_argument("--test-problems", type=int, default=300)
+    ev.add_argument("--widths", type=int_list, default=[1, 2, 4, 8, 16], help="comma-separated, e.g. 1,2,4")
+    ev.add_argument("--test-problems", type=positive_int, default=300)
     ev.add_argument("--temperature", type=float, default=1.0)
     ev.add_argument("--peers", default="group", choices=["group", "solo", "both"],
                     help="samples read each other (group), each sample alone (solo: the same checkpoint without "

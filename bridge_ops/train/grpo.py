@@ -25,7 +25,7 @@ from torch import nn
 
 from .data import grouped_batch, rollout, token_log_probs
 from .distributed import DistContext
-from .losses import GRPOLossConfig, group_advantages, grpo_loss
+from .losses import GRPOLossConfig, checked_reward, group_advantages, grpo_loss
 from .trainer import Trainer, TrainConfig, step_rng
 
 RowRewardFn = Callable[[int, List[int]], float]  # (prompt index, response token ids incl. EOS) -> reward
@@ -39,20 +39,24 @@ class GroupReward:
     fn: Callable[[int, List[List[int]]], Sequence[float]]
 
     def __call__(self, index: int, responses: List[List[int]]) -> List[float]:
-        rewards = [float(r) for r in self.fn(index, responses)]
+        rewards = list(self.fn(index, responses))
         if len(rewards) != len(responses):
             raise ValueError(f"bridge_ops: the group reward gave {len(rewards)} rewards for {len(responses)} responses")
-        return rewards
+        return [checked_reward(r, index, member) for member, r in enumerate(rewards)]
 
 
 RewardFn = Union[RowRewardFn, GroupReward]
 
 
-def score_groups(reward_fn: RewardFn, indices: Sequence[int], groups: Sequence[List[List[int]]]) -> List[List[float]]:
-    """Rewards of each group's responses; groups[g] answers prompt indices[g]."""
+def score_groups(reward_fn: RewardFn, indices: Sequence[int], groups: Sequence[List[List[int]]]) -> torch.Tensor:
+    """float32 [R]: the rewards of every group's responses, in order (groups[g] answers prompt indices[g]); each a
+    finite number, or a ValueError naming the prompt and the response."""
     if isinstance(reward_fn, GroupReward):
-        return [reward_fn(i, group) for i, group in zip(indices, groups)]
-    return [[float(reward_fn(i, r)) for r in group] for i, group in zip(indices, groups)]
+        rewards = [r for i, group in zip(indices, groups) for r in reward_fn(i, group)]
+    else:
+        rewards = [checked_reward(reward_fn(i, response), i, member)
+                   for i, group in zip(indices, groups) for member, response in enumerate(group)]
+    return torch.tensor(rewards, dtype=torch.float32)
 
 
 @dataclass
@@ -86,6 +90,8 @@ def train_grpo(
     of prompts with a rewarded response), zero_advantage (fraction of prompts whose responses all got the same
     reward: no gradient from them), clip_fraction, kl, response_length (tokens), grad_norm.
     """
+    if config.minibatches < 1:
+        raise ValueError(f"bridge_ops: minibatches must be >= 1, got {config.minibatches}")
     if config.prompts_per_step > len(prompts):
         raise ValueError(f"bridge_ops: prompts_per_step={config.prompts_per_step} > {len(prompts)} prompts")
     if config.prompts_per_step % (dist.world_size * config.minibatches):
@@ -110,8 +116,7 @@ def train_grpo(
         model.eval()
         responses = rollout(model, prompts, indices, config.width, config.max_new_tokens, (config.seed, step),
                             copies=k, temperature=config.temperature, eos_token_id=eos_token_id, pad_token_id=pad)
-        group_rewards = score_groups(reward_fn, [i for i in indices for _ in range(k)], responses)
-        rewards = torch.tensor([r for group in group_rewards for r in group])
+        rewards = score_groups(reward_fn, [i for i in indices for _ in range(k)], responses)
         per_prompt = [sum(len(g) for g in responses[p * k : (p + 1) * k]) for p in range(len(indices))]
         advantages = group_advantages(rewards, per_prompt, config.scale_rewards).split(per_prompt)
         model.train()
@@ -128,7 +133,7 @@ def train_grpo(
             new = token_log_probs(ddp_model, batch, config.temperature)
             out = grpo_loss(new, old, adv, batch.response_mask, config.loss, ref, total_tokens)
             (out["loss"] * dist.world_size).backward()
-            optimizer_step()
+            optimizer_step(out["loss"])
             for key in stats:
                 stats[key] += out[key].item() / config.minibatches
         rows = float(rewards.numel())

@@ -11,10 +11,23 @@ response tokens in the whole step (all ranks): every token weighs the same, what
 std is the population std of the group; a group whose rewards are all equal has zero advantage.
 """
 
+import math
+import numbers
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+
+def checked_reward(reward, index: int, member: int) -> float:
+    """`reward` as a float, refusing anything but a finite number (a single NaN, inf or None would turn every
+    trained parameter into NaN); index and member name the prompt and the response in the error."""
+    if isinstance(reward, torch.Tensor) and reward.numel() == 1:
+        reward = reward.item()
+    if isinstance(reward, bool) or not isinstance(reward, numbers.Real) or not math.isfinite(reward):
+        raise ValueError(f"bridge_ops: reward_fn returned {reward!r} for prompt {index} (response {member}); "
+                         "it must return a finite number for every response")
+    return float(reward)
 
 
 def group_advantages(

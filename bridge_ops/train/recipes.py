@@ -71,14 +71,17 @@ class MethodSpec:
     seed: int = 0
 
 
-def pretrain_base(train: TaskData, spec: BaseSpec = BaseSpec(), progress: bool = True) -> nn.Module:
-    """A tiny causal LM trained from scratch on `train`'s reference responses (all parameters)."""
+def pretrain_base(train: TaskData, spec: BaseSpec = BaseSpec(), progress: bool = True, out_dir: Optional[str] = None,
+                  checkpoint_every: int = 0) -> nn.Module:
+    """A tiny causal LM trained from scratch on `train`'s reference responses (all parameters); with `out_dir`, it
+    checkpoints there and resumes from there like SFT and GRPO."""
     heads = spec.num_heads or max(1, spec.hidden_size // 32)
     kv_heads = spec.num_kv_heads or max(1, heads // 2)
     model = tiny_causal_lm(train.tokenizer, spec.model_type, spec.hidden_size, spec.num_layers, heads, kv_heads,
                            seed=spec.seed)
     config = SFTConfig(steps=spec.steps, lr=spec.lr, groups_per_step=spec.batch, seed=spec.seed, progress=progress,
-                       max_grad_norm=1.0, schedule=spec.schedule, warmup_steps=min(100, spec.steps // 10))
+                       max_grad_norm=1.0, schedule=spec.schedule, warmup_steps=min(100, spec.steps // 10),
+                       out_dir=out_dir, checkpoint_every=checkpoint_every)
     train_sft(model, train.reference_groups(), config, trainable=select_trainable(model, "all"),
               description="pretrain")
     return model.eval()

@@ -98,7 +98,7 @@ def train_sft(
         total_tokens = dist.sum(batch.loss_mask.sum().item())
         loss = sft_loss(token_log_probs(ddp_model, batch), batch.loss_mask, total_tokens)
         (loss * dist.world_size).backward()
-        optimizer_step()
+        optimizer_step(loss)
         return {"loss": dist.sum(loss.item()), "tokens": total_tokens}
 
     return Trainer(model, trainable, config, step_fn, dist, description=description).train()

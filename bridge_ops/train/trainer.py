@@ -4,27 +4,38 @@ Every step's data (which groups, which random draws) is a function of (seed, ste
 checkpoint repeats exactly what the uninterrupted run would have done: the checkpoint holds the trained parameters,
 the optimizer state, the step and torch's and Python's RNG states.
 
-Files in `out_dir` (rank 0 writes them):
+Files in `out_dir` (rank 0 writes them; the directory is checked to be writable before the first step):
     metrics.jsonl    one JSON object per logged step ({"step", "loss", ..., "seconds"})
     checkpoint.pt    the latest checkpoint (written atomically every `checkpoint_every` steps and at the end)
+    checkpoint.json  its manifest: sha256 of checkpoint.pt, step, kind of run and the whole config
+
+A run resumes from `out_dir` only if checkpoint.pt matches its recorded sha256, was written by the same kind of run
+(trainer description and config class) and with the same config, except the fields in `RESUMABLE` and those the new
+config lists in `allow_resume_changes`; otherwise it refuses with a message naming the file or the differing fields.
+A non-finite loss or gradient norm stops training (FloatingPointError) before the weights change.
 """
 
 import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..files import atomic_write, ensure_writable_dir, read_json, sha256_of, verify_sha256, write_json
 from .distributed import DistContext
 
 CHECKPOINT = "checkpoint.pt"
+MANIFEST = "checkpoint.json"
 METRICS = "metrics.jsonl"
+# config fields a resumed run may change: how long it runs, where and how often it writes, how it reports
+RESUMABLE = ("steps", "out_dir", "checkpoint_every", "log_every", "progress", "allow_resume_changes")
 
 
 @dataclass
@@ -41,15 +52,33 @@ class TrainConfig:
     added_lr_mult: float = 1.0  # learning-rate multiplier of the added blocks (Bridge, P-Match) among the trainable
     schedule: str = "constant"  # or "cosine": decays every learning rate to 10% of its value at the last step
     warmup_steps: int = 0  # linear learning-rate warm-up over the first steps
+    allow_resume_changes: Tuple[str, ...] = ()  # config fields that may differ from the checkpoint's when resuming
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("steps", 1), ("log_every", 1), ("checkpoint_every", 0), ("warmup_steps", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"bridge_ops: {name} must be an integer >= {minimum}, got {value!r}")
+        _require_number("lr", self.lr, positive=True)
+        _require_number("weight_decay", self.weight_decay, positive=False)
+        _require_number("added_lr_mult", self.added_lr_mult, positive=True)
+        if self.max_grad_norm is not None:  # None: no clipping
+            _require_number("max_grad_norm", self.max_grad_norm, positive=True)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"bridge_ops: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
 
 SCHEDULES = ("constant", "cosine")
 
 
+def _require_number(name: str, value, positive: bool) -> None:
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not finite or value < 0 or (positive and value == 0):
+        raise ValueError(f"bridge_ops: {name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
 def lr_factor(config: TrainConfig, step: int) -> float:
     """The learning-rate multiplier of `step` (1-based): linear warm-up, then constant or cosine down to 0.1."""
-    if config.schedule not in SCHEDULES:
-        raise ValueError(f"bridge_ops: schedule must be one of {SCHEDULES}, got {config.schedule!r}")
     if step <= config.warmup_steps:
         return step / config.warmup_steps
     if config.schedule == "constant":
@@ -67,9 +96,9 @@ def step_rng(seed: int, step: int) -> random.Random:
     return random.Random(seed_of("step", seed, step))
 
 
-# step_fn(step, optimizer_step) runs the step's forward and backward passes, calls optimizer_step() after each
+# step_fn(step, optimizer_step) runs the step's forward and backward passes, calls optimizer_step(loss) after each
 # backward (once, or once per minibatch), and returns the step's metrics.
-StepFn = Callable[[int, Callable[[], float]], Dict[str, float]]
+StepFn = Callable[[int, Callable[[Optional[torch.Tensor]], float]], Dict[str, float]]
 
 
 class Trainer:
@@ -89,28 +118,45 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(parameter_groups(trainable, config.lr, config.added_lr_mult),
                                            weight_decay=config.weight_decay)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        lr_factor(config, 1)  # checks the schedule's name before any work
         self.step = 0
         self.history: List[Dict[str, float]] = []
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
+    @property
+    def run(self) -> str:
+        """What kind of run this is (a checkpoint of another kind is never resumed)."""
+        return f"{self.description} ({type(self.config).__name__})"
+
     def state_dict(self) -> dict:
         return {
             "step": self.step,
             "parameters": {name: p.detach().clone() for name, p in self.trainable.items()},
             "optimizer": self.optimizer.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-            "config": asdict(self.config),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        missing = set(self.trainable) ^ set(state["parameters"])
-        if missing:
-            raise ValueError(f"bridge_ops: the checkpoint's parameters differ from the trainable ones: {sorted(missing)[:5]}")
+        """Restores a checkpoint; checks every parameter (names, shapes, dtypes, finite values) before changing any."""
+        saved = state["parameters"]
+        problems = [f"{name} missing" for name in sorted(self.trainable.keys() - saved.keys())]
+        problems += [f"{name} unexpected" for name in sorted(saved.keys() - self.trainable.keys())]
+        for name in sorted(self.trainable.keys() & saved.keys()):
+            p, t = self.trainable[name], saved[name]
+            if t.shape != p.shape or t.dtype != p.dtype:
+                problems.append(f"{name} is {t.dtype} {list(t.shape)} in the checkpoint, {p.dtype} {list(p.shape)} "
+                                "in the model")
+            elif not bool(torch.isfinite(t).all()):
+                problems.append(f"{name} holds NaN or infinite values")
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ValueError(f"bridge_ops: the checkpoint does not fit the trainable parameters: "
+                             f"{'; '.join(problems[:5])}{more}")
+        self.optimizer.load_state_dict(state["optimizer"])  # checks the parameter groups before changing anything
+        for group in self.optimizer.param_groups:  # the config's values (changed only where allow_resume_changes)
+            group.update(lr=self.config.lr, weight_decay=self.config.weight_decay)
         with torch.no_grad():
             for name, p in self.trainable.items():
-                p.copy_(state["parameters"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
+                p.copy_(saved[name])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         self.step = state["step"]
@@ -120,22 +166,61 @@ class Trainer:
             return
         os.makedirs(self.config.out_dir, exist_ok=True)
         path = os.path.join(self.config.out_dir, CHECKPOINT)
-        torch.save(self.state_dict(), path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_write(path, lambda tmp: torch.save(self.state_dict(), tmp))
+        write_json(os.path.join(self.config.out_dir, MANIFEST),
+                   {"file": CHECKPOINT, "sha256": sha256_of(path), "step": self.step, "run": self.run,
+                    "config": _comparable(self.config)})
+
+    def _check_manifest(self, path: str) -> None:
+        """The checkpoint at `path` is intact and was written by a run of this kind with this config."""
+        manifest_path = os.path.join(self.config.out_dir, MANIFEST)
+        if not os.path.exists(manifest_path):
+            raise ValueError(f"bridge_ops: {path} has no {MANIFEST} beside it (an older bridge_ops wrote it, or the "
+                             "manifest was deleted): its integrity and configuration cannot be checked; move it away "
+                             "to start over")
+        manifest = read_json(manifest_path)
+        verify_sha256(path, manifest.get("sha256"), manifest_path)
+        if manifest.get("run") != self.run:
+            raise ValueError(f"bridge_ops: {self.config.out_dir} holds the checkpoint of a {manifest.get('run')} run, "
+                             f"not of this {self.run} run: use another output directory")
+        saved, current = _flat(manifest.get("config", {})), _flat(_comparable(self.config))
+        ignored = set(RESUMABLE) | set(self.config.allow_resume_changes)
+        changed = [f"{k} {saved.get(k, '(absent)')!r} (checkpoint) vs {current.get(k, '(absent)')!r} (now)"
+                   for k in sorted(saved.keys() | current.keys())
+                   if k not in ignored and k.split(".")[0] not in ignored and saved.get(k) != current.get(k)]
+        if changed:
+            raise ValueError(f"bridge_ops: the checkpoint in {self.config.out_dir} was written with another "
+                             f"configuration: {', '.join(changed)}; resume with the same settings, use another "
+                             "output directory, or name the fields in allow_resume_changes to resume anyway")
 
     def maybe_resume(self) -> bool:
         path = os.path.join(self.config.out_dir or "", CHECKPOINT)
         if self.config.out_dir is None or not os.path.exists(path):
             return False
-        self.load_state_dict(torch.load(path, weights_only=False))
+        self._check_manifest(path)
+        try:
+            state = torch.load(path, weights_only=False)
+        except (EOFError, pickle.UnpicklingError, RuntimeError) as e:
+            raise ValueError(f"bridge_ops: cannot read the checkpoint {path}: {e}") from None
+        self.load_state_dict(state)
         return True
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self, loss: Optional[torch.Tensor] = None) -> float:
+        """Clips, applies AdamW and zeroes the gradients; returns the gradient norm. Raises FloatingPointError without
+        updating anything if `loss` (on any rank) or the gradient norm is not finite."""
         params = list(self.trainable.values())
-        norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or float("inf"))
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or float("inf")))
+        bad_loss = self.dist.sum(float(loss is not None and not bool(torch.isfinite(loss.detach()).all()))) > 0
+        if bad_loss or not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = "the loss" if bad_loss else f"the gradient norm ({norm})"
+            raise FloatingPointError(
+                f"bridge_ops: step {self.step + 1}: {what} is not finite; training stopped before the update (the "
+                f"weights are those of step {self.step}, the last checkpoint is intact): check the rewards, the data "
+                "and the learning rate")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def _log(self, metrics: Dict[str, float]) -> None:
@@ -147,6 +232,8 @@ class Trainer:
 
     def train(self, resume: bool = True) -> List[Dict[str, float]]:
         """Runs the remaining steps; returns the logged metrics of this call."""
+        if self.config.out_dir is not None and self.dist.is_main:
+            ensure_writable_dir(self.config.out_dir)
         if resume:
             self.maybe_resume()
         cfg = self.config
@@ -162,8 +249,8 @@ class Trainer:
             start = time.perf_counter()
             norms: List[float] = []
 
-            def optimizer_step() -> float:
-                norms.append(self.optimizer_step())
+            def optimizer_step(loss: Optional[torch.Tensor] = None) -> float:
+                norms.append(self.optimizer_step(loss))
                 return norms[-1]
 
             for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
@@ -186,6 +273,22 @@ class Trainer:
         self.model.eval()
         self.save_checkpoint()
         return self.history
+
+
+def _comparable(config) -> dict:
+    """The config as JSON values (tuples become lists), as the manifest stores it."""
+    return json.loads(json.dumps(asdict(config), default=repr))
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """Nested configs as dotted keys: {"loss": {"beta": 0.1}} -> {"loss.beta": 0.1}."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 ADDED_BLOCKS = ("bridge", "pmatch")

@@ -77,7 +77,8 @@ BRIDGE_OPS_INLINE void load_block(const KeyRows<scalar_t>& k, const KeyRows<scal
 }
 
 // Attention of the m packed queries (w.queries, [m, Dh]) over positions [begin, end) of (n, h). Leaves query i's
-// normalized output in w.acc[i * Dh ...] and its lse in w.max_score[i] (output 0 and lse -inf for an empty range).
+// normalized output in w.acc[i * Dh ...] and its lse in w.max_score[i] (output 0 and lse -inf for an empty range;
+// NaN for both when a score is NaN or +inf).
 template <typename scalar_t, typename Ops, typename acc_t>
 BRIDGE_OPS_INLINE void attend(Scratch<acc_t>& w, int64_t m, int64_t d, const KeyRows<scalar_t>& k,
                               const KeyRows<scalar_t>& v, int64_t n, int64_t h, int64_t begin, int64_t end,
@@ -98,7 +99,7 @@ BRIDGE_OPS_INLINE void attend(Scratch<acc_t>& w, int64_t m, int64_t d, const Key
       acc_t top = w.max_score[i];
       for (j = 0; j < count; ++j) {
         scores[j] *= scale;
-        top = std::max(top, scores[j]);
+        top = (scores[j] > top || std::isnan(scores[j])) ? scores[j] : top;  // a NaN score poisons the row
       }
       acc_t* acc = w.acc.data() + i * d;
       const acc_t rescale = std::exp(w.max_score[i] - top);  // exp(-inf) = 0 on the first block
@@ -114,12 +115,12 @@ BRIDGE_OPS_INLINE void attend(Scratch<acc_t>& w, int64_t m, int64_t d, const Key
   }
   for (int64_t i = 0; i < m; ++i) {
     acc_t* o = w.acc.data() + i * d;
-    if (w.sum[i] > acc_t(0)) {
+    if (w.sum[i] == acc_t(0)) {
+      fill_zero(o, d);  // no key: max_score[i] is still -inf
+    } else {  // a NaN or +inf score made the sum NaN: out and lse become NaN, as in the reference and SDPA
       const acc_t inv = acc_t(1) / w.sum[i];
       for (int64_t e = 0; e < d; ++e) o[e] *= inv;
       w.max_score[i] += std::log(w.sum[i]);
-    } else {
-      fill_zero(o, d);  // max_score[i] is still -inf
     }
   }
 }

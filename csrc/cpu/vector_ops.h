@@ -151,10 +151,10 @@ struct Avx2Ops<float> {
 
   // exp(x) for x <= 0, 8 lanes: x = k ln2 + r (|r| <= ln2 / 2, ln2 split in two for an exact k ln2), exp(r) by a
   // degree-6 polynomial (the Taylor coefficients, minimax-adjusted), times 2^k through the exponent bits. Relative
-  // error about 2 ulp; arguments below -87 (exp < 2^-126) give 0.
+  // error about 2 ulp; arguments below -87 (exp < 2^-126) give 0, NaN gives NaN (as std::exp).
   static BRIDGE_OPS_AVX2_INLINE __m256 exp_nonpositive(__m256 x) {
     const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // maxps returns its second operand when one is NaN: keeps a NaN
     const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
