@@ -29,7 +29,7 @@ MAX_NEW_TOKENS = 16
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pretrain-steps", type=int, default=1500)
-    parser.add_argument("--warmup-steps", type=int, default=150)
+    parser.add_argument("--warmup-steps", type=int, default=300)
     parser.add_argument("--grpo-steps", type=int, default=60)
     parser.add_argument("--hidden-size", type=int, default=96)
     parser.add_argument("--layers", type=int, default=4)

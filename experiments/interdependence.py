@@ -46,7 +46,7 @@ CONSENSUS = {
                   filler=1, diagnostics_problems=4),
     "default": dict(task=dict(terms=4, min_operand=1, max_operand=9, slip_rate=0.15), hidden=96, layers=4,
                     base_steps=1500, base_batch=64, train=5000, val=200, test=1000, warmup_prompts=768,
-                    warmup_steps=150, grpo_steps=100, prompts_per_step=16, lr_mults=[1.0, 10.0, 30.0],
+                    warmup_steps=300, grpo_steps=100, prompts_per_step=16, lr_mults=[1.0, 10.0, 30.0],
                     seeds=[0, 1, 2], widths=[1, 2, 4, 8, 16], solo_width=8, filler=2, diagnostics_problems=200),
 }
 COORDINATION = {
@@ -54,7 +54,7 @@ COORDINATION = {
                   test=8, warmup_prompts=16, warmup_steps=2, grpo_steps=2, prompts_per_step=4, seeds=[0], width=2,
                   groups=2, solo_samples=4),
     "default": dict(task=dict(), hidden=96, layers=4, base_steps=1500, base_batch=64, train=5000, test=500,
-                    warmup_prompts=768, warmup_steps=150, grpo_steps=100, prompts_per_step=16, seeds=[0, 1, 2],
+                    warmup_prompts=768, warmup_steps=300, grpo_steps=100, prompts_per_step=16, seeds=[0, 1, 2],
                     width=4, groups=4, solo_samples=16),
 }
 CONSENSUS_METHODS = ("grpo", "pmatch-correct", "pmatch-repair", "bridge-repair")
