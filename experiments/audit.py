@@ -52,8 +52,9 @@ def main(argv=None) -> int:
     train = task_data(task, tok, "train", 64 if smoke else 3000)
     test = task_data(task, tok, "test", 16 if smoke else 500)
     base = pretrain_base(train, BaseSpec(hidden_size=32 if smoke else 128, num_layers=2 if smoke else 4,
-                                         steps=3 if smoke else 700), progress=progress)
+                                         steps=3 if smoke else 700, schedule="constant"), progress=progress)
     spec = MethodSpec(init_std=0.02)  # the first recipe's fixed initialization
+    spec.warmup.lr = 1e-3  # and its warm-up learning rate
     spec.warmup_prompts = 16 if smoke else 1024
     spec.warmup.steps = spec.grpo.steps = 2 if smoke else 150
     spec.grpo.prompts_per_step = 4 if smoke else 16

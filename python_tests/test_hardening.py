@@ -257,8 +257,8 @@ def _cascade_decode_logits(model, cache, steps=3):
     with torch.no_grad(), cascade_attention(model, cache) as kwargs, bridge_ops.groups(model, sizes=[3, 1, 2]):
         for step in range(steps):
             mask, positions = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), positions + 1
-            logits = model(input_ids=tokens[step], attention_mask=mask, position_ids=positions,
-                           past_key_values=cache, use_cache=True, **kwargs).logits
+            logits = model(input_ids=tokens[step], attention_mask=mask, position_ids=positions, use_cache=True,
+                           **kwargs).logits  # kwargs hold the cache's cascade view
     return logits
 
 

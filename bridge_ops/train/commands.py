@@ -19,7 +19,9 @@ from ..cli import int_list, non_negative_int, positive_float, positive_int
 from ..tasks import TASKS
 from .sft import WARMUP_MODES
 
-TASK_DEFAULTS = {"arithmetic": {"max_operand": 9}}
+# the sizes of the README and the experiments (single-digit operands; scratchpad chains pretrained with slips)
+TASK_DEFAULTS = {"arithmetic": {"max_operand": 9},
+                 "scratchpad-sum": {"min_operand": 1, "max_operand": 9, "slip_rate": 0.15}}
 
 
 def _task(args):
