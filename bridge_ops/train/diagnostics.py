@@ -26,8 +26,7 @@ from typing import Callable, Dict, Hashable, Iterator, List, Mapping, Optional, 
 import torch
 from torch import nn
 
-from ..hf.patch import bridge_blocks
-from ..hf.runtime import groups
+from ..hf import bridge_blocks, groups
 from ..ops import bridge_attention
 from .data import GroupedBatch, rollout, token_log_probs
 from .losses import sft_loss

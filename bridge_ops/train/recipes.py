@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..charlm import tiny_causal_lm
-from ..hf.patch import apply_bridge, parameter_share
+from ..hf import apply_bridge, parameter_share
 from .grpo import GRPOConfig, RewardFn, train_grpo
 from .pmatch import apply_parameter_matched_mlp
 from .sft import WARMUP_MODES, SFTConfig, collect_warmup_groups, identical_groups, train_sft

@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..hf.patch import is_bridged
+from ..hf import is_bridged
 from .data import grouped_batch, rollout, token_log_probs
 from .distributed import DistContext
 from .losses import sft_loss
