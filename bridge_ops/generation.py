@@ -57,7 +57,8 @@ class GenerationOutput:
         return self.num_tokens / self.seconds if self.seconds > 0 else float("inf")
 
     def texts(self, tokenizer, skip_special_tokens: bool = True) -> List[List[str]]:
-        return [[tokenizer.decode(s, skip_special_tokens=skip_special_tokens) for s in group] for group in self.sequences]
+        decode = tokenizer.decode
+        return [[decode(s, skip_special_tokens=skip_special_tokens) for s in group] for group in self.sequences]
 
     def majority_vote(self, extract_answer: Callable[[List[int]], Optional[object]]) -> List[Optional[object]]:
         """Per prompt, the most frequent answer extracted from its N sequences (None answers do not vote)."""

@@ -13,9 +13,9 @@ import pathlib
 from typing import Iterator, List, Tuple
 
 import pytest
+from hf_models import MODEL_TYPES
 
 import bridge_ops
-from hf_models import MODEL_TYPES
 
 PACKAGE = pathlib.Path(bridge_ops.__file__).parent
 CORE = [
@@ -106,7 +106,8 @@ def test_the_checks_catch_violations(tmp_path, monkeypatch):
     (package / "train").mkdir()
     monkeypatch.setattr(f"{__name__}.PACKAGE", package)
     core = package / "hf" / "patch.py"
-    core.write_text("from ..train import Trainer\n\ndef f():\n    from bridge_ops import charlm\n    import bridge_ops.cli\n")
+    core.write_text("from ..train import Trainer\n\n"
+                    "def f():\n    from bridge_ops import charlm\n    import bridge_ops.cli\n")
     assert [v.split(" imports ")[1] for v in core_violations(core)] == [
         "bridge_ops.train.Trainer", "bridge_ops.charlm", "bridge_ops.cli"]
     training = package / "train" / "commands.py"

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from hf_models import EOS, PAD, bridged_model, tiny_model
 
 import bridge_ops
 from bridge_ops.train import (
@@ -22,7 +23,6 @@ from bridge_ops.train import (
     train_grpo,
     train_sft,
 )
-from hf_models import EOS, PAD, bridged_model, tiny_model
 
 PROMPTS = [[1, 5, 6, 7], [1, 9, 10], [1, 11, 12, 13, 14], [1, 20, 21]]
 
@@ -99,7 +99,7 @@ def test_gradients_cross_group_members_but_not_groups():
 
         def keep(module, args, output):
             output.retain_grad()
-            captured["embeds"] = output
+            captured["embeds"] = output  # noqa: B023 (the hook is removed within this iteration)
 
         hook = model.get_input_embeddings().register_forward_hook(keep)
         token_log_probs(model, batch)[0].sum().backward()

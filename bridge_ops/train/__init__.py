@@ -14,7 +14,6 @@
 """
 
 from .data import GroupedBatch, grouped_batch, rollout, token_log_probs
-from .distributed import DistContext, init_distributed
 from .diagnostics import (
     answer_loss,
     attention_stats,
@@ -24,6 +23,7 @@ from .diagnostics import (
     paired_bootstrap,
     peer_kl,
 )
+from .distributed import DistContext, init_distributed
 from .evaluate import evaluate_widths
 from .grpo import GroupReward, GRPOConfig, train_grpo
 from .losses import GRPOLossConfig, group_advantages, grpo_loss, sft_loss
