@@ -94,9 +94,9 @@ def main() -> int:
         env=build_env,
         results=stages,
     )
-    pytest_cmd = [PY, "-m", "pytest", "python_tests", "-k", "cuda or cupy", "--ignore=python_tests/test_cuda_emulated.py",
-                  "-q", "-p", "no:cacheprovider", "-x" if os.environ.get("BRIDGE_OPS_GPU_CHECK_X") else "-rN",
-                  "--durations=5"]
+    pytest_cmd = [PY, "-m", "pytest", "python_tests", "-k", "cuda or cupy",
+                  "--ignore=python_tests/test_cuda_emulated.py", "-q", "-p", "no:cacheprovider",
+                  "-x" if os.environ.get("BRIDGE_OPS_GPU_CHECK_X") else "-rN", "--durations=5"]
     if build["status"] == "passed":
         run_stage("cuda-tests", pytest_cmd, out_dir, 150, results=stages)
     else:
@@ -105,7 +105,8 @@ def main() -> int:
     bench_json = os.path.join(out_dir, "bench.json")
     run_stage(
         "bench",
-        [PY, "-m", "pytest", "bench/test_bench_gpu.py", "-q", "-p", "no:cacheprovider", f"--benchmark-json={bench_json}"],
+        [PY, "-m", "pytest", "bench/test_bench_gpu.py", "-q", "-p", "no:cacheprovider",
+         f"--benchmark-json={bench_json}"],
         out_dir,
         150,
         results=stages,
@@ -152,7 +153,8 @@ def main() -> int:
         if os.path.exists(path):
             with open(path) as f:
                 variant_results[name] = {
-                    f"{b['extra_info']['shape']} {b['extra_info']['mode']}": round(b["extra_info"]["event_median_s"] * 1e6, 1)
+                    f"{b['extra_info']['shape']} {b['extra_info']['mode']}":
+                        round(b["extra_info"]["event_median_s"] * 1e6, 1)
                     for b in json.load(f)["benchmarks"]
                 }
 
@@ -180,7 +182,8 @@ def main() -> int:
         keys = sorted({k for v in variant_results.values() for k in v})
         md += ["Fused kernel through the cupy backend, build variants (CUDA-event medians, us):", "",
                "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-        md += [f"| {name} | " + " | ".join(str(v.get(k, "")) for k in keys) + " |" for name, v in variant_results.items()]
+        md += [f"| {name} | " + " | ".join(str(v.get(k, "")) for k in keys) + " |"
+               for name, v in variant_results.items()]
         md += [""]
     if prefix_results:
         md += ["Cascade decode op (bf16, 8 groups, Hq/Hkv 16/4, Dh 64) vs SDPA over the expanded keys (CUDA events):",

@@ -58,7 +58,8 @@ def generation_tables(data) -> None:
                         ("module", "`hidden + BridgeBlock(hidden)`")):
         print(f"| {label} | {fmt(block[impl])} | {block[impl] / block['fused']:.1f}x |")
     print()
-    print("| prefill, 4 prompts x 64 tokens | once + cache copy | expanded (N copies) | once / expanded | target 1.2/N |")
+    print("| prefill, 4 prompts x 64 tokens | once + cache copy | expanded (N copies) | once / expanded "
+          "| target 1.2/N |")
     print("|---|---|---|---|---|")
     for info, _ in sorted(by_kind["prefill"], key=lambda item: item[0]["width"]):
         print(f"| N = {info['width']} | {fmt(info['once'])} | {fmt(info['expanded'])} | **{info['ratio']:.3f}** | "

@@ -120,8 +120,8 @@ def test_prefill(benchmark, models, width):
 
     def expanded():
         with torch.no_grad(), bridge_ops.groups(model, width=width):
-            return model(input_ids=ids[rows], attention_mask=mask[rows], past_key_values=DynamicCache(config=model.config),
-                         use_cache=True, logits_to_keep=1)
+            return model(input_ids=ids[rows], attention_mask=mask[rows],
+                         past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
 
     benchmark.group = f"prefill N={width}"
     expanded_time, once_time, ratio = paired_rounds(benchmark, expanded, once, rounds=5)

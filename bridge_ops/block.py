@@ -19,8 +19,18 @@ from .ops import bridge_attention, bridge_block_decode
 
 DEFAULT_HEAD_DIM = 128
 
-# Norm classes whose forward is the HF Llama RMSNorm formula that bridge_block_decode computes.
-FUSABLE_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+# The HF model types Bridge supports explicitly, each with the name of its RMSNorm class, whose forward is the HF
+# Llama RMSNorm formula that bridge_block_decode computes. The one list of supported model types: bridge_ops.hf
+# (SUPPORTED_MODEL_TYPES) and the CLI read it from here.
+RMS_NORM_CLASSES = {
+    "llama": "LlamaRMSNorm",
+    "mistral": "MistralRMSNorm",
+    "qwen2": "Qwen2RMSNorm",
+    "qwen3": "Qwen3RMSNorm",
+}
+
+# Norm classes (by name) that the fused op computes.
+FUSABLE_RMS_NORMS = frozenset(RMS_NORM_CLASSES.values())
 
 
 def default_init_std(hidden_size: int) -> float:
@@ -115,7 +125,7 @@ class BridgeBlock(nn.Module):
         self, hidden: torch.Tensor, cu_group_lens: torch.Tensor, key_mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """`hidden + self(hidden, ...)`. When no gradient is needed and the norm is an RMSNorm the fused op computes
-        (torch.nn.RMSNorm, HF Llama/Mistral/Qwen2/Qwen3 RMSNorm), it runs as one `bridge_block_decode` call."""
+        (torch.nn.RMSNorm, the RMSNorm classes of RMS_NORM_CLASSES), it runs as one `bridge_block_decode` call."""
         eps = self.fused_norm_eps(hidden.dtype)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, *self.parameters()))
         if eps is None or needs_grad:

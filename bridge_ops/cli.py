@@ -14,45 +14,10 @@ traceback instead.
 """
 
 import argparse
-import math
-import os
 import sys
 from typing import List, Optional
 
-# what a user's input or files can cause: one line, exit status 2 (anything else is a bug: a traceback)
-USER_ERRORS = (ValueError, OSError, FloatingPointError)
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def int_list(text: str) -> List[int]:
-    """'1,2,4' -> [1, 2, 4], every entry >= 1."""
-    return [positive_int(part) for part in text.split(",")]
+from .argtypes import USER_ERRORS, non_negative_int, positive_int
 
 
 def _info(args) -> int:
@@ -78,26 +43,17 @@ def _tiny_model(args) -> int:
     return 0
 
 
-def _has_bridge(directory: str) -> bool:
-    from .files import read_json
-
-    if os.path.exists(os.path.join(directory, "bridge.safetensors")):
-        return True
-    config = os.path.join(directory, "config.json")
-    return os.path.exists(config) and "bridge" in read_json(config)
-
-
 def _generate(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .generation import generate
-    from .hf import load_bridge
+    from .hf import has_saved_bridge, load_bridge
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
-    bridge_dir = args.bridge or (args.model if _has_bridge(args.model) else None)
+    bridge_dir = args.bridge or (args.model if has_saved_bridge(args.model) else None)
     if bridge_dir and not args.no_bridge:
         load_bridge(model, bridge_dir)
         print(f"Bridge weights from {bridge_dir}")
@@ -117,6 +73,9 @@ def _generate(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .hf import SUPPORTED_MODEL_TYPES
+    from .train.commands import add_commands
+
     parser = argparse.ArgumentParser(prog="bridge-ops", description="Bridge: interdependent parallel generation")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -124,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     tiny = commands.add_parser("tiny-model", help="save a tiny character-level model built locally")
     tiny.add_argument("directory")
-    tiny.add_argument("--model-type", default="llama", choices=["llama", "mistral", "qwen2", "qwen3"])
+    tiny.add_argument("--model-type", default="llama", choices=list(SUPPORTED_MODEL_TYPES))
     tiny.add_argument("--hidden-size", type=positive_int, default=128)
     tiny.add_argument("--layers", type=positive_int, default=4)
     tiny.add_argument("--bridge", type=non_negative_int, default=0, metavar="D_BRIDGE",
@@ -146,8 +105,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     gen.add_argument("--no-bridge", action="store_true", help="ignore saved Bridge weights")
     gen.add_argument("--progress", action="store_true")
     gen.set_defaults(run=_generate)
-
-    from .train.commands import add_commands
 
     add_commands(commands)
 

@@ -55,8 +55,9 @@ def main(argv=None) -> int:
                     seed=args.seed)
     base = pretrain_base(train, spec)
     base_eval = accuracy(base, args.width)
-    print(f"base model: {sum(p.numel() for p in base.parameters()):,} parameters; accuracy {base_eval['mean_accuracy']:.1%}"
-          f", majority vote of {args.width} independent samples {base_eval['majority_accuracy']:.1%}")
+    print(f"base model: {sum(p.numel() for p in base.parameters()):,} parameters; "
+          f"accuracy {base_eval['mean_accuracy']:.1%}, majority vote of {args.width} independent samples "
+          f"{base_eval['majority_accuracy']:.1%}")
 
     # 2-4. Bridge, repair warm-up, GRPO (accuracy at width 4 on the test problems before and after GRPO)
     method = MethodSpec(seed=args.seed)

@@ -52,7 +52,8 @@ def _cuda_reason() -> Optional[str]:
     if LOAD_ERROR is not None:
         return f"the compiled extension bridge_ops._C is not loaded ({LOAD_ERROR})"
     if "cuda" not in build_info().get("backends", []):
-        return "this build of bridge_ops._C has no CUDA kernels (built without CUDA, or with BRIDGE_OPS_SKIP_CUDA_BUILD=1)"
+        return ("this build of bridge_ops._C has no CUDA kernels (built without CUDA, or with "
+                "BRIDGE_OPS_SKIP_CUDA_BUILD=1)")
     if not torch.cuda.is_available():
         return "no CUDA device is visible to torch"
     return None

@@ -9,9 +9,13 @@
    `cache="shared-prefix"` (what the default `cache="auto"` picks where the cascade supports the model's attention)
    it is not expanded: a `GroupPrefixCache` keeps the prompt's keys/values once per group,
    and every decode step attends to them through the cascade op `prefix_suffix_attention` (bridge_ops.hf.attention).
-3. Each step feeds one token per row. A row that emitted EOS keeps its EOS position visible to its peers, is
-   hidden as a Bridge key from the next position on, and is fed padding. When every row of a group has finished,
-   the group's rows leave the batch and the cache (`compact=True`).
+3. Each step samples one token per row. A row that emitted EOS keeps its EOS position visible to its peers, is
+   hidden as a Bridge key from the next position on, and is fed padding.
+4. When every row of a group has finished, the group's rows leave the batch and the cache (`compact=True`).
+5. One decode step feeds the sampled tokens of the live rows, with the groups of the live batch.
+
+In the code: `generate` resolves and checks its arguments (`_resolve_arguments`), prefills (`prefill_once`, steps
+1-2), runs the step loop (`_step_loop`, steps 3-5) and assembles the output per prompt (`_Record.output`).
 
 Bridge keeps no cache of its own: peers' past reaches a row through its own KV cache, whose keys and values were
 computed from Bridge-mixed hidden states. With `compact=False` and the same sampling settings and seed,
@@ -53,7 +57,8 @@ class GenerationOutput:
         return self.num_tokens / self.seconds if self.seconds > 0 else float("inf")
 
     def texts(self, tokenizer, skip_special_tokens: bool = True) -> List[List[str]]:
-        return [[tokenizer.decode(s, skip_special_tokens=skip_special_tokens) for s in group] for group in self.sequences]
+        decode = tokenizer.decode
+        return [[decode(s, skip_special_tokens=skip_special_tokens) for s in group] for group in self.sequences]
 
     def majority_vote(self, extract_answer: Callable[[List[int]], Optional[object]]) -> List[Optional[object]]:
         """Per prompt, the most frequent answer extracted from its N sequences (None answers do not vote)."""
@@ -199,11 +204,16 @@ def _sampler(do_sample: bool, temperature: float, top_k: Optional[int], top_p: O
 class _Batch:
     """The live rows of a generation: which original row each is, its group, and its per-row state."""
 
-    def __init__(self, widths: List[int], device):
+    def __init__(self, widths: List[int], tokens: torch.Tensor, attention_mask: torch.Tensor,
+                 last_position: torch.Tensor):
+        device = tokens.device
         self.widths = list(widths)  # sizes of the live groups
         self.prompts = list(range(len(widths)))  # prompt index of each live group
         self.rows = torch.arange(sum(widths), device=device)  # original row index of each live row
         self.finished = torch.zeros(sum(widths), dtype=torch.bool, device=device)
+        self.tokens = tokens  # [rows, L + steps]: prompt and sampled tokens (what the logits processors see)
+        self.attention_mask = attention_mask  # [rows, L + steps]
+        self.last_position = last_position  # [rows]: position id of each row's last fed token
 
     def cu_group_lens(self, device) -> torch.Tensor:
         return cu_group_lens_from_sizes(self.widths, device=device)
@@ -215,8 +225,12 @@ class _Batch:
         unfinished = torch.zeros(len(self.widths), dtype=torch.long, device=self.finished.device)
         return unfinished.index_add_(0, group, (~self.finished).long()) == 0
 
-    def drop_groups(self, done: torch.Tensor) -> torch.Tensor:
-        """Removes the finished groups; returns the index of the kept live rows."""
+    def drop_finished_groups(self) -> Optional[torch.Tensor]:
+        """Removes the groups whose rows have all finished; returns the index of the kept live rows (None: none
+        finished, nothing changed)."""
+        done = self.finished_groups()
+        if not bool(done.any()):
+            return None
         keep_group = (~done).tolist()
         sizes = torch.as_tensor(self.widths, device=self.finished.device)
         keep_row = torch.repeat_interleave(~done, sizes)
@@ -224,7 +238,52 @@ class _Batch:
         self.prompts = [p for p, k in zip(self.prompts, keep_group) if k]
         keep = torch.nonzero(keep_row).flatten()
         self.rows, self.finished = self.rows[keep], self.finished[keep]
+        self.tokens, self.attention_mask = self.tokens[keep], self.attention_mask[keep]
+        self.last_position = self.last_position[keep]
         return keep
+
+    def append(self, next_tokens: torch.Tensor) -> None:
+        """Extends every live row by its sampled token (one more visible position)."""
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(next_tokens), 1)], 1)
+        self.last_position = self.last_position + 1
+        self.tokens = torch.cat([self.tokens, next_tokens[:, None]], dim=1)
+
+
+class _Record:
+    """What the step loop writes for every original row: its tokens, and, when asked for, the summed log-probability
+    of its tokens and the logits each was drawn from."""
+
+    def __init__(self, rows: int, max_new_tokens: int, vocab: int, pad: int, device, log_probs: bool, logits: bool):
+        self.tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        self.log_probs = torch.zeros(rows, dtype=torch.float64, device=device) if log_probs else None
+        self.logits = torch.zeros(rows, max_new_tokens, vocab) if logits else None
+
+    def add(self, step: int, rows: torch.Tensor, live: torch.Tensor, next_tokens: torch.Tensor,
+            scores: torch.Tensor, logits: torch.Tensor) -> None:
+        """Step `step` of the live rows (`rows`: their original indices; `live`: which of them had not finished)."""
+        self.tokens[rows[live], step] = next_tokens[live]
+        self.lengths[rows[live]] += 1
+        if self.log_probs is not None:
+            chosen = torch.log_softmax(scores, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)
+            self.log_probs[rows[live]] += chosen[live].double()
+        if self.logits is not None:
+            self.logits[rows[live].cpu(), step] = logits[live].cpu()
+
+    def output(self, widths: List[int], seconds: float) -> "GenerationOutput":
+        """The rows regrouped per prompt (its `widths[p]` members are adjacent rows), each cut to its length."""
+        sequences, row = [], 0
+        log_probs = [] if self.log_probs is not None else None
+        logits = [] if self.logits is not None else None
+        for w in widths:
+            members = range(row, row + w)
+            sequences.append([self.tokens[r, : self.lengths[r]].tolist() for r in members])
+            if log_probs is not None:
+                log_probs.append(self.log_probs[row : row + w].tolist())
+            if logits is not None:
+                logits.append([self.logits[r, : self.lengths[r]] for r in members])
+            row += w
+        return GenerationOutput(sequences, log_probs, int(self.lengths.sum()), seconds, logits)
 
 
 CACHE_KINDS = ("auto", "shared-prefix", "expanded")
@@ -333,7 +392,46 @@ def generate(
         return_log_probs: also return each sequence's summed log-probability under the sampling distribution.
         return_logits: also return the raw logits each token was drawn from (memory: tokens x vocab floats).
         progress: show a tqdm progress bar over decode steps.
+
+    Steps: the arguments are resolved and checked before anything runs; the prompts are prefilled once each and the
+    cache expanded to (or shared by) the members of their groups (steps 1-2 of the module docstring); the step loop
+    samples, drops finished groups and decodes (steps 3-5); the rows are regrouped per prompt into the output.
     """
+    request = _resolve_arguments(model, prompts, width, max_new_tokens, attention_mask, do_sample, temperature,
+                                 top_k, top_p, eos_token_id, pad_token_id, compact, generators, cache, tokenizer,
+                                 progress)
+    start = time.perf_counter()
+    # 1-2. Prefill once per prompt, then expand the cache to the groups' members (or share it: `cache`).
+    state = prefill_once(model, request.input_ids, request.attention_mask, request.widths, request.cache)
+    record = _Record(sum(request.widths), max_new_tokens, state.logits.shape[-1], request.pad, request.device,
+                     return_log_probs, return_logits)
+    # 3-5. Sample, drop finished groups, decode: until every row finished or max_new_tokens.
+    _step_loop(model, request, state, record)
+    return record.output(request.widths, time.perf_counter() - start)
+
+
+@dataclass
+class _Request:
+    """The arguments of `generate`, resolved (defaults from the model's generation config, prompts as a left-padded
+    batch on the model's device) and checked."""
+
+    input_ids: torch.Tensor  # [P, L], left-padded
+    attention_mask: torch.Tensor  # [P, L]
+    widths: List[int]  # members of each prompt's group
+    max_new_tokens: int
+    pad: int
+    eos: torch.Tensor  # long [E]: the EOS token ids (none: rows finish at max_new_tokens only)
+    cache: str  # "shared-prefix" or "expanded"
+    pick: Callable  # the sampler: (tokens so far, logits, batch, generators) -> (next tokens, processed scores)
+    generators: Optional[Sequence[torch.Generator]]
+    compact: bool
+    progress: bool
+    device: torch.device
+
+
+def _resolve_arguments(model, prompts, width, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,
+                       eos_token_id, pad_token_id, compact, generators, cache, tokenizer, progress) -> _Request:
+    """Defaults, the prompt batch and every check, before anything runs (see `generate` for the arguments)."""
     config = getattr(model, "generation_config", None)
     eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
     eos_ids = _token_ids("eos_token_id", eos)
@@ -351,67 +449,43 @@ def generate(
         raise ValueError(f"bridge_ops: cache must be one of {CACHE_KINDS}, got {cache!r}")
     if cache == "auto":
         cache = "expanded" if unsupported_reason(model) else "shared-prefix"
-    pick = _sampler(do_sample, temperature, top_k, top_p)
-    eos_tensor = torch.as_tensor(eos_ids, dtype=torch.long, device=device)
+    return _Request(input_ids, mask, widths, max_new_tokens, pad,
+                    torch.as_tensor(eos_ids, dtype=torch.long, device=device), cache,
+                    _sampler(do_sample, temperature, top_k, top_p), generators, compact, progress, device)
 
-    start = time.perf_counter()
-    # 1-2. Prefill once per prompt, then expand the cache to the groups' members (or share it: `cache`).
-    state = prefill_once(model, input_ids, mask, widths, cache)
-    kv, logits, mask, last_position = state.cache, state.logits, state.attention_mask, state.last_position
-    batch = _Batch(widths, device)
-    total_rows = batch.rows.numel()
-    generated = torch.full((total_rows, max_new_tokens), pad, dtype=torch.long, device=device)
-    lengths = torch.zeros(total_rows, dtype=torch.long, device=device)
-    log_probs = torch.zeros(total_rows, dtype=torch.float64, device=device)
-    step_logits = torch.zeros(total_rows, max_new_tokens, logits.shape[-1]) if return_logits else None
-    tokens_so_far = input_ids[state.expand]
 
-    with _decode_attention(model, kv) as forward_kwargs:
-        steps = range(max_new_tokens)
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, desc="bridge_ops.generate", unit="step")
-        for step in steps:
+def _step_loop(model: nn.Module, request: _Request, state: Prefill, record: _Record) -> None:
+    """Steps 3-5 from the prefilled state, writing every sampled token to `record`."""
+    batch = _Batch(request.widths, request.input_ids[state.expand], state.attention_mask, state.last_position)
+    logits = state.logits
+    with _decode_attention(model, state.cache) as forward_kwargs:
+        for step in _steps(request.max_new_tokens, request.progress):
             # 3. Sample one token per live row; finished rows get padding.
-            next_tokens, scores = pick(tokens_so_far, logits, batch, generators)
-            next_tokens = torch.where(batch.finished, torch.full_like(next_tokens, pad), next_tokens)
-            live = ~batch.finished
-            generated[batch.rows[live], step] = next_tokens[live]
-            lengths[batch.rows[live]] += 1
-            if return_log_probs:
-                chosen = torch.log_softmax(scores, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)
-                log_probs[batch.rows[live]] += chosen[live].double()
-            if return_logits:
-                step_logits[batch.rows[live].cpu(), step] = logits[live].cpu()
-            visible = live  # a row's EOS position is still a visible key; later positions are not
-            batch.finished = batch.finished | torch.isin(next_tokens, eos_tensor)
-            if bool(batch.finished.all()) or step == max_new_tokens - 1:
+            next_tokens, scores = request.pick(batch.tokens, logits, batch, request.generators)
+            next_tokens = torch.where(batch.finished, torch.full_like(next_tokens, request.pad), next_tokens)
+            live = ~batch.finished  # a row's EOS position is still a visible key; later positions are not
+            record.add(step, batch.rows, live, next_tokens, scores, logits)
+            batch.finished = batch.finished | torch.isin(next_tokens, request.eos)
+            if bool(batch.finished.all()) or step == request.max_new_tokens - 1:
                 break
-            if compact:
-                done = batch.finished_groups()
-                if bool(done.any()):
-                    keep = batch.drop_groups(done)
-                    kv.batch_select_indices(keep)
-                    mask, last_position = mask[keep], last_position[keep]
-                    next_tokens, visible, tokens_so_far = next_tokens[keep], visible[keep], tokens_so_far[keep]
-            # 4. One decode step for every live row.
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            last_position = last_position + 1
-            tokens_so_far = torch.cat([tokens_so_far, next_tokens[:, None]], dim=1)
-            out = model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=last_position[:, None],
-                        use_cache=True, **forward_kwargs,
-                        **_groups_kwargs(model, batch.cu_group_lens(device), visible[:, None], len(next_tokens)))
+            # 4. Groups whose rows have all finished leave the batch and the cache.
+            if request.compact:
+                keep = batch.drop_finished_groups()
+                if keep is not None:
+                    state.cache.batch_select_indices(keep)
+                    next_tokens, live = next_tokens[keep], live[keep]
+            # 5. One decode step for every live row.
+            batch.append(next_tokens)
+            out = model(input_ids=next_tokens[:, None], attention_mask=batch.attention_mask,
+                        position_ids=batch.last_position[:, None], use_cache=True, **forward_kwargs,
+                        **_groups_kwargs(model, batch.cu_group_lens(request.device), live[:, None], len(next_tokens)))
             logits = out.logits[:, -1].float()
-    seconds = time.perf_counter() - start
 
-    sequences, scores_out, logits_out, row = [], [] if return_log_probs else None, [] if return_logits else None, 0
-    for w in widths:
-        members = range(row, row + w)
-        sequences.append([generated[r, : lengths[r]].tolist() for r in members])
-        if return_log_probs:
-            scores_out.append(log_probs[row : row + w].tolist())
-        if return_logits:
-            logits_out.append([step_logits[r, : lengths[r]] for r in members])
-        row += w
-    return GenerationOutput(sequences, scores_out, int(lengths.sum()), seconds, logits_out)
+
+def _steps(max_new_tokens: int, progress: bool):
+    """range(max_new_tokens), with a tqdm progress bar when asked for."""
+    if not progress:
+        return range(max_new_tokens)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(max_new_tokens), desc="bridge_ops.generate", unit="step")

@@ -33,9 +33,8 @@ def report() -> str:
         lines.append(f"  {b.name:<{width}}  {b.description}: {status}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     lines.append("serving now: " + ", ".join(f"{d} -> {backend_for(d).name}" for d in devices))
-    lines.append(
-        "serving the cascade decode ops now: " + ", ".join(f"{d} -> {backend_for(d, cascade=True).name}" for d in devices)
-    )
+    cascade = ", ".join(f"{d} -> {backend_for(d, cascade=True).name}" for d in devices)
+    lines.append(f"serving the cascade decode ops now: {cascade}")
     lines.append(gpu_backend_summary())
     return "\n".join(lines)
 

@@ -121,7 +121,8 @@ def report(r: dict) -> str:
         ("|grad| of Bridge Q / K / V on those groups", f"{grad['q']:.1e} / {grad['k']:.1e} / {grad['v']:.1e}"),
         ("attention entropy / log n at init, std 0.02 (1 = uniform)",
          f"{r['attention_init_0.02']['entropy_ratio']:.4f}"),
-        ("attention entropy / log n at init, std hidden^-1/2", f"{r['attention_init_hidden^-1/2']['entropy_ratio']:.4f}"),
+        ("attention entropy / log n at init, std hidden^-1/2",
+         f"{r['attention_init_hidden^-1/2']['entropy_ratio']:.4f}"),
         ("after warm-up + GRPO: entropy / log n, n x self weight",
          f"{trained['entropy_ratio']:.4f}, {trained['self_weight_ratio']:.3f}"),
         ("KL(with peers || solo) per token after the first; argmax changed",
@@ -130,7 +131,8 @@ def report(r: dict) -> str:
          f"{trained['output_norm']:.2f} / {r['bridge']['output_norm']:.2f}"),
         ("one-token answers among the test problems", f"{r['one_token_answers']} of {r['test_problems']}"),
         ("base errors already wrong at the first answer token",
-         f"{r['errors_at_first_token']} of {r['errors']} ({100 * r['errors_at_first_token'] / max(1, r['errors']):.0f}%)"),
+         f"{r['errors_at_first_token']} of {r['errors']} "
+         f"({100 * r['errors_at_first_token'] / max(1, r['errors']):.0f}%)"),
     ]
     lines = ["| measurement (first recipe, arithmetic task) | value |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]

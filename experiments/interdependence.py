@@ -338,7 +338,7 @@ def consensus_summary(size, evaluations, best_mult, grid_rows, train_info, diagn
     lines.append("")
 
     lines += [f"**Ablation: chains misaligned by filler** (bridge-repair, N={solo_width}, mean accuracy)", "",
-              f"| seed | N=1 | with peers | solo | difference [95% CI] |", "|---|---|---|---|---|"]
+              "| seed | N=1 | with peers | solo | difference [95% CI] |", "|---|---|---|---|---|"]
     for a in ablation:
         diff = paired_bootstrap(per_problem(a["peers"]), per_problem(a["solo"]))
         lines.append(f"| {a['seed']} | {100 * a['n1']['mean_accuracy']:.1f} | {100 * a['peers']['mean_accuracy']:.1f} "
@@ -415,7 +415,7 @@ def coordination(size: dict, out: str, progress: bool, log) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for (method, seed), r in records.items():
         def col(key):
-            return [x[key] for x in r]
+            return [x[key] for x in r]  # noqa: B023 (used within this iteration only)
 
         lines.append(f"| {method} | {seed} | {100 * statistics.mean(col('valid')):.1f}% | "
                      f"{100 * statistics.mean(col('valid_solo')):.1f}% | {statistics.mean(col('distinct')):.3f} | "

@@ -4,10 +4,17 @@ model with a toy reward; rank 0 saves the final parameters to argv[1]."""
 import sys
 
 import torch
-
-from bridge_ops.train import GRPOConfig, GRPOLossConfig, SFTConfig, init_distributed, select_trainable
-from bridge_ops.train import train_grpo, train_sft
 from hf_models import EOS, bridged_model
+
+from bridge_ops.train import (
+    GRPOConfig,
+    GRPOLossConfig,
+    SFTConfig,
+    init_distributed,
+    select_trainable,
+    train_grpo,
+    train_sft,
+)
 
 PROMPTS = [[1, 5, 6, 7], [1, 9, 10], [1, 11, 12, 13, 14], [1, 20, 21], [1, 30], [1, 31, 32, 33], [1, 40, 41],
            [1, 50, 51, 52]]

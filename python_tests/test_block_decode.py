@@ -15,7 +15,10 @@ TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 5e-2, to
 
 def decode_args(sizes, seqlen, dim, d_bridge, heads, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    randn = lambda *shape, std=1.0: (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(dtype)  # noqa: E731
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(dtype)
+
     batch = sum(sizes)
     hidden = randn(batch, seqlen, dim)
     norm_weight = 1 + randn(dim, std=0.1)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from hf_models import EOS, PAD, bridged_model, tiny_model
 
 import bridge_ops
 from bridge_ops.train import (
@@ -19,7 +20,6 @@ from bridge_ops.train import (
     rollout,
     token_log_probs,
 )
-from hf_models import EOS, PAD, bridged_model, tiny_model
 
 PROMPTS = [[1, 5, 6, 7], [1, 9, 10]]
 RESPONSES = [[[3, 4, 5, EOS], [6, 7, EOS], [8, 9, 10, 11]], [[12, 13, EOS], [14, EOS]]]

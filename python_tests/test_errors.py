@@ -31,7 +31,7 @@ BAD_INPUTS = {
     "k dtype": (replace(1, lambda a: a[1].double()), "k must have the same dtype as q"),
     "v device": (replace(2, lambda a: a[2].to("meta")), "v is on meta but q is on cpu"),
     "empty batch": (
-        [torch.empty(0, 4, 2, 8), torch.empty(0, 4, 2, 8), torch.empty(0, 4, 2, 8), torch.tensor([0], dtype=torch.int32), None],
+        [*(torch.empty(0, 4, 2, 8) for _ in range(3)), torch.tensor([0], dtype=torch.int32), None],
         "empty batch",
     ),
     "no heads": ([torch.empty(5, 4, 0, 8)] * 3 + [torch.tensor([0, 5], dtype=torch.int32), None], "H > 0 heads"),

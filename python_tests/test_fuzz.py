@@ -30,7 +30,8 @@ def build(sizes, seqlen, heads, head_dim, dtype, visible, seed):
     gen = torch.Generator().manual_seed(seed)
     batch = sum(sizes)
     cu = torch.tensor([0] + list(torch.tensor(sizes).cumsum(0)), dtype=torch.int32)
-    q, k, v = (torch.randn(batch, seqlen, heads, head_dim, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3))
+    shape = (batch, seqlen, heads, head_dim)
+    q, k, v = (torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3))
     mask = None if visible is None else torch.rand(batch, seqlen, generator=gen) < visible
     grad_out = torch.randn(batch, seqlen, heads, head_dim, generator=gen, dtype=torch.float64)
     grad_lse = torch.randn(batch, seqlen, heads, generator=gen, dtype=torch.float64)

@@ -553,7 +553,7 @@ def test_grpo_refuses_a_reward_that_is_not_a_finite_number(bad):
 
 @pytest.mark.parametrize("poison", ["loss", "gradient"])
 def test_a_non_finite_loss_or_gradient_stops_training_before_the_update(poison):
-    from bridge_ops.train import Trainer, TrainConfig
+    from bridge_ops.train import TrainConfig, Trainer
 
     weight = torch.nn.Parameter(torch.ones(3))
     model = torch.nn.Module()

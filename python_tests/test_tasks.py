@@ -105,5 +105,5 @@ def test_subset_sum_rewards_only_ascending_valid_subsets():
     assert task.reward(problem.solutions[0], problem) == 1.0
     if len(first) > 1:
         assert task.reward(",".join(reversed(first)), problem) == 0.0  # not ascending
-    assert task.extract_answer("3,3") is None and task.extract_answer("03,5") is None and task.extract_answer("") is None
+    assert all(task.extract_answer(text) is None for text in ("3,3", "03,5", ""))
     assert task.reward("1,2,3,4,5,6,7", problem) == 0.0

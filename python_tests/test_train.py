@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from hf_models import EOS, PAD, bridged_model, tiny_model
 
 import bridge_ops
 from bridge_ops.train import (
@@ -16,12 +17,12 @@ from bridge_ops.train import (
     group_advantages,
     grouped_batch,
     grpo_loss,
+    remove_parameter_matched_mlp,
     select_trainable,
     token_log_probs,
     train_grpo,
     train_sft,
 )
-from hf_models import EOS, PAD, bridged_model, tiny_model
 
 PROMPTS = [[1, 5, 6, 7], [1, 9, 10], [1, 11, 12, 13, 14], [1, 20, 21]]
 
@@ -98,7 +99,7 @@ def test_gradients_cross_group_members_but_not_groups():
 
         def keep(module, args, output):
             output.retain_grad()
-            captured["embeds"] = output
+            captured["embeds"] = output  # noqa: B023 (the hook is removed within this iteration)
 
         hook = model.get_input_embeddings().register_forward_hook(keep)
         token_log_probs(model, batch)[0].sum().backward()
@@ -192,6 +193,34 @@ def test_parameter_matched_mlp_matches_bridge_count_and_starts_at_zero():
         apply_parameter_matched_mlp(matched, d_bridge=16)
     with pytest.raises(ValueError, match="no bridge parameters"):
         select_trainable(tiny_model(), "bridge")
+
+
+def test_parameter_matched_mlp_is_removable_like_bridge_and_stacks_with_it():
+    import copy
+
+    model, other = tiny_model(), tiny_model()
+    names = set(model.state_dict())
+    ids = torch.tensor([PROMPTS[0]])
+    apply_parameter_matched_mlp(model, d_bridge=16)
+    bridge_ops.apply_bridge(model, d_bridge=16)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.pmatch.down.weight.normal_()
+        copied = copy.deepcopy(model)  # the patched forwards are bound to the copy's layers, not the original's
+        for layer in model.model.layers:
+            layer.pmatch.down.weight.zero_()
+        with bridge_ops.groups(model, width=1), bridge_ops.groups(copied, width=1):
+            assert not torch.equal(copied(ids).logits, model(ids).logits)
+    with pytest.raises(ValueError, match="remove those first"):
+        remove_parameter_matched_mlp(model)  # Bridge wraps the P-Match blocks: it comes out first
+    bridge_ops.remove_bridge(model)
+    remove_parameter_matched_mlp(model)
+    assert set(model.state_dict()) == names
+    assert all("forward" not in vars(layer) and not hasattr(layer, "pmatch") for layer in model.model.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, other(ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no `pmatch` blocks"):
+        remove_parameter_matched_mlp(model)
 
 
 def test_evaluate_widths_counts_by_hand(monkeypatch):

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-
 from hf_models import bridged_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -18,10 +18,11 @@ import torch
 
 pytest.importorskip("trl", reason="bridge_ops[trl] is not installed")
 
+from trl_worker import PROMPTS, WIDTH, bridged_tiny_model, make_trainer, reward  # noqa: E402
+
 import bridge_ops  # noqa: E402
 from bridge_ops.integrations.trl import BridgeGRPOTrainer, shuffle_groups  # noqa: E402
 from bridge_ops.train import grouped_batch, token_log_probs  # noqa: E402
-from trl_worker import PROMPTS, WIDTH, bridged_tiny_model, make_trainer, reward  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,19 +1,40 @@
 """Bridge for HuggingFace transformers models: patch a loaded instance, tell it the groups, save and load."""
 
-from .patch import apply_bridge, bridge_blocks, bridge_parameters, decoder_layers, is_bridged, parameter_share, remove_bridge
+from .patch import (
+    SUPPORTED_MODEL_TYPES,
+    add_residual_blocks,
+    apply_bridge,
+    bridge_blocks,
+    bridge_parameters,
+    decoder_layers,
+    has_residual_blocks,
+    is_bridged,
+    parameter_share,
+    remove_bridge,
+    remove_residual_blocks,
+    residual_norm,
+)
 from .runtime import BridgeGroups, groups
-from .weights import load_bridge, save_bridge
+from .weights import CONFIG_NAME, WEIGHTS_NAME, has_saved_bridge, load_bridge, save_bridge
 
 __all__ = [
+    "CONFIG_NAME",
+    "SUPPORTED_MODEL_TYPES",
+    "WEIGHTS_NAME",
     "BridgeGroups",
+    "add_residual_blocks",
     "apply_bridge",
     "bridge_blocks",
     "bridge_parameters",
     "decoder_layers",
     "groups",
+    "has_residual_blocks",
+    "has_saved_bridge",
     "is_bridged",
     "load_bridge",
     "parameter_share",
     "remove_bridge",
+    "remove_residual_blocks",
+    "residual_norm",
     "save_bridge",
 ]

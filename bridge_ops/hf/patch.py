@@ -7,17 +7,29 @@ residual, which is `h = h + Bridge(norm(h))` right after the layer's `h = h + ML
 forward passes as `bridge_groups=` (see `bridge_ops.hf.runtime`). The model's `generate` is wrapped so
 `model.generate(..., num_return_sequences=N)` groups the N samples of each prompt. The Bridge hyper-parameters are
 recorded in `model.config.bridge`, so `save_pretrained` keeps them.
+
+The layer wrapping itself, `add_residual_blocks` / `remove_residual_blocks`, knows nothing of Bridge: the P-Match
+baseline (a parameter-matched residual MLP, bridge_ops.train.pmatch) is added and removed with it too.
 """
 
 import types
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
+import torch
 from torch import nn
 
-from ..block import BridgeBlock
-from .runtime import (ACTIVE_BLOCK, GROUPS_KWARG, NO_GROUPS, base_model, groups, groups_active, is_bridged,
-                      require_bridged)
+from ..block import RMS_NORM_CLASSES, BridgeBlock
+from .runtime import (
+    ACTIVE_BLOCK,
+    GROUPS_KWARG,
+    NO_GROUPS,
+    base_model,
+    groups,
+    groups_active,
+    is_bridged,
+    require_bridged,
+)
 
 MIN_TRANSFORMERS = (4, 56)
 
@@ -39,13 +51,12 @@ def _generic_norm(layer: nn.Module, config) -> nn.Module:
     return nn.RMSNorm(config.hidden_size, eps=eps)
 
 
-# model_type -> how to build the Bridge input norm of a layer. Layers are `<base model>.layers` for all of them.
+# model_type -> how to build the input norm of a block added to a layer. Layers are `<base model>.layers` for all of
+# them. The model types are those of bridge_ops.block.RMS_NORM_CLASSES (their norm is the fused op's formula).
 REGISTRY: Dict[str, Callable[[nn.Module, object], nn.Module]] = {
-    "llama": _llama_like_norm,
-    "mistral": _llama_like_norm,
-    "qwen2": _llama_like_norm,
-    "qwen3": _llama_like_norm,
+    model_type: _llama_like_norm for model_type in RMS_NORM_CLASSES
 }
+SUPPORTED_MODEL_TYPES = tuple(REGISTRY)
 
 
 def _check_transformers() -> None:
@@ -75,21 +86,105 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def residual_norm(model: nn.Module, layer: nn.Module) -> nn.Module:
+    """A fresh input norm for a residual block added to `layer`: the model's own RMSNorm class for the
+    SUPPORTED_MODEL_TYPES, else torch.nn.RMSNorm (on the current default device, in float32)."""
+    make_norm = REGISTRY.get(getattr(model.config, "model_type", None), _generic_norm)
+    return make_norm(layer, model.config)
+
+
 def new_bridge_block(model: nn.Module, layer: nn.Module, cfg: BridgeConfig) -> BridgeBlock:
     """The BridgeBlock `apply_bridge` adds to `layer` (on the current default device, in float32)."""
-    make_norm = REGISTRY.get(getattr(model.config, "model_type", None), _generic_norm)
-    return BridgeBlock(model.config.hidden_size, cfg.d_bridge, cfg.num_heads, norm=make_norm(layer, model.config),
+    return BridgeBlock(model.config.hidden_size, cfg.d_bridge, cfg.num_heads, norm=residual_norm(model, layer),
                        init_std=cfg.init_std)
 
 
-def _bridged_layer_forward(layer: nn.Module, *args, **kwargs):
+# ---- residual blocks on decoder layers: the instance patching Bridge and the P-Match baseline share ----------------
+@dataclass(frozen=True)
+class _ResidualForward:
+    """The forward of a layer wrapped by `add_residual_blocks` (bound to the layer with types.MethodType, so a deep
+    copy of the model binds it to the copied layer)."""
+
+    name: str
+    residual: Callable[[nn.Module, torch.Tensor, Any], torch.Tensor]
+    take: Optional[Callable[[dict], Any]]
+
+    def __call__(self, layer: nn.Module, *args, **kwargs):
+        taken = self.take(kwargs) if self.take is not None else None
+        out = getattr(layer, _base_forward_attr(self.name))(*args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = self.residual(getattr(layer, self.name), hidden, taken)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+
+def _base_forward_attr(name: str) -> str:
+    return f"_{name}_base_forward"
+
+
+def has_residual_blocks(model: nn.Module, name: str) -> bool:
+    """Whether `add_residual_blocks(model, name, ...)` patched the model's decoder layers."""
+    return any(hasattr(layer, _base_forward_attr(name)) for layer in decoder_layers(model))
+
+
+def add_residual_blocks(
+    model: nn.Module,
+    name: str,
+    make_block: Callable[[nn.Module], nn.Module],
+    residual: Callable[[nn.Module, torch.Tensor, Any], torch.Tensor],
+    take: Optional[Callable[[dict], Any]] = None,
+) -> List[nn.Module]:
+    """Adds a residual block after every decoder layer of `model`, in place, patching the instance only (the class,
+    and other models, stay untouched); returns the blocks, in layer order.
+
+    Each layer gets the submodule `name` = `make_block(layer)` (moved to the model's device and dtype) and an
+    instance-level forward that runs the layer's previous forward and replaces its hidden states h (the output, or
+    the output's first element) with `residual(block, h, taken)`. `take(kwargs)`, when given, runs first: it pops the
+    forward keyword arguments meant for the block (the original forward never sees them) and returns `taken`.
+    `remove_residual_blocks(model, name)` restores the layers.
+    """
+    layers = decoder_layers(model)
+    if has_residual_blocks(model, name):
+        raise ValueError(f"bridge_ops: the decoder layers of this model already have `{name}` blocks")
+    param = next(model.parameters())
+    forward = _ResidualForward(name, residual, take)
+    for layer in layers:
+        setattr(layer, name, make_block(layer).to(device=param.device, dtype=param.dtype))
+        setattr(layer, _base_forward_attr(name), layer.forward)
+        layer.forward = types.MethodType(forward, layer)
+    return [getattr(layer, name) for layer in layers]
+
+
+def remove_residual_blocks(model: nn.Module, name: str) -> nn.Module:
+    """Takes the `name` blocks of `add_residual_blocks` out again: each layer has its previous forward back, and no
+    `name` submodule. Blocks added later (on top of these) must be removed first."""
+    layers = decoder_layers(model)
+    if not has_residual_blocks(model, name):
+        raise ValueError(f"bridge_ops: the decoder layers of this model have no `{name}` blocks")
+    for layer in layers:
+        wrapper = getattr(vars(layer).get("forward"), "__func__", None)
+        if not (isinstance(wrapper, _ResidualForward) and wrapper.name == name):
+            raise ValueError(f"bridge_ops: the `{name}` blocks of this model are wrapped by other blocks added after "
+                             "them: remove those first")
+    for layer in layers:
+        base = vars(layer).pop(_base_forward_attr(name))
+        if getattr(base, "__self__", None) is layer and getattr(base, "__func__", None) is type(layer).forward:
+            del layer.forward  # the class's forward again
+        else:
+            layer.forward = base
+        delattr(layer, name)
+    return model
+
+
+def _take_groups(kwargs: dict):
+    """The forward's BridgeGroups, out of its kwargs (see bridge_ops.hf.runtime)."""
     bridge_groups = kwargs.pop(GROUPS_KWARG, None)
     if bridge_groups is None:
         raise RuntimeError(NO_GROUPS)
-    out = layer._bridge_base_forward(*args, **kwargs)
-    hidden = out[0] if isinstance(out, tuple) else out
-    hidden = layer.bridge.residual(hidden, *bridge_groups.for_hidden(hidden))
-    return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+    return bridge_groups
+
+
+def _bridge_residual(block: BridgeBlock, hidden: torch.Tensor, bridge_groups) -> torch.Tensor:
+    return block.residual(hidden, *bridge_groups.for_hidden(hidden))
 
 
 def _bridged_generate(model: nn.Module, *args, **kwargs):
@@ -113,7 +208,7 @@ def apply_bridge(
 ) -> nn.Module:
     """Adds a BridgeBlock after the feed-forward block of every decoder layer of `model` (in place; returns it).
 
-    Supported explicitly: llama, mistral, qwen2, qwen3 (the Bridge norm is the model's own RMSNorm class); any other
+    Supported explicitly: SUPPORTED_MODEL_TYPES (the Bridge norm is the model's own RMSNorm class); any other
     decoder whose layers have an `mlp` submodule goes through a generic path (torch.nn.RMSNorm). Defaults come from
     `model.config.bridge` when present (a model saved after `apply_bridge`), else d_bridge=512, num_heads =
     d_bridge // 128, init_std = hidden_size ** -0.5. The blocks' output projections are zero, so the model's outputs are
@@ -129,13 +224,9 @@ def apply_bridge(
         num_heads=num_heads if num_heads is not None else defaults.num_heads,
         init_std=init_std if init_std is not None else defaults.init_std,
     )
-    layers = decoder_layers(model)
-    param = next(model.parameters())
-    for layer in layers:
-        layer.bridge = new_bridge_block(model, layer, cfg).to(device=param.device, dtype=param.dtype)
-        layer._bridge_base_forward = layer.forward
-        layer.forward = types.MethodType(_bridged_layer_forward, layer)
-    cfg = BridgeConfig(cfg.d_bridge, layers[0].bridge.num_heads, layers[0].bridge.init_std)
+    blocks = add_residual_blocks(model, "bridge", lambda layer: new_bridge_block(model, layer, cfg),
+                                 _bridge_residual, take=_take_groups)
+    cfg = BridgeConfig(cfg.d_bridge, blocks[0].num_heads, blocks[0].init_std)
     model.config.bridge = asdict(cfg)
     setattr(model, ACTIVE_BLOCK, None)
     if hasattr(model, "generate"):
@@ -149,9 +240,7 @@ def remove_bridge(model: nn.Module) -> nn.Module:
     require_bridged(model)
     if groups_active(model):
         raise RuntimeError("bridge_ops: remove_bridge inside a groups(...) block of the model")
-    for layer in decoder_layers(model):
-        del layer.bridge
-        del layer.forward, layer._bridge_base_forward
+    remove_residual_blocks(model, "bridge")
     if hasattr(model, "_bridge_base_generate"):
         del model.generate, model._bridge_base_generate
     delattr(model, ACTIVE_BLOCK)

@@ -26,6 +26,15 @@ CONFIG_NAME = "bridge_config.json"
 _IN_MODEL_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.bridge\.(.+)$")
 
 
+def has_saved_bridge(directory: str) -> bool:
+    """Whether `directory` holds Bridge weights `load_bridge` can read: a `save_bridge` file, or the config of a model
+    saved by `save_pretrained` after `apply_bridge`."""
+    if os.path.exists(os.path.join(directory, WEIGHTS_NAME)):
+        return True
+    config = os.path.join(directory, "config.json")
+    return os.path.exists(config) and "bridge" in read_json(config)
+
+
 def _shape_of(model: nn.Module) -> Dict[str, int]:
     blocks = bridge_blocks(model)
     return {

@@ -39,7 +39,7 @@ class ArithmeticTask(GeneratedTask):
     def references(self, problem: Problem) -> List[str]:
         return [problem.answer]
 
-    @functools.lru_cache(maxsize=None)  # the task is frozen (hashable): counted once per task
+    @functools.cache  # noqa: B019 (the task is frozen and hashable, and tasks are few: counted once per task)
     def split_sizes(self) -> Optional[Dict[str, int]]:
         """How many distinct problems each split holds, counted when there are at most a million in all (else None)."""
         shapes = range(self.min_terms, self.max_terms + 1)

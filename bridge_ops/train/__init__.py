@@ -14,7 +14,6 @@
 """
 
 from .data import GroupedBatch, grouped_batch, rollout, token_log_probs
-from .distributed import DistContext, init_distributed
 from .diagnostics import (
     answer_loss,
     attention_stats,
@@ -24,18 +23,20 @@ from .diagnostics import (
     paired_bootstrap,
     peer_kl,
 )
+from .distributed import DistContext, init_distributed
 from .evaluate import evaluate_widths
 from .grpo import GroupReward, GRPOConfig, train_grpo
 from .losses import GRPOLossConfig, group_advantages, grpo_loss, sft_loss
-from .pmatch import ResidualMLP, apply_parameter_matched_mlp
+from .pmatch import ResidualMLP, apply_parameter_matched_mlp, remove_parameter_matched_mlp
 from .sft import WARMUP_MODES, Group, SFTConfig, collect_warmup_groups, train_sft
 from .task_data import TaskData, task_data
 from .trainer import TrainConfig, Trainer, select_trainable
 
 __all__ = [
-    "DistContext", "GRPOConfig", "GRPOLossConfig", "Group", "GroupReward", "GroupedBatch", "ResidualMLP",
-    "SFTConfig", "TaskData", "TrainConfig", "Trainer", "WARMUP_MODES", "answer_loss", "apply_parameter_matched_mlp",
-    "attention_stats", "bridge_gradient_norms", "collect_warmup_groups", "distinct_answers", "evaluate_widths", "group_advantages",
-    "grouped_batch", "grpo_loss", "independence_bound", "init_distributed", "paired_bootstrap", "peer_kl", "rollout",
-    "select_trainable", "sft_loss", "task_data", "token_log_probs", "train_grpo", "train_sft",
+    "DistContext", "GRPOConfig", "GRPOLossConfig", "Group", "GroupReward", "GroupedBatch", "ResidualMLP", "SFTConfig",
+    "TaskData", "TrainConfig", "Trainer", "WARMUP_MODES", "answer_loss", "apply_parameter_matched_mlp",
+    "attention_stats", "bridge_gradient_norms", "collect_warmup_groups", "distinct_answers", "evaluate_widths",
+    "group_advantages", "grouped_batch", "grpo_loss", "independence_bound", "init_distributed", "paired_bootstrap",
+    "peer_kl", "remove_parameter_matched_mlp", "rollout", "select_trainable", "sft_loss", "task_data",
+    "token_log_probs", "train_grpo", "train_sft",
 ]

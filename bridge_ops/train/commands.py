@@ -15,7 +15,7 @@ running the same command again resumes from the checkpoint (pretraining included
 
 import json
 
-from ..cli import int_list, non_negative_int, positive_float, positive_int
+from ..argtypes import int_list, non_negative_int, positive_float, positive_int
 from ..tasks import TASKS
 from .sft import WARMUP_MODES
 
@@ -35,13 +35,12 @@ def _load(args, bridge: int = 0):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..cli import _has_bridge
-    from ..hf import apply_bridge, is_bridged, load_bridge
+    from ..hf import apply_bridge, has_saved_bridge, is_bridged, load_bridge
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
-    if _has_bridge(args.model):
+    if has_saved_bridge(args.model):
         load_bridge(model, args.model)
     if bridge and not is_bridged(model):
         with torch.random.fork_rng():  # fresh blocks initialized from --seed

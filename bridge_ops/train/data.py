@@ -22,8 +22,7 @@ from torch import nn
 
 from ..generation import generate
 from ..groups import cu_group_lens_from_sizes
-from ..hf.patch import is_bridged
-from ..hf.runtime import groups
+from ..hf import groups, is_bridged
 from .trainer import seed_of
 
 

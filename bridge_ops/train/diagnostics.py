@@ -26,8 +26,7 @@ from typing import Callable, Dict, Hashable, Iterator, List, Mapping, Optional, 
 import torch
 from torch import nn
 
-from ..hf.patch import bridge_blocks
-from ..hf.runtime import groups
+from ..hf import bridge_blocks, groups
 from ..ops import bridge_attention
 from .data import GroupedBatch, rollout, token_log_probs
 from .losses import sft_loss
@@ -111,8 +110,8 @@ def attention_stats(model: nn.Module, batch: GroupedBatch) -> Dict[str, float]:
         own = torch.exp(scale * (q.float() * k.float()).sum(-1) - lse)
         entropy.append(((lse - expected) / n.log()[..., None])[selected])
         self_weight.append((own * n[..., None])[selected])
-    return {"entropy_ratio": float(torch.cat(entropy).mean()), "self_weight_ratio": float(torch.cat(self_weight).mean()),
-            "queries": int(selected.sum())}
+    return {"entropy_ratio": float(torch.cat(entropy).mean()),
+            "self_weight_ratio": float(torch.cat(self_weight).mean()), "queries": int(selected.sum())}
 
 
 def bridge_gradient_norms(model: nn.Module, batch: GroupedBatch) -> Dict[str, float]:

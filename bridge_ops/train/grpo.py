@@ -26,7 +26,7 @@ from torch import nn
 from .data import grouped_batch, rollout, token_log_probs
 from .distributed import DistContext
 from .losses import GRPOLossConfig, checked_reward, group_advantages, grpo_loss
-from .trainer import Trainer, TrainConfig, step_rng
+from .trainer import TrainConfig, Trainer, step_rng
 
 RowRewardFn = Callable[[int, List[int]], float]  # (prompt index, response token ids incl. EOS) -> reward
 

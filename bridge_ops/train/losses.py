@@ -14,7 +14,7 @@ std is the population std of the group; a group whose rewards are all equal has 
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 

@@ -3,17 +3,19 @@
 `apply_parameter_matched_mlp(model, d_bridge)` adds to every decoder layer, right after its feed-forward block,
 `h = h + W_down · silu(W_up · norm(h))` with W_up [2·d_bridge, D] and W_down [D, 2·d_bridge] (zero-initialized),
 i.e. 4·D·d_bridge + D parameters per layer, exactly a BridgeBlock's count. It separates "more parameters" from
-"samples that read each other" in the experiment.
+"samples that read each other" in the experiment. `remove_parameter_matched_mlp(model)` takes the blocks out again.
 """
 
-import types
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..block import default_init_std
-from ..hf.patch import REGISTRY, _generic_norm, decoder_layers
+from ..hf import add_residual_blocks, has_residual_blocks, remove_residual_blocks, residual_norm
+
+BLOCK_NAME = "pmatch"  # the submodule of each decoder layer (its parameters are `...layers.<i>.pmatch.<name>`)
 
 
 class ResidualMLP(nn.Module):
@@ -31,24 +33,24 @@ class ResidualMLP(nn.Module):
         return self.down(F.silu(self.up(self.norm(hidden))))
 
 
-def _layer_forward(layer: nn.Module, *args, **kwargs):
-    out = layer._pmatch_base_forward(*args, **kwargs)
-    hidden = out[0] if isinstance(out, tuple) else out
-    hidden = hidden + layer.pmatch(hidden)
-    return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+def _residual(block: ResidualMLP, hidden: torch.Tensor, _) -> torch.Tensor:
+    return hidden + block(hidden)
 
 
 def apply_parameter_matched_mlp(model: nn.Module, d_bridge: int, init_std: Optional[float] = None) -> nn.Module:
     """Adds a ResidualMLP with the parameter count of a BridgeBlock(d_bridge) to every decoder layer (in place)."""
-    layers = decoder_layers(model)
-    make_norm = REGISTRY.get(getattr(model.config, "model_type", None), _generic_norm)
-    reference = next(model.parameters())
-    for layer in layers:
-        if hasattr(layer, "pmatch"):
-            raise ValueError("bridge_ops: this model already has parameter-matched MLP blocks")
-        block = ResidualMLP(model.config.hidden_size, 2 * d_bridge, make_norm(layer, model.config), init_std)
-        layer.pmatch = block.to(device=reference.device, dtype=reference.dtype)
-        layer._pmatch_base_forward = layer.forward
-        layer.forward = types.MethodType(_layer_forward, layer)
+    if has_residual_blocks(model, BLOCK_NAME):
+        raise ValueError("bridge_ops: this model already has parameter-matched MLP blocks")
+    hidden_size = model.config.hidden_size
+
+    def make_block(layer: nn.Module) -> ResidualMLP:
+        return ResidualMLP(hidden_size, 2 * d_bridge, residual_norm(model, layer), init_std)
+
+    add_residual_blocks(model, BLOCK_NAME, make_block, _residual)
     return model
 
+
+def remove_parameter_matched_mlp(model: nn.Module) -> nn.Module:
+    """Takes the blocks of `apply_parameter_matched_mlp` out again: the model is the original one (same modules, same
+    weights)."""
+    return remove_residual_blocks(model, BLOCK_NAME)

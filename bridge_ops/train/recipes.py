@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..charlm import tiny_causal_lm
-from ..hf.patch import apply_bridge, parameter_share
+from ..hf import apply_bridge, parameter_share
 from .grpo import GRPOConfig, RewardFn, train_grpo
 from .pmatch import apply_parameter_matched_mlp
 from .sft import WARMUP_MODES, SFTConfig, collect_warmup_groups, identical_groups, train_sft
@@ -71,10 +71,11 @@ class MethodSpec:
     seed: int = 0
 
 
-def pretrain_base(train: TaskData, spec: BaseSpec = BaseSpec(), progress: bool = True, out_dir: Optional[str] = None,
-                  checkpoint_every: int = 0) -> nn.Module:
+def pretrain_base(train: TaskData, spec: Optional[BaseSpec] = None, progress: bool = True,
+                  out_dir: Optional[str] = None, checkpoint_every: int = 0) -> nn.Module:
     """A tiny causal LM trained from scratch on `train`'s reference responses (all parameters); with `out_dir`, it
-    checkpoints there and resumes from there like SFT and GRPO."""
+    checkpoints there and resumes from there like SFT and GRPO. `spec` defaults to BaseSpec()."""
+    spec = spec if spec is not None else BaseSpec()
     heads = spec.num_heads or max(1, spec.hidden_size // 32)
     kv_heads = spec.num_kv_heads or max(1, heads // 2)
     model = tiny_causal_lm(train.tokenizer, spec.model_type, spec.hidden_size, spec.num_layers, heads, kv_heads,
@@ -107,14 +108,16 @@ def warmup_groups(base: nn.Module, mode: str, train: TaskData, spec: MethodSpec)
 
 
 def train_method(
-    base: nn.Module, method: str, train: TaskData, spec: MethodSpec = MethodSpec(), progress: bool = True,
+    base: nn.Module, method: str, train: TaskData, spec: Optional[MethodSpec] = None, progress: bool = True,
     reward_fn: Optional[RewardFn] = None, on_stage: Optional[Callable[[str, nn.Module], None]] = None,
 ) -> Tuple[nn.Module, Dict[str, List[dict]]]:
     """A trained copy of `base` for `method` (see `parse_method`); returns (model, {stage: metrics}).
 
     reward_fn: GRPO's reward (default `train.reward`; a `GroupReward` scores whole groups). on_stage(stage, model)
-    is called after the warm-up ("warm-up") so a caller can measure the model between the stages.
+    is called after the warm-up ("warm-up") so a caller can measure the model between the stages. `spec` defaults
+    to MethodSpec().
     """
+    spec = spec if spec is not None else MethodSpec()
     block, warmup = parse_method(method)
     model = copy.deepcopy(base)
     log: Dict[str, List[dict]] = {}

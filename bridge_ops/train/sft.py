@@ -25,11 +25,11 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..hf.patch import is_bridged
+from ..hf import is_bridged
 from .data import grouped_batch, rollout, token_log_probs
 from .distributed import DistContext
 from .losses import sft_loss
-from .trainer import Trainer, TrainConfig, step_rng
+from .trainer import TrainConfig, Trainer, step_rng
 
 WARMUP_MODES = ("correct", "distinct", "repair")
 

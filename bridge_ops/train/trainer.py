@@ -249,9 +249,9 @@ class Trainer:
             start = time.perf_counter()
             norms: List[float] = []
 
-            def optimizer_step(loss: Optional[torch.Tensor] = None) -> float:
-                norms.append(self.optimizer_step(loss))
-                return norms[-1]
+            def optimizer_step(loss: Optional[torch.Tensor] = None) -> float:  # called within this step only
+                norms.append(self.optimizer_step(loss))  # noqa: B023
+                return norms[-1]  # noqa: B023
 
             for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
                 group["lr"] = lr * lr_factor(cfg, step)
