@@ -13,12 +13,13 @@
 #include <string>
 
 #include "checks.h"
-#include "cuda/kernels/launch.h"
 #include "group_validation.h"
 
-// pybind11 is hidden-visibility; the launch.h structs it wraps are not (torch extensions build with default
-// visibility), which GCC reports once per bound type. Harmless: the types never cross a shared-library boundary.
-#pragma GCC diagnostic ignored "-Wattributes"
+// pybind11's own types have hidden visibility, and GCC warns when a bound type is more visible than they are; the
+// launch.h structs never cross a shared-library boundary, so here they are hidden too.
+#pragma GCC visibility push(hidden)
+#include "cuda/kernels/launch.h"
+#pragma GCC visibility pop
 
 namespace bridge_ops {
 namespace {
@@ -28,7 +29,7 @@ namespace kn = bridge_ops::kernels;
 
 // A pointer field as a Python int (an address, e.g. tensor.data_ptr(); 0 for null).
 template <typename Class, typename Pointer>
-void pointer_field(py::class_<Class>& c, const char* name, Pointer Class::*field) {
+void pointer_field(py::class_<Class>& c, const char* name, Pointer Class::* field) {
   c.def_property(
       name, [field](const Class& s) { return reinterpret_cast<std::uintptr_t>(s.*field); },
       [field](Class& s, std::uintptr_t address) { s.*field = reinterpret_cast<Pointer>(address); });

@@ -34,28 +34,27 @@ const T* in(const at::Tensor& t) {
 }
 
 void check_head_dim(int64_t head_dim) {
-  BRIDGE_CHECK(head_dim <= kn::kWarpSize * kn::kCascadeMaxTd, "the CUDA cascade kernels take head_dim <= ",
-               kn::kWarpSize * kn::kCascadeMaxTd, ", got ", head_dim);
+  BRIDGE_CHECK(head_dim <= kn::kWarpSize * kn::kCascadeMaxTd,
+               "the CUDA cascade kernels take head_dim <= ", kn::kWarpSize * kn::kCascadeMaxTd, ", got ", head_dim);
 }
 
 template <typename T, typename A>
 void launch_cascade(const at::Tensor& q, const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& plens,
                     const at::Tensor& sk, const at::Tensor& sv, const std::optional<at::Tensor>& slens,
-                    const at::Tensor& cu, at::Tensor& out, at::Tensor& lse, const kn::CascadePlan& plan,
-                    double scale) {
+                    const at::Tensor& cu, at::Tensor& out, at::Tensor& lse, const kn::CascadePlan& plan, double scale) {
   const kn::CascadeShape& shape = plan.shape;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  at::Tensor ws_o = at::empty({plan.workspace_chunks, shape.batch, shape.q_heads, shape.dim},
-                              q.options().dtype(lse.scalar_type()));
+  at::Tensor ws_o =
+      at::empty({plan.workspace_chunks, shape.batch, shape.q_heads, shape.dim}, q.options().dtype(lse.scalar_type()));
   at::Tensor ws_lse = at::empty({plan.workspace_chunks, shape.batch, shape.q_heads}, lse.options());
   if (plan.prefix_blocks > 0) {
-    BRIDGE_CHECK(plan.prefix_blocks <= 2147483647LL, "too many (chunk, group, head) tasks for one launch: ",
-                 plan.prefix_blocks);
-    kn::cascade_prefix_chunks<T, A><<<static_cast<unsigned int>(plan.prefix_blocks), kn::kCascadeThreads,
-                                      plan.prefix_smem_bytes, stream>>>(
-        in<T>(q), q.stride(0), q.stride(1), key_view<T>(pk), key_view<T>(pv), plens.const_data_ptr<int32_t>(),
-        cu.const_data_ptr<int32_t>(), ws_o.mutable_data_ptr<A>(), ws_lse.mutable_data_ptr<A>(), shape,
-        static_cast<A>(scale));
+    BRIDGE_CHECK(plan.prefix_blocks <= 2147483647LL,
+                 "too many (chunk, group, head) tasks for one launch: ", plan.prefix_blocks);
+    kn::cascade_prefix_chunks<T, A>
+        <<<static_cast<unsigned int>(plan.prefix_blocks), kn::kCascadeThreads, plan.prefix_smem_bytes, stream>>>(
+            in<T>(q), q.stride(0), q.stride(1), key_view<T>(pk), key_view<T>(pv), plens.const_data_ptr<int32_t>(),
+            cu.const_data_ptr<int32_t>(), ws_o.mutable_data_ptr<A>(), ws_lse.mutable_data_ptr<A>(), shape,
+            static_cast<A>(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   kn::cascade_suffix_merge<T, A><<<static_cast<unsigned int>(plan.merge_blocks), kn::kCascadeThreads, 0, stream>>>(
@@ -67,9 +66,9 @@ void launch_cascade(const at::Tensor& q, const at::Tensor& pk, const at::Tensor&
 }
 
 std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention_cuda(
-    const at::Tensor& q_in, const at::Tensor& prefix_k_in, const at::Tensor& prefix_v_in,
-    const at::Tensor& prefix_lens, const at::Tensor& suffix_k_in, const at::Tensor& suffix_v_in,
-    const at::Tensor& cu_group_lens, const std::optional<at::Tensor>& suffix_lens, std::optional<double> scale) {
+    const at::Tensor& q_in, const at::Tensor& prefix_k_in, const at::Tensor& prefix_v_in, const at::Tensor& prefix_lens,
+    const at::Tensor& suffix_k_in, const at::Tensor& suffix_v_in, const at::Tensor& cu_group_lens,
+    const std::optional<at::Tensor>& suffix_lens, std::optional<double> scale) {
   const PrefixAttentionDims d = check_prefix_attention_args(q_in, prefix_k_in, prefix_v_in, prefix_lens, suffix_k_in,
                                                             suffix_v_in, suffix_lens, cu_group_lens);
   BRIDGE_CHECK(q_in.is_cuda(), "the CUDA kernel got q on ", q_in.device());
@@ -89,10 +88,10 @@ std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention_cuda(
   const at::ScalarType stat = lse_dtype(q.scalar_type());
   at::Tensor out = at::empty({d.batch, d.q_heads, d.head_dim}, q.options());
   at::Tensor lse = at::empty({d.batch, d.q_heads}, q.options().dtype(stat));
-  const kn::CascadePlan plan = kn::plan_cascade(
-      static_cast<int>(d.batch), static_cast<int>(d.q_heads), static_cast<int>(d.kv_heads),
-      static_cast<int>(d.head_dim), static_cast<int>(d.groups), static_cast<int>(d.prefix_len),
-      static_cast<int>(d.suffix_len), static_cast<int>(c10::elementSize(stat)));
+  const kn::CascadePlan plan =
+      kn::plan_cascade(static_cast<int>(d.batch), static_cast<int>(d.q_heads), static_cast<int>(d.kv_heads),
+                       static_cast<int>(d.head_dim), static_cast<int>(d.groups), static_cast<int>(d.prefix_len),
+                       static_cast<int>(d.suffix_len), static_cast<int>(c10::elementSize(stat)));
   const double s = resolve_scale(scale, d.head_dim);
   BRIDGE_DTYPE_SWITCH(q.scalar_type(), T, A, [&] {
     launch_cascade<T, A>(q, prefix_k, prefix_v, plens, suffix_k, suffix_v, slens, cu, out, lse, plan, s);
@@ -101,12 +100,12 @@ std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention_cuda(
 }
 
 template <typename T, typename A>
-void launch_merge(const at::Tensor& a, const at::Tensor& la, const at::Tensor& b, const at::Tensor& lb,
-                  at::Tensor& out, at::Tensor& lse, int64_t rows, int dim) {
-  kn::merge_states<T, A><<<static_cast<unsigned int>(rows), kn::kCascadeThreads, 0,
-                           c10::cuda::getCurrentCUDAStream().stream()>>>(
-      in<T>(a), la.const_data_ptr<A>(), in<T>(b), lb.const_data_ptr<A>(), reinterpret_cast<T*>(out.mutable_data_ptr()),
-      lse.mutable_data_ptr<A>(), dim);
+void launch_merge(const at::Tensor& a, const at::Tensor& la, const at::Tensor& b, const at::Tensor& lb, at::Tensor& out,
+                  at::Tensor& lse, int64_t rows, int dim) {
+  kn::merge_states<T, A>
+      <<<static_cast<unsigned int>(rows), kn::kCascadeThreads, 0, c10::cuda::getCurrentCUDAStream().stream()>>>(
+          in<T>(a), la.const_data_ptr<A>(), in<T>(b), lb.const_data_ptr<A>(),
+          reinterpret_cast<T*>(out.mutable_data_ptr()), lse.mutable_data_ptr<A>(), dim);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -14,9 +14,9 @@
 #include "kernels/launch.h"
 
 #define BRIDGE_TD_CASE(VALUE, TD, ...) \
-  case VALUE: {                         \
-    constexpr int TD = VALUE;           \
-    return __VA_ARGS__();               \
+  case VALUE: {                        \
+    constexpr int TD = VALUE;          \
+    return __VA_ARGS__();              \
   }
 
 // One case per register layout of launch.h (kTdValues).
@@ -44,23 +44,21 @@ static_assert(::bridge_ops::kernels::kNumTd == 4 && ::bridge_ops::kernels::kTdVa
   }
 
 // float32, float16, bfloat16.
-#define BRIDGE_FAST_DTYPE_SWITCH(DTYPE, T, A, ...)                                                   \
-  [&] {                                                                                             \
-    switch (DTYPE) {                                                                                \
-      BRIDGE_DTYPE_CASE(::at::kFloat, float, float, T, A, __VA_ARGS__)                              \
-      BRIDGE_DTYPE_CASE(::at::kHalf, ::bridge_ops::kernels::half_t, float, T, A, __VA_ARGS__)       \
-      BRIDGE_DTYPE_CASE(::at::kBFloat16, ::bridge_ops::kernels::bf16_t, float, T, A, __VA_ARGS__)   \
-      default:                                                                                      \
-        TORCH_CHECK(false, "bridge_ops: the CUDA kernels have no dtype ", DTYPE);                   \
-    }                                                                                               \
+#define BRIDGE_FAST_DTYPE_SWITCH(DTYPE, T, A, ...)                                                \
+  [&] {                                                                                           \
+    switch (DTYPE) {                                                                              \
+      BRIDGE_DTYPE_CASE(::at::kFloat, float, float, T, A, __VA_ARGS__)                            \
+      BRIDGE_DTYPE_CASE(::at::kHalf, ::bridge_ops::kernels::half_t, float, T, A, __VA_ARGS__)     \
+      BRIDGE_DTYPE_CASE(::at::kBFloat16, ::bridge_ops::kernels::bf16_t, float, T, A, __VA_ARGS__) \
+      default: TORCH_CHECK(false, "bridge_ops: the CUDA kernels have no dtype ", DTYPE);          \
+    }                                                                                             \
   }()
 
 // float64 (accumulated in float64) and the dtypes of BRIDGE_FAST_DTYPE_SWITCH.
-#define BRIDGE_DTYPE_SWITCH(DTYPE, T, A, ...)                     \
-  [&] {                                                          \
-    switch (DTYPE) {                                             \
+#define BRIDGE_DTYPE_SWITCH(DTYPE, T, A, ...)                             \
+  [&] {                                                                   \
+    switch (DTYPE) {                                                      \
       BRIDGE_DTYPE_CASE(::at::kDouble, double, double, T, A, __VA_ARGS__) \
-      default:                                                   \
-        return BRIDGE_FAST_DTYPE_SWITCH(DTYPE, T, A, __VA_ARGS__); \
-    }                                                            \
+      default: return BRIDGE_FAST_DTYPE_SWITCH(DTYPE, T, A, __VA_ARGS__); \
+    }                                                                     \
   }()

@@ -116,13 +116,21 @@ namespace kn = bridge_ops::kernels;
 template <typename T>
 const char* type_name();
 template <>
-const char* type_name<float>() { return "float"; }
+const char* type_name<float>() {
+  return "float";
+}
 template <>
-const char* type_name<double>() { return "double"; }
+const char* type_name<double>() {
+  return "double";
+}
 template <>
-const char* type_name<kn::bf16_t>() { return "bridge_ops::kernels::bf16_t"; }
+const char* type_name<kn::bf16_t>() {
+  return "bridge_ops::kernels::bf16_t";
+}
 template <>
-const char* type_name<kn::half_t>() { return "bridge_ops::kernels::half_t"; }
+const char* type_name<kn::half_t>() {
+  return "bridge_ops::kernels::half_t";
+}
 
 template <typename F>
 void add(const std::string& kernel, const std::string& args, F* f) {
@@ -173,7 +181,8 @@ extern "C" int emu_launch(const char* name, long long blocks, int threads, int s
     std::snprintf(err, err_len, "bad block size %d", threads);
     return 1;
   }
-  if (smem_bytes < 0 || smem_bytes > (int)sizeof(bridge_ops::kernels::bridge_smem) || smem_bytes > bridge_ops::kernels::kSmemLimit) {
+  if (smem_bytes < 0 || smem_bytes > (int)sizeof(bridge_ops::kernels::bridge_smem) ||
+      smem_bytes > bridge_ops::kernels::kSmemLimit) {
     std::snprintf(err, err_len, "dynamic shared memory %d bytes is over the limit", smem_bytes);
     return 1;
   }

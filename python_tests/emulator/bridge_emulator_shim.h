@@ -107,6 +107,4 @@ inline unsigned int __ballot_sync(unsigned int mask, bool pred) {
   for (int l = 0; l < 32; ++l) r |= (s.slots[buf][l] != 0 ? 1u : 0u) << l;
   return r;
 }
-inline void __syncwarp(unsigned int mask = 0xffffffffu) {
-  bridge_emu::exchange(mask, 0, 0, true, bridge_emu::kSync);
-}
+inline void __syncwarp(unsigned int mask = 0xffffffffu) { bridge_emu::exchange(mask, 0, 0, true, bridge_emu::kSync); }

@@ -191,11 +191,17 @@ struct Chunk16 {  // bf16_t and half_t: four 16-bit values in a uint2 (element 0
   }
 };
 template <>
-__device__ __forceinline__ float Chunk16<bf16_t>::lo(unsigned int w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float Chunk16<bf16_t>::lo(unsigned int w) {
+  return __uint_as_float(w << 16);
+}
 template <>
-__device__ __forceinline__ float Chunk16<bf16_t>::hi(unsigned int w) { return __uint_as_float(w & 0xffff0000u); }
+__device__ __forceinline__ float Chunk16<bf16_t>::hi(unsigned int w) {
+  return __uint_as_float(w & 0xffff0000u);
+}
 template <>
-__device__ __forceinline__ unsigned short Chunk16<bf16_t>::bits(float f) { return float_to_bf16_bits(f); }
+__device__ __forceinline__ unsigned short Chunk16<bf16_t>::bits(float f) {
+  return float_to_bf16_bits(f);
+}
 template <>
 __device__ __forceinline__ float Chunk16<half_t>::lo(unsigned int w) {
   return half_bits_to_float((unsigned short)(w & 0xffffu));
@@ -205,7 +211,9 @@ __device__ __forceinline__ float Chunk16<half_t>::hi(unsigned int w) {
   return half_bits_to_float((unsigned short)(w >> 16));
 }
 template <>
-__device__ __forceinline__ unsigned short Chunk16<half_t>::bits(float f) { return float_to_half_bits(f); }
+__device__ __forceinline__ unsigned short Chunk16<half_t>::bits(float f) {
+  return float_to_half_bits(f);
+}
 
 template <>
 struct Chunk<bf16_t> : Chunk16<bf16_t> {};
@@ -231,8 +239,8 @@ __device__ __forceinline__ Rows<T> rows_of(const RowsArg& a) {
 // ---------------------------------------------------------------------------------------------------------
 
 struct Task {
-  int s, h, n;   // position, head, group size
-  i64 first;     // first row of the group
+  int s, h, n;  // position, head, group size
+  i64 first;    // first row of the group
 };
 
 // Decodes task t (h fastest, then group, then position). The offsets are clamped into [0, B] and a non-increasing
@@ -492,8 +500,8 @@ __device__ __forceinline__ A score_grad(A p, A dp, A delta, A dlse, A scale) {
 // dQ_i += sum_jj dS_i,jj K_jj over the keys of a staged tile that row i sees; lane c of the row group holds the dS of
 // key j0 + c.
 template <int TD>
-__device__ __forceinline__ void accumulate_dq(RowRegs<TD>& dqi, float my_ds, unsigned int vis, int j0, int count,
-                                              int i, const float* Ks, int lane, int c) {
+__device__ __forceinline__ void accumulate_dq(RowRegs<TD>& dqi, float my_ds, unsigned int vis, int j0, int count, int i,
+                                              const float* Ks, int lane, int c) {
   constexpr int DP = kChunkDims * TD;
 #pragma unroll 2
   for (int jj = 0; jj < count; ++jj) {
@@ -579,8 +587,7 @@ __device__ __forceinline__ void attend_rows_forward(const Problem& p, const Task
 }
 
 template <typename T, int TD>
-__global__ void __launch_bounds__(kMaxThreads, BRIDGE_FWD_MIN_BLOCKS)
-    bridge_attention_fwd(const ForwardParams params) {
+__global__ void __launch_bounds__(kMaxThreads, BRIDGE_FWD_MIN_BLOCKS) bridge_attention_fwd(const ForwardParams params) {
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, warps = blockDim.x / kWarpSize;
   const Problem& p = params.problem;
   Task task;

@@ -27,16 +27,16 @@ constexpr int kWarpSize = 32;
 constexpr int kSmemLimit = 48 * 1024;  // dynamic shared memory per block without an opt-in (every arch)
 
 // Bridge attention, fast path (bridge_attention.cuh explains the mapping).
-constexpr int kKeyTile = 8;       // rows per shared-memory tile
-constexpr int kRowsPerPass = 4;   // row groups per warp: query (or key) rows a warp holds in registers at once
-constexpr int kLanesPerRow = 8;   // lanes per row group (kRowsPerPass * kLanesPerRow == kWarpSize)
+constexpr int kKeyTile = 8;      // rows per shared-memory tile
+constexpr int kRowsPerPass = 4;  // row groups per warp: query (or key) rows a warp holds in registers at once
+constexpr int kLanesPerRow = 8;  // lanes per row group (kRowsPerPass * kLanesPerRow == kWarpSize)
 constexpr int kChunkDims = 4 * kLanesPerRow;  // head dims per register chunk: 4 per lane of a row group
 constexpr int kNumTd = 4;                     // register layouts: TD chunks of kChunkDims dims per row
 constexpr int kTdValues[kNumTd] = {1, 2, 4, 8};
-constexpr int kMaxTd = kTdValues[kNumTd - 1];  // fast path: head_dim <= kChunkDims * kMaxTd
-constexpr int kMaxWarps = 4;                   // warps per block at most
+constexpr int kMaxTd = kTdValues[kNumTd - 1];       // fast path: head_dim <= kChunkDims * kMaxTd
+constexpr int kMaxWarps = 4;                        // warps per block at most
 constexpr int kMaxThreads = kWarpSize * kMaxWarps;  // threads per block at most (__launch_bounds__)
-constexpr int kSimpleThreads = 128;            // threads per block of the simple kernels (one task each)
+constexpr int kSimpleThreads = 128;                 // threads per block of the simple kernels (one task each)
 
 // Cascade decode attention (prefix_attention.cuh): every block is one warp.
 constexpr int kCascadeThreads = kWarpSize;
@@ -59,9 +59,9 @@ BRIDGE_HOST_DEVICE inline int backward_smem_bytes_per_warp(int td) {
 }
 
 struct LaunchPlan {
-  bool fast;       // bridge_attention_fwd/bwd<T, td>; else the simple kernels (float64, head_dim > 256)
-  int td;          // register layout of the fast kernels
-  int threads;     // per block
+  bool fast;    // bridge_attention_fwd/bwd<T, td>; else the simple kernels (float64, head_dim > 256)
+  int td;       // register layout of the fast kernels
+  int threads;  // per block
   i64 blocks;
   int smem_bytes;  // dynamic shared memory per block
   bool workspace;  // the backward needs ws [B, S, H, 2] floats (groups larger than a tile may occur)

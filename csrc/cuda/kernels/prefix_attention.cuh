@@ -101,9 +101,9 @@ __device__ __forceinline__ A attend_tile(A score, int count, int dim, ValueRow v
 __device__ __forceinline__ int clamp_len(int n, int limit) { return n < 0 ? 0 : (n > limit ? limit : n); }
 
 template <typename T, typename A>
-__global__ void __launch_bounds__(kCascadeThreads) cascade_prefix_chunks(const T* q, i64 q_sb, i64 q_sh, KeyView<T> pk,
-                                                             KeyView<T> pv, const int* prefix_lens, const int* cu,
-                                                             A* ws_o, A* ws_lse, CascadeShape s, A scale) {
+__global__ void __launch_bounds__(kCascadeThreads)
+    cascade_prefix_chunks(const T* q, i64 q_sb, i64 q_sh, KeyView<T> pk, KeyView<T> pv, const int* prefix_lens,
+                          const int* cu, A* ws_o, A* ws_lse, CascadeShape s, A scale) {
   A* keys = reinterpret_cast<A*>(bridge_smem);  // [chunk_len][dim + 1]
   const int lane = threadIdx.x % kWarpSize;
   const long long block = blockIdx.x;
@@ -141,18 +141,20 @@ __global__ void __launch_bounds__(kCascadeThreads) cascade_prefix_chunks(const T
 }
 
 template <typename T, typename A>
-__global__ void __launch_bounds__(kCascadeThreads) cascade_suffix_merge(const T* q, i64 q_sb, i64 q_sh, KeyView<T> sk,
-                                                            KeyView<T> sv, const int* suffix_lens,
-                                                            const int* prefix_lens, const int* cu, const A* ws_o,
-                                                            const A* ws_lse, T* out, A* lse_out, CascadeShape s,
-                                                            A scale) {
+__global__ void __launch_bounds__(kCascadeThreads)
+    cascade_suffix_merge(const T* q, i64 q_sb, i64 q_sh, KeyView<T> sk, KeyView<T> sv, const int* suffix_lens,
+                         const int* prefix_lens, const int* cu, const A* ws_o, const A* ws_lse, T* out, A* lse_out,
+                         CascadeShape s, A scale) {
   const int lane = threadIdx.x % kWarpSize;
   const int b = (int)(blockIdx.x / s.q_heads), h = (int)(blockIdx.x % s.q_heads);
   const int hk = h / (s.q_heads / s.kv_heads);
   int lo = 0, hi = s.groups;  // the group of row b: cu[g] <= b < cu[g + 1]
   while (hi - lo > 1) {
     const int mid = (lo + hi) / 2;
-    if (cu[mid] <= b) lo = mid; else hi = mid;
+    if (cu[mid] <= b)
+      lo = mid;
+    else
+      hi = mid;
   }
   State<A> st;
   for (int t = 0; t < kCascadeMaxTd; ++t) st.o[t] = A(0);
@@ -191,8 +193,8 @@ __global__ void __launch_bounds__(kCascadeThreads) cascade_suffix_merge(const T*
 
 // merge_attention_states over rows of contiguous [R, Dh] tensors, one warp per row.
 template <typename T, typename A>
-__global__ void __launch_bounds__(kCascadeThreads) merge_states(const T* o_a, const A* lse_a, const T* o_b, const A* lse_b,
-                                                    T* out, A* lse_out, int dim) {
+__global__ void __launch_bounds__(kCascadeThreads)
+    merge_states(const T* o_a, const A* lse_a, const T* o_b, const A* lse_b, T* out, A* lse_out, int dim) {
   const int lane = threadIdx.x % kWarpSize;
   const long long row = blockIdx.x;
   State<A> st;
