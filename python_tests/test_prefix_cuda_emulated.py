@@ -17,8 +17,9 @@ from bridge_ops import checks, reference
 emulator_launcher = pytest.importorskip("emulator_launcher")
 kernels = emulator_launcher.cupy_backend.kernels
 
-KERNEL_TYPES = {torch.float32: "float, float", torch.float64: "double, double",
-                torch.bfloat16: "bridge_ops::kernels::bf16_t, float", torch.float16: "bridge_ops::kernels::half_t, float"}
+# Template arguments <T, A> of the cascade kernels: the cupy backend's C++ storage type, the accumulation type.
+KERNEL_TYPES = {dtype: f"{c_type}, {'double' if dtype == torch.float64 else 'float'}"
+                for dtype, c_type in emulator_launcher.cupy_backend.C_TYPES.items()}
 
 
 class KeyView(ctypes.Structure):  # kernels::KeyView<T> of prefix_attention.cuh
