@@ -80,15 +80,16 @@ def extensions() -> list:
 
 
 class BuildPyWithKernelSource(build_py):
-    """Ships csrc/cuda/kernels/*.cuh inside the package (bridge_ops/_kernels): the cupy backend compiles them at run
-    time. A source checkout (and an editable install) reads them from csrc/ directly."""
+    """Ships the kernel headers csrc/cuda/kernels/*.cuh and *.h (launch.h) inside the package (bridge_ops/_kernels):
+    the cupy backend compiles them at run time. A source checkout (and an editable install) reads them from csrc/."""
 
     def run(self):
         super().run()
         target = os.path.join(self.build_lib, "bridge_ops", "_kernels")
         os.makedirs(target, exist_ok=True)
-        for source in glob.glob(os.path.join(ROOT, "csrc", "cuda", "kernels", "*.cuh")):
-            shutil.copy(source, target)
+        for pattern in ("*.cuh", "*.h"):
+            for source in glob.glob(os.path.join(ROOT, "csrc", "cuda", "kernels", pattern)):
+                shutil.copy(source, target)
 
 
 setup(

@@ -119,13 +119,13 @@ at::Tensor bridge_block_decode_autograd(const at::Tensor& hidden, const at::Tens
                                         int64_t num_heads, std::optional<double> scale) {
   refuse_grad("bridge_block_decode", {hidden, norm_weight, q_weight, k_weight, v_weight, o_weight},
               "train through BridgeBlock.forward");
-  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
-                                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                            const std::optional<at::Tensor>&, int64_t, std::optional<double>)>(
-      "bridge_ops::bridge_block_decode");
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                         int64_t, std::optional<double>)>("bridge_ops::bridge_block_decode");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(hidden, norm_weight, eps, q_weight, k_weight, v_weight, o_weight, cu_group_lens, key_mask,
-                 num_heads, scale);
+  return op.call(hidden, norm_weight, eps, q_weight, k_weight, v_weight, o_weight, cu_group_lens, key_mask, num_heads,
+                 scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention_autograd(
@@ -134,11 +134,10 @@ std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention_autograd(
     const std::optional<at::Tensor>& suffix_lens, std::optional<double> scale) {
   refuse_grad("prefix_suffix_attention", {q, prefix_k, prefix_v, suffix_k, suffix_v},
               "train with ordinary attention over the expanded keys");
-  static const auto op =
-      find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                 const at::Tensor&, const std::optional<at::Tensor>&,
-                                                 std::optional<double>)>("bridge_ops::prefix_suffix_attention");
+  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const std::optional<at::Tensor>&, std::optional<double>)>(
+      "bridge_ops::prefix_suffix_attention");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu_group_lens, suffix_lens, scale);
 }
@@ -146,9 +145,9 @@ std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention_autograd(
 std::tuple<at::Tensor, at::Tensor> merge_attention_states_autograd(const at::Tensor& o_a, const at::Tensor& lse_a,
                                                                    const at::Tensor& o_b, const at::Tensor& lse_b) {
   refuse_grad("merge_attention_states", {o_a, lse_a, o_b, lse_b}, "merge with ordinary PyTorch ops");
-  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                    const at::Tensor&, const at::Tensor&)>(
-      "bridge_ops::merge_attention_states");
+  static const auto op =
+      find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&)>("bridge_ops::merge_attention_states");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(o_a, lse_a, o_b, lse_b);
 }

@@ -56,8 +56,8 @@ at::Tensor bridge_block_decode(const at::Tensor& hidden, const at::Tensor& norm_
                ") must be >= 1 and divide d_bridge (", d_bridge, ")");
 
   const at::Tensor x = hidden.to(lse_dtype(hidden.scalar_type()));
-  const at::Tensor normed = (x * at::rsqrt(x.square().mean(-1, /*keepdim=*/true) + eps)).to(hidden.scalar_type()) *
-                            norm_weight;
+  const at::Tensor normed =
+      (x * at::rsqrt(x.square().mean(-1, /*keepdim=*/true) + eps)).to(hidden.scalar_type()) * norm_weight;
   const std::vector<int64_t> heads{batch, seqlen, num_heads, d_bridge / num_heads};
   static const auto attention = c10::Dispatcher::singleton()
                                     .findSchemaOrThrow("bridge_ops::bridge_attention", "")
@@ -65,10 +65,9 @@ at::Tensor bridge_block_decode(const at::Tensor& hidden, const at::Tensor& norm_
                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                         const std::optional<at::Tensor>&, std::optional<double>)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const at::Tensor mixed = std::get<0>(attention.call(at::linear(normed, q_weight).view(heads),
-                                                      at::linear(normed, k_weight).view(heads),
-                                                      at::linear(normed, v_weight).view(heads), cu_group_lens,
-                                                      key_mask, scale));
+  const at::Tensor mixed =
+      std::get<0>(attention.call(at::linear(normed, q_weight).view(heads), at::linear(normed, k_weight).view(heads),
+                                 at::linear(normed, v_weight).view(heads), cu_group_lens, key_mask, scale));
   return hidden + at::linear(mixed.view({batch, seqlen, d_bridge}), o_weight);
 }
 

@@ -33,8 +33,8 @@ inline bool is_supported_float(at::ScalarType t) {
 
 // `name` must have the same shape, dtype and device as `ref` (named `ref_name`).
 inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  BRIDGE_CHECK(t.sizes() == ref.sizes(), name, " must have the same shape as ", ref_name, " ", ref.sizes(),
-               ", got ", t.sizes());
+  BRIDGE_CHECK(t.sizes() == ref.sizes(), name, " must have the same shape as ", ref_name, " ", ref.sizes(), ", got ",
+               t.sizes());
   BRIDGE_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ", ref_name, " (",
                ref.scalar_type(), "), got ", t.scalar_type());
   BRIDGE_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device(),
@@ -44,8 +44,7 @@ inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& 
 inline void check_cu_group_lens_meta(const at::Tensor& cu, const at::Tensor& q) {
   BRIDGE_CHECK(cu.scalar_type() == at::kInt, "cu_group_lens must be int32 (torch.int32), got ", cu.scalar_type());
   BRIDGE_CHECK(cu.dim() == 1, "cu_group_lens must be 1-D [G+1], got shape ", cu.sizes());
-  BRIDGE_CHECK(cu.numel() >= 2, "cu_group_lens must hold at least 2 offsets ([0, B] for one group), got ",
-               cu.numel());
+  BRIDGE_CHECK(cu.numel() >= 2, "cu_group_lens must hold at least 2 offsets ([0, B] for one group), got ", cu.numel());
   BRIDGE_CHECK(cu.device() == q.device(), "cu_group_lens is on ", cu.device(), " but q is on ", q.device(),
                "; all tensors must be on one device");
 }
@@ -54,24 +53,22 @@ inline void check_key_mask(const std::optional<at::Tensor>& key_mask, const at::
   if (!key_mask.has_value()) return;
   const at::Tensor& m = *key_mask;
   BRIDGE_CHECK(m.scalar_type() == at::kBool, "key_mask must be bool (True = visible key), got ", m.scalar_type());
-  BRIDGE_CHECK(m.dim() == 2 && m.size(0) == q.size(0) && m.size(1) == q.size(1),
-               "key_mask must have shape [B, S] = [", q.size(0), ", ", q.size(1), "], got ", m.sizes());
+  BRIDGE_CHECK(m.dim() == 2 && m.size(0) == q.size(0) && m.size(1) == q.size(1), "key_mask must have shape [B, S] = [",
+               q.size(0), ", ", q.size(1), "], got ", m.sizes());
   BRIDGE_CHECK(m.device() == q.device(), "key_mask is on ", m.device(), " but q is on ", q.device(),
                "; all tensors must be on one device");
 }
 
 // Checks q, k, v, cu_group_lens (shape/dtype/device only) and key_mask; returns the dimensions.
 inline AttentionDims check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                          const at::Tensor& cu_group_lens,
-                                          const std::optional<at::Tensor>& key_mask) {
+                                          const at::Tensor& cu_group_lens, const std::optional<at::Tensor>& key_mask) {
   BRIDGE_CHECK(q.dim() == 4, "q must have shape [B, S, H, Dh] (4 dims), got shape ", q.sizes());
   BRIDGE_CHECK(is_supported_float(q.scalar_type()), "q must be float16, bfloat16, float32 or float64, got ",
                q.scalar_type());
   check_like(k, "k", q, "q");
   check_like(v, "v", q, "q");
   BRIDGE_CHECK(q.size(0) > 0, "q has an empty batch (B = 0); bridge_attention needs at least one row");
-  BRIDGE_CHECK(q.size(2) > 0 && q.size(3) > 0, "q must have H > 0 heads and Dh > 0 head_dim, got shape ",
-               q.sizes());
+  BRIDGE_CHECK(q.size(2) > 0 && q.size(3) > 0, "q must have H > 0 heads and Dh > 0 head_dim, got shape ", q.sizes());
   check_cu_group_lens_meta(cu_group_lens, q);
   check_key_mask(key_mask, q);
   return {q.size(0), q.size(1), q.size(2), q.size(3), cu_group_lens.numel() - 1};
@@ -84,8 +81,10 @@ inline int64_t check_cu_group_lens_values(const int32_t* cu, int64_t groups, int
   int64_t max_group = 0;
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t size = static_cast<int64_t>(cu[g + 1]) - cu[g];
-    BRIDGE_CHECK(size > 0, "cu_group_lens must be strictly increasing (every group has at least one row), got "
-                 "cu_group_lens[", g, "] = ", cu[g], " and cu_group_lens[", g + 1, "] = ", cu[g + 1]);
+    BRIDGE_CHECK(size > 0,
+                 "cu_group_lens must be strictly increasing (every group has at least one row), got "
+                 "cu_group_lens[",
+                 g, "] = ", cu[g], " and cu_group_lens[", g + 1, "] = ", cu[g + 1]);
     max_group = size > max_group ? size : max_group;
   }
   BRIDGE_CHECK(cu[groups] == batch, "cu_group_lens must end at the batch size B = ", batch,
@@ -104,8 +103,7 @@ inline void check_attention_backward_args(const at::Tensor& grad_out, const std:
   if (grad_lse.has_value()) {
     BRIDGE_CHECK(grad_lse->sizes() == lse.sizes(), "grad_lse must have the shape of lse ", lse.sizes(), ", got ",
                  grad_lse->sizes());
-    BRIDGE_CHECK(grad_lse->device() == q.device(), "grad_lse is on ", grad_lse->device(), " but q is on ",
-                 q.device());
+    BRIDGE_CHECK(grad_lse->device() == q.device(), "grad_lse is on ", grad_lse->device(), " but q is on ", q.device());
   }
 }
 
@@ -134,10 +132,10 @@ inline void check_lengths(const at::Tensor& t, const char* name, int64_t n, cons
 }
 
 // `name` is [d0, d1, any, head_dim] with q's dtype and device.
-inline void check_kv(const at::Tensor& t, const char* name, const char* shape, int64_t d0, int64_t d1,
-                     int64_t head_dim, const at::Tensor& q) {
-  BRIDGE_CHECK(t.dim() == 4 && t.size(0) == d0 && t.size(1) == d1 && t.size(3) == head_dim, name,
-               " must have shape ", shape, " = [", d0, ", ", d1, ", *, ", head_dim, "], got ", t.sizes());
+inline void check_kv(const at::Tensor& t, const char* name, const char* shape, int64_t d0, int64_t d1, int64_t head_dim,
+                     const at::Tensor& q) {
+  BRIDGE_CHECK(t.dim() == 4 && t.size(0) == d0 && t.size(1) == d1 && t.size(3) == head_dim, name, " must have shape ",
+               shape, " = [", d0, ", ", d1, ", *, ", head_dim, "], got ", t.sizes());
   BRIDGE_CHECK(t.scalar_type() == q.scalar_type(), name, " must have the dtype of q (", q.scalar_type(), "), got ",
                t.scalar_type());
   BRIDGE_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device(),
@@ -153,8 +151,7 @@ inline PrefixAttentionDims check_prefix_attention_args(const at::Tensor& q, cons
   BRIDGE_CHECK(is_supported_float(q.scalar_type()), "q must be float16, bfloat16, float32 or float64, got ",
                q.scalar_type());
   BRIDGE_CHECK(q.size(0) > 0 && q.size(1) > 0 && q.size(2) > 0, "q must have B, Hq, Dh > 0, got shape ", q.sizes());
-  BRIDGE_CHECK(prefix_k.dim() == 4, "prefix_k must have shape [G, Hkv, P, Dh] (4 dims), got shape ",
-               prefix_k.sizes());
+  BRIDGE_CHECK(prefix_k.dim() == 4, "prefix_k must have shape [G, Hkv, P, Dh] (4 dims), got shape ", prefix_k.sizes());
   const int64_t kv_heads = prefix_k.size(1);
   BRIDGE_CHECK(kv_heads > 0 && q.size(1) % kv_heads == 0, "the q heads (", q.size(1),
                ") must be a multiple of the key/value heads of prefix_k (", kv_heads, ")");
@@ -172,8 +169,8 @@ inline PrefixAttentionDims check_prefix_attention_args(const at::Tensor& q, cons
 // Validates length values (host memory): 0 <= lens[i] <= limit.
 inline void check_length_values(const int32_t* lens, int64_t n, int64_t limit, const char* name, const char* what) {
   for (int64_t i = 0; i < n; ++i) {
-    BRIDGE_CHECK(lens[i] >= 0 && lens[i] <= limit, name, " must lie in [0, ", limit, "] (", what, "), got ", name,
-                 "[", i, "] = ", lens[i]);
+    BRIDGE_CHECK(lens[i] >= 0 && lens[i] <= limit, name, " must lie in [0, ", limit, "] (", what, "), got ", name, "[",
+                 i, "] = ", lens[i]);
   }
 }
 

@@ -69,8 +69,9 @@ int64_t validated_max_group(const at::Tensor& cu, int64_t batch, bool may_read, 
     }
     if (kept.size() >= 64) kept.erase(kept.begin());
     c10::StorageImpl* target = cu.storage().unsafeGetStorageImpl();
-    kept.push_back({c10::weak_intrusive_ptr<c10::StorageImpl>(c10::intrusive_ptr<c10::StorageImpl>::reclaim_copy(target)),
-                    impl, cu.storage_offset(), cu.numel(), cu.stride(0), version, batch, max_group});
+    kept.push_back(
+        {c10::weak_intrusive_ptr<c10::StorageImpl>(c10::intrusive_ptr<c10::StorageImpl>::reclaim_copy(target)), impl,
+         cu.storage_offset(), cu.numel(), cu.stride(0), version, batch, max_group});
     cache = std::move(kept);
   }
   return max_group;

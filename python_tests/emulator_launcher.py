@@ -1,10 +1,13 @@
 """The CUDA kernels on the CPU: builds python_tests/emulator (g++, no GPU) and offers it as a launcher for
-bridge_ops.cupy_backend, so `cupy_backend.forward(EMULATOR, ...)` runs the real host code and the real kernels.
+bridge_ops.cupy_backend, so `cupy_backend.forward(EMULATOR, ...)` runs the real host code and the real kernels, with
+the launch plans and parameter structs of csrc/cuda/kernels/launch.h (through bridge_ops._C.kernels, which the tests
+therefore need).
 
 The build is cached in build/emulator/ under a hash of its sources.
 """
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -12,13 +15,22 @@ import subprocess
 
 import torch
 
-from bridge_ops import cupy_backend
+from bridge_ops import _loader, cupy_backend
+
+if _loader._C is None:  # pytest.importorskip("emulator_launcher") then skips the emulator tests
+    raise ImportError(f"the emulator tests launch through bridge_ops._C.kernels, not loaded ({_loader.LOAD_ERROR})")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = [
-    os.path.join(ROOT, "python_tests", "emulator", "bridge_emulator.cpp"),
-    os.path.join(ROOT, "python_tests", "emulator", "bridge_emulator_shim.h"),
-    os.path.join(ROOT, "csrc", "cuda", "kernels", "bridge_attention.cuh"),
+    os.path.join(ROOT, *path.split("/"))
+    for path in (
+        "python_tests/emulator/bridge_emulator.cpp",
+        "python_tests/emulator/bridge_emulator_shim.h",
+        "csrc/cuda/kernels/launch.h",
+        "csrc/cuda/kernels/bridge_attention.cuh",
+        "csrc/cuda/kernels/prefix_attention.cuh",
+        "csrc/attention_merge.h",
+    )
 ]
 
 
@@ -43,6 +55,19 @@ def build() -> str:
     return lib
 
 
+def _argument(value):
+    """A kernel argument as a ctypes object holding its bytes: a tensor or None is a pointer, bytes a struct (e.g. a
+    parameter struct's to_bytes()), a ctypes object itself."""
+    if isinstance(value, torch.Tensor):
+        assert value.device.type == "cpu", "the emulator runs on CPU tensors"
+        return ctypes.c_void_p(value.data_ptr())
+    if value is None:
+        return ctypes.c_void_p(0)
+    if isinstance(value, bytes):
+        return ctypes.create_string_buffer(value, len(value))
+    return value
+
+
 class EmulatorLauncher:
     """The launcher interface of bridge_ops.cupy_backend, running kernels with the CPU warp emulator."""
 
@@ -57,26 +82,29 @@ class EmulatorLauncher:
     def num_sms(self, device) -> int:
         return self._num_sms
 
-    def launch(self, name, plan, args) -> None:
-        values = []
-        for a in args:
-            if a.kind == "ptr":
-                t = a.value
-                if t is not None:
-                    assert t.device.type == "cpu", "the emulator runs on CPU tensors"
-                values.append(ctypes.c_void_p(0 if t is None else t.data_ptr()))
-            else:
-                values.append({"i32": ctypes.c_int, "i64": ctypes.c_longlong, "f64": ctypes.c_double}[a.kind](a.value))
-        params = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
-        err = ctypes.create_string_buffer(512)
+    def launch(self, name, plan, params, device=None) -> None:
+        """cupy_backend's launch: kernel `name` as `plan` says, with the parameter struct `params` (None: launch
+        nothing but the name check, for plans of zero blocks)."""
+        assert device is None or device.type == "cpu", "the emulator runs on CPU tensors"
         self.launches.append((name, plan))
-        if self.lib.emu_launch(name.encode(), plan.blocks, plan.threads, plan.smem_bytes, params, err, 512) != 0:
+        args = [] if params is None else [params.to_bytes()]
+        self.launch_args(name, plan.blocks, plan.threads, plan.smem_bytes, args)
+
+    def launch_args(self, name, blocks, threads, smem_bytes, args) -> None:
+        """Launches kernel `name` (its C++ name, as cupy_backend.kernel_name spells it) with these arguments in
+        order (see _argument)."""
+        values = [_argument(a) for a in args]
+        params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+        err = ctypes.create_string_buffer(512)
+        if self.lib.emu_launch(name.encode(), blocks, threads, smem_bytes, params, err, 512) != 0:
             raise RuntimeError(f"emulated launch of {name} failed: {err.value.decode()}")
 
     def plan(self, is_double, dim, tasks, num_sms, backward, max_group):
+        """launch.h's plan_launch as compiled into the emulator (a test compares it with bridge_ops._C's)."""
         out = (ctypes.c_longlong * 6)()
-        self.lib.emu_plan(int(is_double), dim, tasks, num_sms, int(backward), max_group, out)
-        return cupy_backend.LaunchPlan(bool(out[0]), out[1], out[2], out[3], out[4], bool(out[5]))
+        self.lib.emu_plan(int(is_double), dim, ctypes.c_longlong(tasks), num_sms, int(backward),
+                          ctypes.c_longlong(max_group), out)
+        return cupy_backend.kernels().LaunchPlan(bool(out[0]), out[1], out[2], out[3], out[4], bool(out[5]))
 
     def constants(self):
         out = (ctypes.c_longlong * 12)()
@@ -84,14 +112,9 @@ class EmulatorLauncher:
         return list(out)
 
 
-_EMULATOR = None
-
-
+@functools.lru_cache(maxsize=None)
 def emulator() -> EmulatorLauncher:
-    global _EMULATOR
-    if _EMULATOR is None:
-        _EMULATOR = EmulatorLauncher()
-    return _EMULATOR
+    return EmulatorLauncher()
 
 
 def forward(q, k, v, cu, key_mask=None, scale=None):

@@ -1,7 +1,8 @@
 """The CUDA kernels without a GPU: csrc/cuda/kernels/bridge_attention.cuh compiled by g++ and run lane by lane by the
 warp emulator (python_tests/emulator), driven by the cupy backend's host code (bridge_ops/cupy_backend.py) with the
 emulator as its launcher. This checks the kernels' indexing, staging, tiling, online softmax and both backward
-passes, every warp collective (a divergent one is an error), the launch plan and the argument order, in CI.
+passes, every warp collective (a divergent one is an error), the launch plan and the parameter structs (launch.h, read
+through bridge_ops._C.kernels), in CI.
 What it cannot check: NVRTC/nvcc code generation (CI compiles both), real memory ordering and timing.
 """
 
@@ -116,7 +117,9 @@ def test_emulated_backward_without_workspace_poisons_large_groups_instead_of_gue
     original = cupy_backend.plan_launch
 
     def no_workspace(*args):
-        return cupy_backend.LaunchPlan(**{**original(*args).__dict__, "workspace": False})
+        plan = original(*args)
+        plan.workspace = False
+        return plan
 
     cupy_backend.plan_launch = no_workspace
     try:
@@ -135,16 +138,16 @@ def test_malformed_offsets_are_rejected_before_launch_and_clamped_inside_kernels
     out = torch.full_like(q, 7.0)
     lse = torch.full(q.shape[:3], 7.0)
     bad = torch.tensor([-5, 3, 99, 1], dtype=torch.int32)
-    A = cupy_backend.Arg
-    rows = lambda t: [A("ptr", t), A("i64", t.stride(0)), A("i64", t.stride(1)), A("i64", t.stride(2))]  # noqa: E731
-    args = rows(q) + rows(k) + rows(v) + rows(out) + [A("ptr", lse), A("ptr", bad), A("ptr", mask), A("i64", 2),
-                                                      A("i64", 1)]
-    args += [A("i32", 5), A("i32", 2), A("i32", 1), A("i32", 8), A("i32", 3), A("f64", 0.5), A("i32", 1)]
-    EMU.emulator().launch(cupy_backend.kernel_name("fwd", torch.float32, plan), plan, args)
+    params = cupy_backend.kernels().ForwardParams()
+    params.problem = cupy_backend.problem(q, bad, mask, 0.5)  # B = 5, S = 2, H = 1, Dh = 8, G = 3
+    params.problem.aligned = 1
+    params.q, params.k, params.v, params.out = (cupy_backend.rows_arg(t) for t in (q, k, v, out))
+    params.lse = lse.data_ptr()
+    EMU.emulator().launch(cupy_backend.kernel_name("fwd", torch.float32, plan), plan, params)
     assert torch.isfinite(out).all()  # group 0 = rows [0, 3), group 1 = rows [3, 5), group 2 empty
 
 
-def test_launch_plan_mirror_matches_the_header():
+def test_launch_plan_of_C_matches_the_header_the_kernels_are_built_from():
     emu = EMU.emulator()
     for is_double in (False, True):
         for dim in (1, 16, 32, 33, 64, 65, 128, 129, 256, 257):
@@ -153,18 +156,18 @@ def test_launch_plan_mirror_matches_the_header():
                     for max_group in (-1, 1, 8, 9, 300):
                         want = emu.plan(is_double, dim, tasks, 132, backward, max_group)
                         assert cupy_backend.plan_launch(is_double, dim, tasks, 132, backward, max_group) == want
-    c = emu.constants()
-    assert [c[0], c[3]] == [cupy_backend.constants()["BRIDGE_KEY_TILE"], cupy_backend.constants()["BRIDGE_MAX_TD"]]
-    for i, td in enumerate((1, 2, 4, 8)):
-        assert c[4 + i] == cupy_backend.forward_smem_bytes_per_warp(td)
-        assert c[8 + i] == cupy_backend.backward_smem_bytes_per_warp(td)
+    c, kernels = emu.constants(), cupy_backend.kernels()
+    assert [c[0], c[3]] == [kernels.constants()["key_tile"], kernels.constants()["max_td"]]
+    for i, td in enumerate(kernels.constants()["td_values"]):
+        assert c[4 + i] == kernels.forward_smem_bytes_per_warp(td)
+        assert c[8 + i] == kernels.backward_smem_bytes_per_warp(td)
 
 
 def test_every_kernel_name_the_backend_asks_for_exists():
     for dtype in DTYPES:
         for name in cupy_backend.all_kernel_names(dtype):
-            plan = cupy_backend.LaunchPlan(True, 1, 32, 0, 0, False)  # zero blocks: resolves the name, runs nothing
-            EMU.emulator().launch(name, plan, [])
+            plan = cupy_backend.kernels().LaunchPlan(True, 1, 32, 0, 0, False)  # zero blocks: the name check only
+            EMU.emulator().launch(name, plan, None)
 
 
 def test_emulated_empty_sequence():

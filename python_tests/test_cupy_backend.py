@@ -15,10 +15,37 @@ from bridge_ops import cupy_backend, dispatch, info
 HAS_CUPY = importlib.util.find_spec("cupy") is not None
 
 
-def test_kernel_source_is_found_and_its_constants_parsed():
+def test_kernel_source_is_found_and_self_contained_for_nvrtc():
     assert cupy_backend.kernel_source_path().endswith("bridge_attention.cuh")
-    c = cupy_backend.constants()
-    assert c["BRIDGE_KEY_TILE"] == 8 and c["BRIDGE_MAX_TD"] == 8 and c["BRIDGE_SMEM_LIMIT"] == 49152
+    source = cupy_backend.kernel_source()
+    assert '#include "launch.h"' not in source  # inlined: cupy's cache of compiled kernels is keyed by this text
+    assert "struct ForwardParams" in source and "bridge_attention_fwd" in source
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("is_double", [False, True])
+def test_launch_plans_fit_shared_memory_and_cover_every_task(is_double, backward):
+    c, kernels = cupy_backend.constants(), cupy_backend.kernels()
+    per_warp = kernels.backward_smem_bytes_per_warp if backward else kernels.forward_smem_bytes_per_warp
+    for dim in (1, 16, 32, 33, 64, 80, 128, 129, 200, 256, 257, 512):
+        for tasks in (1, 7, 256, 1000, 131072):
+            for num_sms in (1, 16, 132):
+                for max_group in (-1, 1, c["key_tile"], c["key_tile"] + 1, 300):
+                    plan = cupy_backend.plan_launch(is_double, dim, tasks, num_sms, backward, max_group)
+                    assert plan.fast == (not is_double and dim <= c["chunk_dims"] * c["max_td"])
+                    assert plan.threads % c["warp_size"] == 0 and 0 <= plan.smem_bytes <= c["smem_limit"]
+                    per_block = plan.threads // c["warp_size"] if plan.fast else plan.threads
+                    assert (plan.blocks - 1) * per_block < tasks <= plan.blocks * per_block  # every task, once
+                    if not plan.fast:
+                        assert not plan.workspace and plan.smem_bytes == 0
+                        continue
+                    # The fewest register chunks that hold the head dim, and the kernel's shared memory for them.
+                    assert plan.td in c["td_values"] and plan.td * c["chunk_dims"] >= dim
+                    assert all(td * c["chunk_dims"] < dim for td in c["td_values"] if td < plan.td)
+                    assert per_block <= c["max_warps"] and plan.smem_bytes == per_block * per_warp(plan.td)
+                    # Few tasks (decode shapes) spread over the multiprocessors rather than packed into full blocks.
+                    assert per_block == 1 or plan.blocks >= 2 * num_sms
+                    assert plan.workspace == (backward and (max_group < 0 or max_group > c["key_tile"]))
 
 
 def test_kernel_names_cover_every_dtype_and_path():

@@ -83,10 +83,10 @@ Groups make_groups(const at::Tensor& cu_host, const std::optional<at::Tensor>& k
 template <typename acc_t>
 struct Workspace {
   int64_t tile_size;
-  std::vector<acc_t> tiles;          // `count` tiles of [H, max_group, Dh]
-  std::vector<acc_t> row;            // one query row's Dh accumulator, then per-key values (4 x max_group)
-  std::vector<int64_t> visible;      // indices of the group's visible keys
-  std::vector<int64_t> keys;         // one query row's keys: the visible ones and itself
+  std::vector<acc_t> tiles;      // `count` tiles of [H, max_group, Dh]
+  std::vector<acc_t> row;        // one query row's Dh accumulator, then per-key values (4 x max_group)
+  std::vector<int64_t> visible;  // indices of the group's visible keys
+  std::vector<int64_t> keys;     // one query row's keys: the visible ones and itself
   std::vector<const acc_t*> key_ptrs, value_ptrs;
 
   Workspace(int64_t count, const Groups& g)
@@ -303,9 +303,7 @@ BRIDGE_OPS_CPU_DISPATCH(backward_chunk_for_cpu, backward_chunk)
 // Operator entry points
 // ---------------------------------------------------------------------------------------------------------
 
-void check_on_cpu(const at::Tensor& q) {
-  BRIDGE_CHECK(q.device().is_cpu(), "the CPU kernel got q on ", q.device());
-}
+void check_on_cpu(const at::Tensor& q) { BRIDGE_CHECK(q.device().is_cpu(), "the CPU kernel got q on ", q.device()); }
 
 // Tasks per parallel chunk: about 32k multiply-adds (a task costs ~ n^2 H Dh for a group of n rows).
 int64_t grain_size(const AttentionDims& d) {
@@ -331,13 +329,15 @@ std::tuple<at::Tensor, at::Tensor> bridge_attention_cpu(const at::Tensor& q_in, 
   const Groups groups = make_groups(cu, key_mask, d, max_group);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "bridge_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const ForwardArgs<scalar_t> args{rows_of<scalar_t>(q),      rows_of<scalar_t>(k),
-                                     rows_of<scalar_t>(v),      mutable_rows_of<scalar_t>(out),
-                                     lse.mutable_data_ptr<acc_t>(), groups,
+    const ForwardArgs<scalar_t> args{rows_of<scalar_t>(q),
+                                     rows_of<scalar_t>(k),
+                                     rows_of<scalar_t>(v),
+                                     mutable_rows_of<scalar_t>(out),
+                                     lse.mutable_data_ptr<acc_t>(),
+                                     groups,
                                      static_cast<acc_t>(resolve_scale(scale, d.head_dim))};
-    at::parallel_for(0, groups.tasks(), grain_size(d), [&](int64_t begin, int64_t end) {
-      forward_chunk_for_cpu<scalar_t>(args, begin, end);
-    });
+    at::parallel_for(0, groups.tasks(), grain_size(d),
+                     [&](int64_t begin, int64_t end) { forward_chunk_for_cpu<scalar_t>(args, begin, end); });
   });
   return {out, lse};
 }
@@ -372,9 +372,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bridge_attention_backward_cpu(
                                       mutable_rows_of<scalar_t>(grad_v),
                                       groups,
                                       static_cast<acc_t>(resolve_scale(scale, d.head_dim))};
-    at::parallel_for(0, groups.tasks(), grain_size(d), [&](int64_t begin, int64_t end) {
-      backward_chunk_for_cpu<scalar_t>(args, begin, end);
-    });
+    at::parallel_for(0, groups.tasks(), grain_size(d),
+                     [&](int64_t begin, int64_t end) { backward_chunk_for_cpu<scalar_t>(args, begin, end); });
   });
   return {grad_q, grad_k, grad_v};
 }

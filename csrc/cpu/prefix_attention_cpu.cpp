@@ -3,11 +3,11 @@
 // prefix_suffix_attention runs in two parallel passes, each over independent tasks:
 //   1. prefix, one task per (group g, key/value head, range of the prefix: ranges keep the threads busy when G * Hkv
 //      is small): the m = n_g * Hq/Hkv queries of the group's rows that read this head are packed into one [m, Dh]
-//      tile, and the group's ONE copy of the prefix keys is swept in blocks of kBlock positions: each key block is converted once (to the accumulation type) and scored against all m
-//      queries while it sits in L1, with an online softmax per query. So a prefix key is read from memory once per
-//      group and head, not once per row (what the expanded cache does), and the scores are a small [m, kBlock]
-//      matrix product per block. The results (normalized output + lse per query and range) go to a float32/64
-//      scratch.
+//      tile, and the group's ONE copy of the prefix keys is swept in blocks of kBlock positions: each key block is
+//      converted once (to the accumulation type) and scored against all m queries while it sits in L1, with an online
+//      softmax per query. So a prefix key is read from memory once per group and head, not once per row (what the
+//      expanded cache does), and the scores are a small [m, kBlock] matrix product per block. The results (normalized
+//      output + lse per query and range) go to a float32/64 scratch.
 //   2. suffix, one task per (row b, key/value head): the row's Hq/Hkv queries against the row's own suffix keys
 //      (the same block sweep), then the exact log-sum-exp merges with the row's prefix results (attention_merge.h),
 //      written in q's dtype.
@@ -55,8 +55,15 @@ struct Scratch {
   std::vector<const acc_t*> key_ptrs, value_ptrs;
 
   Scratch(int64_t m, int64_t d)
-      : queries(m * d), acc(m * d), max_score(m), sum(m), scores(kBlock), k_tile(kBlock * d), v_tile(kBlock * d),
-        key_ptrs(kBlock), value_ptrs(kBlock) {}
+      : queries(m * d),
+        acc(m * d),
+        max_score(m),
+        sum(m),
+        scores(kBlock),
+        k_tile(kBlock * d),
+        v_tile(kBlock * d),
+        key_ptrs(kBlock),
+        value_ptrs(kBlock) {}
 };
 
 // Points w.key_ptrs / w.value_ptrs at positions [begin, begin + count) of (n, h), converted to acc_t if needed.
@@ -224,9 +231,9 @@ BRIDGE_OPS_CPU_DISPATCH(suffix_chunk_for_cpu, suffix_chunk)
 int64_t grain(int64_t work_per_task) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, work_per_task)); }
 
 std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention_cpu(
-    const at::Tensor& q_in, const at::Tensor& prefix_k_in, const at::Tensor& prefix_v_in,
-    const at::Tensor& prefix_lens, const at::Tensor& suffix_k_in, const at::Tensor& suffix_v_in,
-    const at::Tensor& cu_group_lens, const std::optional<at::Tensor>& suffix_lens, std::optional<double> scale) {
+    const at::Tensor& q_in, const at::Tensor& prefix_k_in, const at::Tensor& prefix_v_in, const at::Tensor& prefix_lens,
+    const at::Tensor& suffix_k_in, const at::Tensor& suffix_v_in, const at::Tensor& cu_group_lens,
+    const std::optional<at::Tensor>& suffix_lens, std::optional<double> scale) {
   const PrefixAttentionDims d = check_prefix_attention_args(q_in, prefix_k_in, prefix_v_in, prefix_lens, suffix_k_in,
                                                             suffix_v_in, suffix_lens, cu_group_lens);
   BRIDGE_CHECK(q_in.device().is_cpu(), "the CPU kernel got q on ", q_in.device());

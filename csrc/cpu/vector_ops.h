@@ -129,7 +129,8 @@ struct Avx2Ops<float> {
   static BRIDGE_OPS_AVX2_INLINE void axpy(float* __restrict y, float alpha, const float* __restrict x, int64_t n) {
     const __m256 av = _mm256_set1_ps(alpha);
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; ++i) y[i] += alpha * x[i];
   }
 
@@ -214,9 +215,9 @@ BRIDGE_OPS_INLINE void fill_zero(T* __restrict y, int64_t n) {
 
 // Defines `name<scalar_t>(args...)`, which runs `body<scalar_t, Ops>(args...)` with Ops = Avx2Ops compiled for
 // AVX2 + FMA when this CPU has both, and with Ops = GenericOps compiled for the baseline target otherwise.
-#define BRIDGE_OPS_CPU_DISPATCH(name, body)                                                                 \
+#define BRIDGE_OPS_CPU_DISPATCH(name, body)                                                                  \
   template <typename scalar_t, typename... Args>                                                             \
-  BRIDGE_OPS_TARGET_AVX2 __attribute__((flatten)) void name##_avx2(Args&&... args) {                                                  \
+  BRIDGE_OPS_TARGET_AVX2 __attribute__((flatten)) void name##_avx2(Args&&... args) {                         \
     body<scalar_t, ::bridge_ops::cpu::Avx2Ops>(std::forward<Args>(args)...);                                 \
   }                                                                                                          \
   template <typename scalar_t, typename... Args>                                                             \

@@ -1,13 +1,16 @@
-// Runs the CUDA kernels of csrc/cuda/kernels/bridge_attention.cuh on the CPU, lane by lane (see
-// bridge_emulator_shim.h). Built by python_tests/emulator/__init__.py with g++ and loaded with ctypes; the tests
-// drive it through bridge_ops.cupy_backend with an emulator launcher in place of cupy, so the same host code
-// (launch plan, argument order, alignment, workspace, casts) and the same kernels run as on a GPU.
+// Runs the CUDA kernels of csrc/cuda/kernels/bridge_attention.cuh and prefix_attention.cuh on the CPU, lane by lane
+// (see bridge_emulator_shim.h). Built by python_tests/emulator_launcher.py with g++ and loaded with ctypes; the tests
+// drive it through bridge_ops.cupy_backend with an emulator launcher in place of cupy, so the same host code (launch
+// plan and parameter structs of launch.h through bridge_ops._C.kernels, alignment, workspace, casts) and the same
+// kernels run as on a GPU.
 //
 // C API:
 //   int emu_launch(const char* name, long long blocks, int threads, int smem_bytes, void** params, char* err, int n)
 //       params[i] points at the value of the kernel's i-th argument (as cuLaunchKernel's kernelParams).
 //   int emu_plan(int is_double, int dim, long long tasks, int num_sms, int backward, long long max_group,
-//                long long* out)   // out: fast, td, threads, blocks, smem_bytes, workspace
+//                long long* out)   // launch.h's plan_launch as this build sees it: fast, td, threads, blocks,
+//                                  // smem_bytes, workspace (a test compares it with bridge_ops._C's)
+//   int emu_constants(long long* out)  // kKeyTile, kRowsPerPass, kLanesPerRow, kMaxTd, smem per warp by TD
 #include <ucontext.h>
 
 #include <cmath>
@@ -16,6 +19,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -105,39 +109,62 @@ std::map<std::string, Invoker>& registry() {
   return r;
 }
 
-#define BRIDGE_NS "bridge_ops::kernels::"
-#define REG_FAST(T, TD)                                                                                       \
-  registry()[BRIDGE_NS "bridge_attention_fwd<" #T ", " #TD ">"] =                                             \
-      invoker(&bridge_ops::kernels::bridge_attention_fwd<T, TD>);                                              \
-  registry()[BRIDGE_NS "bridge_attention_bwd<" #T ", " #TD ">"] =                                             \
-      invoker(&bridge_ops::kernels::bridge_attention_bwd<T, TD>);
-#define REG_FAST_ALL(T) REG_FAST(T, 1) REG_FAST(T, 2) REG_FAST(T, 4) REG_FAST(T, 8)
-#define REG_SIMPLE(T, A)                                                                                      \
-  registry()[BRIDGE_NS "bridge_attention_fwd_simple<" #T ", " #A ">"] =                                       \
-      invoker(&bridge_ops::kernels::bridge_attention_fwd_simple<T, A>);                                        \
-  registry()[BRIDGE_NS "bridge_attention_bwd_simple<" #T ", " #A ">"] =                                       \
-      invoker(&bridge_ops::kernels::bridge_attention_bwd_simple<T, A>);
+namespace kn = bridge_ops::kernels;
 
-#define REG_CASCADE(T, A)                                                                                     \
-  registry()[BRIDGE_NS "cascade_prefix_chunks<" #T ", " #A ">"] =                                             \
-      invoker(&bridge_ops::kernels::cascade_prefix_chunks<T, A>);                                              \
-  registry()[BRIDGE_NS "cascade_suffix_merge<" #T ", " #A ">"] =                                              \
-      invoker(&bridge_ops::kernels::cascade_suffix_merge<T, A>);                                               \
-  registry()[BRIDGE_NS "merge_states<" #T ", " #A ">"] = invoker(&bridge_ops::kernels::merge_states<T, A>);
+// Kernel names as the cupy backend spells them (NVRTC name expressions), e.g.
+// "bridge_ops::kernels::bridge_attention_fwd<bridge_ops::kernels::bf16_t, 4>".
+template <typename T>
+const char* type_name();
+template <>
+const char* type_name<float>() {
+  return "float";
+}
+template <>
+const char* type_name<double>() {
+  return "double";
+}
+template <>
+const char* type_name<kn::bf16_t>() {
+  return "bridge_ops::kernels::bf16_t";
+}
+template <>
+const char* type_name<kn::half_t>() {
+  return "bridge_ops::kernels::half_t";
+}
+
+template <typename F>
+void add(const std::string& kernel, const std::string& args, F* f) {
+  registry()["bridge_ops::kernels::" + kernel + "<" + args + ">"] = invoker(f);
+}
+
+// The fast kernels of every register layout of launch.h (kTdValues).
+template <typename T, int I = 0>
+void add_fast() {
+  constexpr int TD = kn::kTdValues[I];
+  const std::string args = std::string(type_name<T>()) + ", " + std::to_string(TD);
+  add("bridge_attention_fwd", args, &kn::bridge_attention_fwd<T, TD>);
+  add("bridge_attention_bwd", args, &kn::bridge_attention_bwd<T, TD>);
+  if constexpr (I + 1 < kn::kNumTd) add_fast<T, I + 1>();
+}
+
+// The kernels of storage type T with accumulation type A.
+template <typename T, typename A>
+void add_all() {
+  const std::string args = std::string(type_name<T>()) + ", " + type_name<A>();
+  if constexpr (!std::is_same<T, double>::value) add_fast<T>();
+  add("bridge_attention_fwd_simple", args, &kn::bridge_attention_fwd_simple<T, A>);
+  add("bridge_attention_bwd_simple", args, &kn::bridge_attention_bwd_simple<T, A>);
+  add("cascade_prefix_chunks", args, &kn::cascade_prefix_chunks<T, A>);
+  add("cascade_suffix_merge", args, &kn::cascade_suffix_merge<T, A>);
+  add("merge_states", args, &kn::merge_states<T, A>);
+}
 
 struct Register {
   Register() {
-    REG_CASCADE(float, float)
-    REG_CASCADE(double, double)
-    REG_CASCADE(bridge_ops::kernels::bf16_t, float)
-    REG_CASCADE(bridge_ops::kernels::half_t, float)
-    REG_FAST_ALL(float)
-    REG_FAST_ALL(bridge_ops::kernels::bf16_t)
-    REG_FAST_ALL(bridge_ops::kernels::half_t)
-    REG_SIMPLE(float, float)
-    REG_SIMPLE(double, double)
-    REG_SIMPLE(bridge_ops::kernels::bf16_t, float)
-    REG_SIMPLE(bridge_ops::kernels::half_t, float)
+    add_all<float, float>();
+    add_all<double, double>();
+    add_all<kn::bf16_t, float>();
+    add_all<kn::half_t, float>();
   }
 } register_all;
 
@@ -154,7 +181,8 @@ extern "C" int emu_launch(const char* name, long long blocks, int threads, int s
     std::snprintf(err, err_len, "bad block size %d", threads);
     return 1;
   }
-  if (smem_bytes < 0 || smem_bytes > (int)sizeof(bridge_ops::kernels::bridge_smem) || smem_bytes > BRIDGE_SMEM_LIMIT) {
+  if (smem_bytes < 0 || smem_bytes > (int)sizeof(bridge_ops::kernels::bridge_smem) ||
+      smem_bytes > bridge_ops::kernels::kSmemLimit) {
     std::snprintf(err, err_len, "dynamic shared memory %d bytes is over the limit", smem_bytes);
     return 1;
   }
@@ -182,8 +210,7 @@ extern "C" int emu_launch(const char* name, long long blocks, int threads, int s
 
 extern "C" int emu_plan(int is_double, int dim, long long tasks, int num_sms, int backward, long long max_group,
                         long long* out) {
-  const bridge_ops::kernels::LaunchPlan p =
-      bridge_ops::kernels::plan_launch(is_double, dim, tasks, num_sms, backward, max_group);
+  const kn::LaunchPlan p = kn::plan_launch(is_double != 0, dim, tasks, num_sms, backward != 0, max_group);
   out[0] = p.fast;
   out[1] = p.td;
   out[2] = p.threads;
@@ -194,13 +221,13 @@ extern "C" int emu_plan(int is_double, int dim, long long tasks, int num_sms, in
 }
 
 extern "C" int emu_constants(long long* out) {
-  out[0] = BRIDGE_KEY_TILE;
-  out[1] = BRIDGE_ROWS_PER_PASS;
-  out[2] = BRIDGE_LANES_PER_ROW;
-  out[3] = BRIDGE_MAX_TD;
-  for (int i = 0; i < 4; ++i) {
-    out[4 + i] = bridge_ops::kernels::forward_smem_bytes_per_warp(1 << i);
-    out[8 + i] = bridge_ops::kernels::backward_smem_bytes_per_warp(1 << i);
+  out[0] = kn::kKeyTile;
+  out[1] = kn::kRowsPerPass;
+  out[2] = kn::kLanesPerRow;
+  out[3] = kn::kMaxTd;
+  for (int i = 0; i < kn::kNumTd; ++i) {
+    out[4 + i] = kn::forward_smem_bytes_per_warp(kn::kTdValues[i]);
+    out[8 + i] = kn::backward_smem_bytes_per_warp(kn::kTdValues[i]);
   }
   return 0;
 }

@@ -28,21 +28,19 @@ struct alignas(8) uint2 {
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 inline uint2 make_uint2(unsigned int x, unsigned int y) { return uint2{x, y}; }
 
-inline float __uint_as_float(unsigned int u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+namespace bridge_emu {
+template <typename To, typename From>
+inline To bit_cast(const From& from) {  // std::bit_cast is C++20
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of one size");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
 }
-inline unsigned int __float_as_uint(float f) {
-  unsigned int u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline double __longlong_as_double(long long u) {
-  double d;
-  std::memcpy(&d, &u, 8);
-  return d;
-}
+}  // namespace bridge_emu
+
+inline float __uint_as_float(unsigned int u) { return bridge_emu::bit_cast<float>(u); }
+inline unsigned int __float_as_uint(float f) { return bridge_emu::bit_cast<unsigned int>(f); }
+inline double __longlong_as_double(long long u) { return bridge_emu::bit_cast<double>(u); }
 
 struct EmuDim3 {
   unsigned int x, y, z;
@@ -65,17 +63,8 @@ struct State {
 State& state();
 void arrive(int kind);  // yields to the scheduler until the whole warp has arrived
 
-inline unsigned short float_to_half(float f) {
-  _Float16 h = (_Float16)f;
-  unsigned short b;
-  std::memcpy(&b, &h, 2);
-  return b;
-}
-inline float half_to_float(unsigned short b) {
-  _Float16 h;
-  std::memcpy(&h, &b, 2);
-  return (float)h;
-}
+inline unsigned short float_to_half(float f) { return bit_cast<unsigned short>((_Float16)f); }
+inline float half_to_float(unsigned short b) { return (float)bit_cast<_Float16>(b); }
 inline unsigned int dynamic_smem_bytes() { return state().dyn_smem; }
 
 template <typename V>
@@ -118,6 +107,4 @@ inline unsigned int __ballot_sync(unsigned int mask, bool pred) {
   for (int l = 0; l < 32; ++l) r |= (s.slots[buf][l] != 0 ? 1u : 0u) << l;
   return r;
 }
-inline void __syncwarp(unsigned int mask = 0xffffffffu) {
-  bridge_emu::exchange(mask, 0, 0, true, bridge_emu::kSync);
-}
+inline void __syncwarp(unsigned int mask = 0xffffffffu) { bridge_emu::exchange(mask, 0, 0, true, bridge_emu::kSync); }

@@ -5,8 +5,10 @@
 //   * g++ on the CPU with BRIDGE_OPS_EMULATE defined, through python_tests/emulator/ (a warp emulator that runs
 //     these very kernels lane by lane, so CI checks their indexing, tiling and softmax logic without a GPU).
 //
-// Hence: no #include at all (NVRTC has no standard headers here), no ATen or torch, only plain C++ and CUDA
-// intrinsics; fixed-width types are spelled out; half/bfloat16 are 16-bit storage structs converted by hand.
+// Hence: no standard or CUDA #include (NVRTC has no standard headers here), no ATen or torch, only plain C++ and CUDA
+// intrinsics; fixed-width types are spelled out; half/bfloat16 are 16-bit storage structs converted by hand. The one
+// #include, launch.h, is the plain header that defines the constants, the launch plan and the parameter structs for
+// the kernels and every host (the cupy backend inlines it into the source it hands NVRTC).
 //
 // What is computed (exactly the contract of the CPU op, csrc/cpu/bridge_attention_cpu.cpp):
 //   out[b,s,h] = sum_j softmax_j(scale * q[b,s,h] . k[j,s,h]) v[j,s,h],  j over the rows of b's group whose
@@ -16,20 +18,23 @@
 //   dS_ij = P_ij ((dP_ij - delta_i) + dlse_i) scale,  dQ_i = sum_j dS_ij K_j,  dK_j = sum_i dS_ij Q_i,
 //   dV_j = sum_i P_ij dO_i.
 //
-// Work mapping (fast path: float16 / bfloat16 / float32, head_dim <= 256). A *task* is one (position s, group g,
-// head h); one warp owns a task, so every output element has one writer and nothing needs atomics or block-wide
-// barriers (warps never wait for each other; a block is just BRIDGE_WARPS warps side by side, each with its own
-// slice of shared memory). Tasks are numbered with h fastest, so the warps of a block read neighbouring heads of
-// the same rows (contiguous memory in the [B, S, H, Dh] layout).
-//   Inside a warp: 4 row groups of 8 lanes. A row group holds one query (or key) row in registers, each lane owning
-//   the head dims {32 t + 4 c + e : t < TD, e < 4} (c = lane % 8), i.e. 16-byte float4 slices that 8 lanes read
-//   from shared memory as one contiguous 128-byte line (conflict-free; the 4 row groups read the same line, a
-//   broadcast). A dot product is 4*TD FMAs per lane plus a 3-step xor-shuffle reduction inside the row group, which
-//   leaves the bitwise-identical sum in all 8 lanes (so all lanes agree on every softmax decision).
-//   The group's K/V rows are staged in shared memory as float32 tiles of BRIDGE_KEY_TILE rows x 32*TD dims (dims
-//   past head_dim and rows past the group are zero-filled). A group of up to BRIDGE_KEY_TILE rows is staged once
-//   and stays; a larger group is tiled: the forward runs an online softmax over the key tiles; the backward makes
-//   one query-major pass (statistics, dQ) and one key-major pass (dK, dV), see bridge_attention_bwd below.
+// Every kernel takes one parameter struct (launch.h: ForwardParams, BackwardParams), launched as launch.h's
+// plan_launch says (grid, block, dynamic shared memory, register layout TD, workspace).
+//
+// Work mapping (fast path: float16 / bfloat16 / float32, head_dim <= kChunkDims * kMaxTd = 256). A *task* is one
+// (position s, group g, head h); one warp owns a task, so every output element has one writer and nothing needs
+// atomics or block-wide barriers (warps never wait for each other; a block is just up to kMaxWarps warps side by
+// side, each with its own slice of shared memory). Tasks are numbered with h fastest, so the warps of a block read
+// neighbouring heads of the same rows (contiguous memory in the [B, S, H, Dh] layout).
+//   Inside a warp: kRowsPerPass = 4 row groups of kLanesPerRow = 8 lanes. A row group holds one query (or key) row in
+//   registers, each lane owning the head dims {32 t + 4 c + e : t < TD, e < 4} (c = lane % 8), i.e. 16-byte float4
+//   slices that 8 lanes read from shared memory as one contiguous 128-byte line (conflict-free; the 4 row groups read
+//   the same line, a broadcast). A dot product is 4*TD FMAs per lane plus a 3-step xor-shuffle reduction inside the
+//   row group, which leaves the bitwise-identical sum in all 8 lanes (so all lanes agree on every softmax decision).
+//   The group's K/V rows are staged in shared memory as float32 tiles of kKeyTile rows x kChunkDims * TD dims (dims
+//   past head_dim and rows past the group are zero-filled). A group of up to kKeyTile rows is staged once and stays;
+//   a larger group is tiled: the forward runs an online softmax over the key tiles; the backward makes one
+//   query-major pass (statistics, dQ) and one key-major pass (dK, dV), see bridge_attention_bwd below.
 // Simple path (float64, or head_dim > 256): one thread per task, plain loops, accumulators in float64 / float32
 // output buffers that the host casts to the input dtype.
 //
@@ -38,13 +43,8 @@
 // position is the forward kernel with seqlen = 1 (or a kernel that calls attend_rows_forward directly).
 #pragma once
 
-#define BRIDGE_KEY_TILE 8        // rows per shared-memory tile
-#define BRIDGE_ROWS_PER_PASS 4   // row groups per warp: query (or key) rows a warp holds in registers at once
-#define BRIDGE_LANES_PER_ROW 8   // lanes per row group
-#define BRIDGE_MAX_TD 8          // fast path: head_dim <= 32 * BRIDGE_MAX_TD
-#define BRIDGE_MAX_WARPS 4       // warps per block at most
-#define BRIDGE_SIMPLE_THREADS 128
-#define BRIDGE_SMEM_LIMIT 49152  // dynamic shared memory per block without an opt-in
+#include "launch.h"
+
 // Minimum resident blocks per multiprocessor asked of the compiler (__launch_bounds__): 1 lets it use up to 255
 // registers (no spills); raising it caps registers for more warps in flight. Override with -D (nvcc flags through
 // BRIDGE_OPS_NVCC_FLAGS at build time, NVRTC options through BRIDGE_OPS_NVRTC_FLAGS for the cupy backend).
@@ -62,23 +62,12 @@
 namespace bridge_ops {
 namespace kernels {
 
-typedef long long i64;
-
 struct bf16_t {
   unsigned short bits;
 };
 struct half_t {
   unsigned short bits;
 };
-
-// Per-warp shared memory (bytes) of the fast kernels for TD 32-dim chunks per row. Host and device, so launchers,
-// the emulator and (mirrored in Python, checked by a test) the cupy backend agree with the kernels.
-__host__ __device__ inline int forward_smem_bytes_per_warp(int td) {
-  return 2 * BRIDGE_KEY_TILE * 32 * td * 4;
-}
-__host__ __device__ inline int backward_smem_bytes_per_warp(int td) {
-  return (4 * BRIDGE_KEY_TILE * 32 * td + 2 * BRIDGE_KEY_TILE * BRIDGE_KEY_TILE) * 4;
-}
 
 extern __shared__ float4 bridge_smem[];
 
@@ -202,11 +191,17 @@ struct Chunk16 {  // bf16_t and half_t: four 16-bit values in a uint2 (element 0
   }
 };
 template <>
-__device__ __forceinline__ float Chunk16<bf16_t>::lo(unsigned int w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float Chunk16<bf16_t>::lo(unsigned int w) {
+  return __uint_as_float(w << 16);
+}
 template <>
-__device__ __forceinline__ float Chunk16<bf16_t>::hi(unsigned int w) { return __uint_as_float(w & 0xffff0000u); }
+__device__ __forceinline__ float Chunk16<bf16_t>::hi(unsigned int w) {
+  return __uint_as_float(w & 0xffff0000u);
+}
 template <>
-__device__ __forceinline__ unsigned short Chunk16<bf16_t>::bits(float f) { return float_to_bf16_bits(f); }
+__device__ __forceinline__ unsigned short Chunk16<bf16_t>::bits(float f) {
+  return float_to_bf16_bits(f);
+}
 template <>
 __device__ __forceinline__ float Chunk16<half_t>::lo(unsigned int w) {
   return half_bits_to_float((unsigned short)(w & 0xffffu));
@@ -216,7 +211,9 @@ __device__ __forceinline__ float Chunk16<half_t>::hi(unsigned int w) {
   return half_bits_to_float((unsigned short)(w >> 16));
 }
 template <>
-__device__ __forceinline__ unsigned short Chunk16<half_t>::bits(float f) { return float_to_half_bits(f); }
+__device__ __forceinline__ unsigned short Chunk16<half_t>::bits(float f) {
+  return float_to_half_bits(f);
+}
 
 template <>
 struct Chunk<bf16_t> : Chunk16<bf16_t> {};
@@ -231,21 +228,19 @@ struct Rows {
   __device__ __forceinline__ T* row(i64 b, i64 s, i64 h) const { return ptr + b * sb + s * ss + h * sh; }
 };
 
-// ---------------------------------------------------------------------------------------------------------
-// The problem and the task of a warp
-// ---------------------------------------------------------------------------------------------------------
+// A kernel argument's rows (launch.h's RowsArg) as rows of T.
+template <typename T>
+__device__ __forceinline__ Rows<T> rows_of(const RowsArg& a) {
+  return Rows<T>{static_cast<T*>(a.ptr), a.sb, a.ss, a.sh};
+}
 
-struct Problem {
-  int batch, seqlen, heads, dim, groups;
-  const int* cu;                // [groups + 1] row offsets
-  const unsigned char* mask;    // bool [B, S] (strided) or nullptr: every key visible
-  i64 msb, mss;
-  bool aligned;                 // every row pointer 4-element aligned and head_dim % 4 == 0
-};
+// ---------------------------------------------------------------------------------------------------------
+// The task of a warp (in the Problem of launch.h)
+// ---------------------------------------------------------------------------------------------------------
 
 struct Task {
-  int s, h, n;   // position, head, group size
-  i64 first;     // first row of the group
+  int s, h, n;  // position, head, group size
+  i64 first;    // first row of the group
 };
 
 // Decodes task t (h fastest, then group, then position). The offsets are clamped into [0, B] and a non-increasing
@@ -266,7 +261,7 @@ __device__ __forceinline__ bool decode_task(const Problem& p, i64 t, Task& task)
 }
 
 __device__ __forceinline__ bool key_visible(const Problem& p, i64 row, int s) {
-  return p.mask == nullptr || p.mask[row * p.msb + (i64)s * p.mss] != 0;
+  return p.mask == nullptr || p.mask[row * p.mask_sb + (i64)s * p.mask_ss] != 0;
 }
 
 // Bit jj set: key row first + j0 + jj (jj < count) is visible. Warp-collective.
@@ -293,7 +288,7 @@ __device__ __forceinline__ unsigned int dynamic_smem_bytes() {
 // Row registers, tiles, dot products
 // ---------------------------------------------------------------------------------------------------------
 
-// A row in registers: lane c of a row group owns dims 32 t + 4 c + e.
+// A row in registers: lane c of a row group owns dims kChunkDims t + 4 c + e.
 template <int TD>
 struct RowRegs {
   float x[TD][4];
@@ -310,7 +305,7 @@ struct RowLoad {
   __device__ __forceinline__ void load(const T* row, int dim, bool aligned, int c) {
 #pragma unroll
     for (int t = 0; t < TD; ++t) {
-      const int d = 32 * t + 4 * c;
+      const int d = kChunkDims * t + 4 * c;
       if (aligned) {
         raw[t] = d < dim ? Chunk<T>::load_aligned(row + d) : Chunk<T>::zero();
       } else {
@@ -335,7 +330,7 @@ template <typename T, int TD>
 __device__ __forceinline__ void store_row(T* row, int dim, bool aligned, int c, const RowRegs<TD>& r, float mul) {
 #pragma unroll
   for (int t = 0; t < TD; ++t) {
-    const int d = 32 * t + 4 * c;
+    const int d = kChunkDims * t + 4 * c;
     if (d < dim) {
       const float v[4] = {r.x[t][0] * mul, r.x[t][1] * mul, r.x[t][2] * mul, r.x[t][3] * mul};
       Chunk<T>::store(row + d, dim - d, aligned, v);
@@ -347,7 +342,7 @@ template <int TD>
 __device__ __forceinline__ void tile_row_to_regs(const float* tile_row, int c, RowRegs<TD>& r) {
 #pragma unroll
   for (int t = 0; t < TD; ++t) {
-    const float4 y = *reinterpret_cast<const float4*>(tile_row + 32 * t + 4 * c);
+    const float4 y = *reinterpret_cast<const float4*>(tile_row + kChunkDims * t + 4 * c);
     r.x[t][0] = y.x;
     r.x[t][1] = y.y;
     r.x[t][2] = y.z;
@@ -361,7 +356,7 @@ __device__ __forceinline__ float dot_tile(const RowRegs<TD>& a, const float* til
   float acc = 0.f;
 #pragma unroll
   for (int t = 0; t < TD; ++t) {
-    const float4 y = *reinterpret_cast<const float4*>(tile_row + 32 * t + 4 * c);
+    const float4 y = *reinterpret_cast<const float4*>(tile_row + kChunkDims * t + 4 * c);
     acc = fmaf(a.x[t][0], y.x, acc);
     acc = fmaf(a.x[t][1], y.y, acc);
     acc = fmaf(a.x[t][2], y.z, acc);
@@ -378,7 +373,7 @@ template <int TD>
 __device__ __forceinline__ void axpy_tile(RowRegs<TD>& acc, float w, const float* tile_row, int c) {
 #pragma unroll
   for (int t = 0; t < TD; ++t) {
-    const float4 y = *reinterpret_cast<const float4*>(tile_row + 32 * t + 4 * c);
+    const float4 y = *reinterpret_cast<const float4*>(tile_row + kChunkDims * t + 4 * c);
     acc.x[t][0] = fmaf(w, y.x, acc.x[t][0]);
     acc.x[t][1] = fmaf(w, y.y, acc.x[t][1]);
     acc.x[t][2] = fmaf(w, y.z, acc.x[t][2]);
@@ -400,27 +395,27 @@ __device__ __forceinline__ float group_max(float x) {
   return x;
 }
 // Per-key values live one per lane: lane c of a row group holds the value of key c of the current tile
-// (BRIDGE_KEY_TILE == BRIDGE_LANES_PER_ROW), so no register array is indexed by a run-time key index and the key
-// loops need not be unrolled. slot(x, lane, jj) reads key jj's value from the row group's lane jj.
-static_assert(BRIDGE_KEY_TILE == BRIDGE_LANES_PER_ROW, "one key of a tile per lane of a row group");
+// (kKeyTile == kLanesPerRow), so no register array is indexed by a run-time key index and the key loops need not be
+// unrolled. slot(x, lane, jj) reads key jj's value from the row group's lane jj.
+static_assert(kKeyTile == kLanesPerRow, "one key of a tile per lane of a row group");
 __device__ __forceinline__ float slot(float x, int lane, int jj) {
-  return __shfl_sync(0xffffffffu, x, (lane & ~(BRIDGE_LANES_PER_ROW - 1)) + jj);
+  return __shfl_sync(0xffffffffu, x, (lane & ~(kLanesPerRow - 1)) + jj);
 }
 
-// Staging of rows row0 .. row0 + count - 1 (count <= BRIDGE_KEY_TILE) of a [B, S, H, Dh] tensor at (s, h) into a
-// float tile [BRIDGE_KEY_TILE][32 TD] (every other element of the tile becomes 0), in two steps so that callers can
-// put the loads of several tensors in flight before the first shared-memory store waits for any of them.
+// Staging of rows row0 .. row0 + count - 1 (count <= kKeyTile) of a [B, S, H, Dh] tensor at (s, h) into a float
+// tile [kKeyTile][kChunkDims TD] (every other element of the tile becomes 0), in two steps so that callers can put
+// the loads of several tensors in flight before the first shared-memory store waits for any of them.
 template <typename T, int TD>
 struct TileLoad {
-  static constexpr int CHUNKS_PER_ROW = 8 * TD;
-  static constexpr int ITERS = BRIDGE_KEY_TILE * CHUNKS_PER_ROW / 32;
+  static constexpr int CHUNKS_PER_ROW = kChunkDims * TD / 4;  // 4-element chunks
+  static constexpr int ITERS = kKeyTile * CHUNKS_PER_ROW / kWarpSize;
   typename Chunk<T>::raw raw[ITERS];
 
   __device__ __forceinline__ void load(const Rows<const T>& a, const Problem& p, i64 row0, int count, int s, int h,
                                        int lane) {
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
-      const int chunk = it * 32 + lane;
+      const int chunk = it * kWarpSize + lane;
       const int r = chunk / CHUNKS_PER_ROW;
       const int d = (chunk % CHUNKS_PER_ROW) * 4;
       raw[it] = Chunk<T>::zero();
@@ -439,7 +434,7 @@ struct TileLoad {
     for (int it = 0; it < ITERS; ++it) {
       float v[4];
       Chunk<T>::unpack(raw[it], v);
-      reinterpret_cast<float4*>(tile)[it * 32 + lane] = make_float4(v[0], v[1], v[2], v[3]);
+      reinterpret_cast<float4*>(tile)[it * kWarpSize + lane] = make_float4(v[0], v[1], v[2], v[3]);
     }
   }
 };
@@ -465,18 +460,69 @@ __device__ __forceinline__ void stage_pair(const Rows<const T>& a, const Rows<co
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Per-key helpers of the fast kernels
+// ---------------------------------------------------------------------------------------------------------
+
+// Row i sees key j0 + jj of a tile whose visibility bits are vis (tile_visibility): a visible key, or its own row.
+__device__ __forceinline__ bool sees(unsigned int vis, int j0, int jj, int i) {
+  return ((vis >> jj) & 1u) || j0 + jj == i;
+}
+
+// One query row against the count keys of a staged tile: lane c of each row group gets key c's score s = q . k_c and
+// dP = dO . v_c (both 0 past count). Warp-uniform trip count.
+template <int TD>
+__device__ __forceinline__ void tile_scores_and_dp(const RowRegs<TD>& qi, const RowRegs<TD>& doi, const float* Ks,
+                                                   const float* Vs, int count, int c, float& my_s, float& my_dp) {
+  constexpr int DP = kChunkDims * TD;
+  my_s = 0.f;
+  my_dp = 0.f;
+#pragma unroll 2
+  for (int jj = 0; jj < count; ++jj) {
+    const float sv = dot_tile<TD>(qi, Ks + jj * DP, c);
+    const float dpv = dot_tile<TD>(doi, Vs + jj * DP, c);
+    if (jj == c) {
+      my_s = sv;
+      my_dp = dpv;
+    }
+  }
+}
+
+// The backward's formulas, in the CPU kernel's order of operations: the probability of a score before normalization,
+// exp(scale s - lse) (0 for a key the row does not see), and dS = P ((dP - delta) + dlse) scale.
+__device__ __forceinline__ float unnormalized_p(bool seen, float s, float scale, float lse) {
+  return seen ? expf(s * scale - lse) : 0.f;
+}
+template <typename A>
+__device__ __forceinline__ A score_grad(A p, A dp, A delta, A dlse, A scale) {
+  return p * ((dp - delta) + dlse) * scale;
+}
+
+// dQ_i += sum_jj dS_i,jj K_jj over the keys of a staged tile that row i sees; lane c of the row group holds the dS of
+// key j0 + c.
+template <int TD>
+__device__ __forceinline__ void accumulate_dq(RowRegs<TD>& dqi, float my_ds, unsigned int vis, int j0, int count, int i,
+                                              const float* Ks, int lane, int c) {
+  constexpr int DP = kChunkDims * TD;
+#pragma unroll 2
+  for (int jj = 0; jj < count; ++jj) {
+    const float ds = slot(my_ds, lane, jj);
+    if (sees(vis, j0, jj, i)) axpy_tile<TD>(dqi, ds, Ks + jj * DP, c);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Forward (fast path)
 // ---------------------------------------------------------------------------------------------------------
 
-// out/lse of the task's rows: query rows in registers (4 per pass), K/V tiles in shared memory, online softmax
-// over the tiles (one tile, staged once, for groups of up to BRIDGE_KEY_TILE rows).
+// out/lse of the task's rows: query rows in registers (kRowsPerPass per pass), K/V tiles in shared memory, online
+// softmax over the tiles (one tile, staged once, for groups of up to kKeyTile rows).
 template <typename T, int TD>
 __device__ __forceinline__ void attend_rows_forward(const Problem& p, const Task& task, const Rows<const T>& Q,
                                                     const Rows<const T>& K, const Rows<const T>& V, Rows<T> O,
                                                     float* lse, float scale, float* Ks, float* Vs, int lane) {
-  constexpr int DP = 32 * TD;
-  constexpr int KB = BRIDGE_KEY_TILE;
-  const int rg = lane / BRIDGE_LANES_PER_ROW, c = lane % BRIDGE_LANES_PER_ROW;
+  constexpr int DP = kChunkDims * TD;
+  constexpr int KB = kKeyTile;
+  const int rg = lane / kLanesPerRow, c = lane % kLanesPerRow;
   const int n = task.n, n_tiles = (n + KB - 1) / KB;
   const float NEG_INF = neg_inf_f();
   unsigned int vis = 0;
@@ -492,7 +538,7 @@ __device__ __forceinline__ void attend_rows_forward(const Problem& p, const Task
     }
     first_q.unpack(q);
   }
-  for (int i0 = 0; i0 < n; i0 += BRIDGE_ROWS_PER_PASS) {
+  for (int i0 = 0; i0 < n; i0 += kRowsPerPass) {
     const bool active = i0 + rg < n;
     const int i = imin(i0 + rg, n - 1);
     if (i0 > 0) load_row<T, TD>(Q.row(task.first + i, task.s, task.h), p.dim, p.aligned, c, q);
@@ -511,7 +557,7 @@ __device__ __forceinline__ void attend_rows_forward(const Problem& p, const Task
 #pragma unroll 2
       for (int jj = 0; jj < count; ++jj) {  // warp-uniform trip count
         const float d = dot_tile<TD>(q, Ks + jj * DP, c) * scale;
-        if (jj == c && (((vis >> jj) & 1u) || j0 + jj == i)) my_s = d;
+        if (jj == c && sees(vis, j0, jj, i)) my_s = d;
       }
       // Online softmax update, branch-free across row groups (the loops below hold warp collectives).
       const float tile_max = group_max(my_s);
@@ -529,7 +575,7 @@ __device__ __forceinline__ void attend_rows_forward(const Problem& p, const Task
 #pragma unroll 2
       for (int jj = 0; jj < count; ++jj) {
         const float pr = slot(my_p, lane, jj);
-        if (((vis >> jj) & 1u) || j0 + jj == i) axpy_tile<TD>(o, pr, Vs + jj * DP, c);
+        if (sees(vis, j0, jj, i)) axpy_tile<TD>(o, pr, Vs + jj * DP, c);
       }
       m = m_new;
     }
@@ -541,43 +587,39 @@ __device__ __forceinline__ void attend_rows_forward(const Problem& p, const Task
 }
 
 template <typename T, int TD>
-__global__ void __launch_bounds__(32 * BRIDGE_MAX_WARPS, BRIDGE_FWD_MIN_BLOCKS)
-    bridge_attention_fwd(const T* q, i64 q_sb, i64 q_ss, i64 q_sh, const T* k, i64 k_sb, i64 k_ss, i64 k_sh,
-                         const T* v, i64 v_sb, i64 v_ss, i64 v_sh, T* out, i64 o_sb, i64 o_ss, i64 o_sh, float* lse,
-                         const int* cu, const unsigned char* mask, i64 m_sb, i64 m_ss, int batch, int seqlen,
-                         int heads, int dim, int groups, double scale, int aligned) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  const Problem p{batch, seqlen, heads, dim, groups, cu, mask, m_sb, m_ss, aligned != 0};
+__global__ void __launch_bounds__(kMaxThreads, BRIDGE_FWD_MIN_BLOCKS) bridge_attention_fwd(const ForwardParams params) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, warps = blockDim.x / kWarpSize;
+  const Problem& p = params.problem;
   Task task;
   if (!decode_task(p, (i64)blockIdx.x * warps + warp, task)) return;  // warp-uniform
-  const Rows<const T> Q{q, q_sb, q_ss, q_sh}, K{k, k_sb, k_ss, k_sh}, V{v, v_sb, v_ss, v_sh};
-  const Rows<T> O{out, o_sb, o_ss, o_sh};
+  float* lse = static_cast<float*>(params.lse);
   const int per_warp = forward_smem_bytes_per_warp(TD);
   if (dynamic_smem_bytes() < (unsigned int)(warps * per_warp)) {  // a launcher bug: poison instead of overrunning
-    for (int i = lane; i < task.n; i += 32) lse[stat_index(p, task, i)] = nan_f();
+    for (int i = lane; i < task.n; i += kWarpSize) lse[stat_index(p, task, i)] = nan_f();
     return;
   }
-  float* Ks = reinterpret_cast<float*>(bridge_smem) + warp * (per_warp / 4);
-  float* Vs = Ks + BRIDGE_KEY_TILE * 32 * TD;
-  attend_rows_forward<T, TD>(p, task, Q, K, V, O, lse, (float)scale, Ks, Vs, lane);
+  float* Ks = reinterpret_cast<float*>(bridge_smem) + warp * (per_warp / (int)sizeof(float));
+  float* Vs = Ks + kKeyTile * kChunkDims * TD;
+  attend_rows_forward<T, TD>(p, task, rows_of<const T>(params.q), rows_of<const T>(params.k),
+                             rows_of<const T>(params.v), rows_of<T>(params.out), lse, (float)p.scale, Ks, Vs, lane);
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Backward (fast path)
 // ---------------------------------------------------------------------------------------------------------
-// Groups of up to BRIDGE_KEY_TILE rows: Q, dO, K, V staged once; a query-major pass computes each row's P, dP, delta,
-// dS and dQ and leaves P and dS in shared memory; a key-major pass sums dK_j = sum_i dS_ij Q_i and
-// dV_j = sum_i P_ij dO_i from them. Larger groups: the query-major pass runs over the key tiles twice (statistics,
-// then dS and dQ) and saves each row's (1 / sum, delta) in the workspace ws [B, S, H, 2]; the key-major pass holds
-// 4 keys in registers, streams the query tiles and recomputes P and dS from the saved statistics. The recomputed
-// scores are bitwise those of the first pass (same lanes, same FMA order).
+// Groups of up to kKeyTile rows: Q, dO, K, V staged once; a query-major pass computes each row's P, dP, delta, dS and
+// dQ and leaves P and dS in shared memory; a key-major pass sums dK_j = sum_i dS_ij Q_i and dV_j = sum_i P_ij dO_i
+// from them. Larger groups: the query-major pass runs over the key tiles twice (statistics, then dS and dQ) and saves
+// each row's (1 / sum, delta) in the workspace ws [B, S, H, 2]; the key-major pass holds kRowsPerPass keys in
+// registers, streams the query tiles and recomputes P and dS from the saved statistics. The recomputed scores are
+// bitwise those of the first pass (same lanes, same FMA order).
 
 template <typename T, int TD>
 __device__ __forceinline__ void poison_rows(const Task& task, const Problem& p, Rows<T> a, Rows<T> b, Rows<T> c,
                                             int lane) {
   const RowRegs<TD> none{};
-  const int rg = lane / BRIDGE_LANES_PER_ROW, cl = lane % BRIDGE_LANES_PER_ROW;
-  for (int i = rg; i < task.n; i += BRIDGE_ROWS_PER_PASS) {
+  const int rg = lane / kLanesPerRow, cl = lane % kLanesPerRow;
+  for (int i = rg; i < task.n; i += kRowsPerPass) {
     store_row<T, TD>(a.row(task.first + i, task.s, task.h), p.dim, p.aligned, cl, none, nan_f());
     store_row<T, TD>(b.row(task.first + i, task.s, task.h), p.dim, p.aligned, cl, none, nan_f());
     store_row<T, TD>(c.row(task.first + i, task.s, task.h), p.dim, p.aligned, cl, none, nan_f());
@@ -585,36 +627,34 @@ __device__ __forceinline__ void poison_rows(const Task& task, const Problem& p, 
 }
 
 template <typename T, int TD>
-__global__ void __launch_bounds__(32 * BRIDGE_MAX_WARPS, BRIDGE_BWD_MIN_BLOCKS)
-    bridge_attention_bwd(const T* dout, i64 do_sb, i64 do_ss, i64 do_sh, const T* q, i64 q_sb, i64 q_ss, i64 q_sh,
-                         const T* k, i64 k_sb, i64 k_ss, i64 k_sh, const T* v, i64 v_sb, i64 v_ss, i64 v_sh,
-                         const float* lse, const float* dlse, T* dq, i64 dq_sb, i64 dq_ss, i64 dq_sh, T* dk,
-                         i64 dk_sb, i64 dk_ss, i64 dk_sh, T* dv, i64 dv_sb, i64 dv_ss, i64 dv_sh, float* ws,
-                         const int* cu, const unsigned char* mask, i64 m_sb, i64 m_ss, int batch, int seqlen,
-                         int heads, int dim, int groups, double scale_d, int aligned) {
-  constexpr int DP = 32 * TD;
-  constexpr int KB = BRIDGE_KEY_TILE;
-  constexpr int R = BRIDGE_ROWS_PER_PASS;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  const int rg = lane / BRIDGE_LANES_PER_ROW, c = lane % BRIDGE_LANES_PER_ROW;
-  const Problem p{batch, seqlen, heads, dim, groups, cu, mask, m_sb, m_ss, aligned != 0};
+__global__ void __launch_bounds__(kMaxThreads, BRIDGE_BWD_MIN_BLOCKS)
+    bridge_attention_bwd(const BackwardParams params) {
+  constexpr int DP = kChunkDims * TD;
+  constexpr int KB = kKeyTile;
+  constexpr int R = kRowsPerPass;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, warps = blockDim.x / kWarpSize;
+  const int rg = lane / kLanesPerRow, c = lane % kLanesPerRow;
+  const Problem& p = params.problem;
   Task task;
   if (!decode_task(p, (i64)blockIdx.x * warps + warp, task)) return;  // warp-uniform
-  const Rows<const T> dO{dout, do_sb, do_ss, do_sh}, Q{q, q_sb, q_ss, q_sh}, K{k, k_sb, k_ss, k_sh},
-      V{v, v_sb, v_ss, v_sh};
-  const Rows<T> dQ{dq, dq_sb, dq_ss, dq_sh}, dK{dk, dk_sb, dk_ss, dk_sh}, dV{dv, dv_sb, dv_ss, dv_sh};
+  const Rows<const T> dO = rows_of<const T>(params.dout), Q = rows_of<const T>(params.q),
+                      K = rows_of<const T>(params.k), V = rows_of<const T>(params.v);
+  const Rows<T> dQ = rows_of<T>(params.dq), dK = rows_of<T>(params.dk), dV = rows_of<T>(params.dv);
+  const float* lse = static_cast<const float*>(params.lse);
+  const float* dlse = static_cast<const float*>(params.dlse);
+  float* ws = params.ws;
   const int n = task.n;
   const int per_warp = backward_smem_bytes_per_warp(TD);
   if (dynamic_smem_bytes() < (unsigned int)(warps * per_warp) || (n > KB && ws == nullptr)) {
     poison_rows<T, TD>(task, p, dQ, dK, dV, lane);  // a launcher bug (or offsets changed after validation)
     return;
   }
-  const float scale = (float)scale_d;
-  float* Qs = reinterpret_cast<float*>(bridge_smem) + warp * (per_warp / 4);
+  const float scale = (float)p.scale;
+  float* Qs = reinterpret_cast<float*>(bridge_smem) + warp * (per_warp / (int)sizeof(float));
   float* Os = Qs + KB * DP;
   float* Ks = Os + KB * DP;
   float* Vs = Ks + KB * DP;
-  float* Pm = Vs + KB * DP;  // [KB][KB]: P of (query i, key j)
+  float* Pm = Vs + KB * DP;   // [KB][KB]: P of (query i, key j)
   float* dSm = Pm + KB * KB;  // [KB][KB]: dS
 
   if (n <= KB) {
@@ -645,30 +685,17 @@ __global__ void __launch_bounds__(32 * BRIDGE_MAX_WARPS, BRIDGE_BWD_MIN_BLOCKS)
       const i64 st = stat_index(p, task, i);
       const float lse_i = lse[st];
       const float dlse_i = dlse == nullptr ? 0.f : dlse[st];
-      // Lane c keeps key c's score and dP.
-      float my_s = 0.f, my_dp = 0.f;
-#pragma unroll 2
-      for (int jj = 0; jj < n; ++jj) {  // warp-uniform trip count
-        const float sv = dot_tile<TD>(qi, Ks + jj * DP, c);
-        const float dpv = dot_tile<TD>(doi, Vs + jj * DP, c);
-        if (jj == c) {
-          my_s = sv;
-          my_dp = dpv;
-        }
-      }
-      const bool my_ok = c < n && (((vis >> c) & 1u) || c == i);
-      const float my_pt = my_ok ? expf(my_s * scale - lse_i) : 0.f;
+      float my_s, my_dp;  // lane c: key c's score and dP
+      tile_scores_and_dp<TD>(qi, doi, Ks, Vs, n, c, my_s, my_dp);
+      const bool my_ok = c < n && sees(vis, 0, c, i);
+      const float my_pt = unnormalized_p(my_ok, my_s, scale, lse_i);
       const float inv = 1.f / group_sum(my_pt);
       const float my_pr = my_pt * inv;
       const float delta = group_sum(my_ok ? my_pr * my_dp : 0.f);
-      const float my_ds = my_ok ? my_pr * ((my_dp - delta) + dlse_i) * scale : 0.f;
+      const float my_ds = my_ok ? score_grad(my_pr, my_dp, delta, dlse_i, scale) : 0.f;
       RowRegs<TD> dqi;
       dqi.zero();
-#pragma unroll 2
-      for (int jj = 0; jj < n; ++jj) {
-        const float ds = slot(my_ds, lane, jj);
-        if (((vis >> jj) & 1u) || jj == i) axpy_tile<TD>(dqi, ds, Ks + jj * DP, c);
-      }
+      accumulate_dq<TD>(dqi, my_ds, vis, 0, n, i, Ks, lane, c);
       if (active) {
         store_row<T, TD>(dQ.row(task.first + i, task.s, task.h), p.dim, p.aligned, c, dqi, 1.f);
         Pm[i * KB + c] = my_pr;
@@ -719,29 +746,17 @@ __global__ void __launch_bounds__(32 * BRIDGE_MAX_WARPS, BRIDGE_BWD_MIN_BLOCKS)
         stage_pair<T, TD>(K, V, p, task.first + j0, count, task.s, task.h, Ks, Vs, lane);
         const unsigned int vis = tile_visibility(p, task, j0, count, lane);
         __syncwarp();
-        float my_s = 0.f, my_dp = 0.f;
-#pragma unroll 2
-        for (int jj = 0; jj < count; ++jj) {  // warp-uniform trip count
-          const float sv = dot_tile<TD>(qi, Ks + jj * DP, c);
-          const float dpv = dot_tile<TD>(doi, Vs + jj * DP, c);
-          if (jj == c) {
-            my_s = sv;
-            my_dp = dpv;
-          }
-        }
-        const bool my_ok = c < count && (((vis >> c) & 1u) || j0 + c == i);
-        const float my_pt = my_ok ? expf(my_s * scale - lse_i) : 0.f;
+        float my_s, my_dp;
+        tile_scores_and_dp<TD>(qi, doi, Ks, Vs, count, c, my_s, my_dp);
+        const bool my_ok = c < count && sees(vis, j0, c, i);
+        const float my_pt = unnormalized_p(my_ok, my_s, scale, lse_i);
         if (pass == 0) {  // warp-uniform
           sum += group_sum(my_pt);
           dsum += group_sum(my_ok ? my_pt * my_dp : 0.f);
         } else {
           const float my_pr = my_pt * inv;
-          const float my_ds = my_ok ? my_pr * ((my_dp - delta) + dlse_i) * scale : 0.f;
-#pragma unroll 2
-          for (int jj = 0; jj < count; ++jj) {
-            const float ds = slot(my_ds, lane, jj);
-            if (((vis >> jj) & 1u) || j0 + jj == i) axpy_tile<TD>(dqi, ds, Ks + jj * DP, c);
-          }
+          const float my_ds = my_ok ? score_grad(my_pr, my_dp, delta, dlse_i, scale) : 0.f;
+          accumulate_dq<TD>(dqi, my_ds, vis, j0, count, i, Ks, lane, c);
         }
       }
       if (pass == 0) {
@@ -791,8 +806,8 @@ __global__ void __launch_bounds__(32 * BRIDGE_MAX_WARPS, BRIDGE_BWD_MIN_BLOCKS)
         const float inv_i = __shfl_sync(0xffffffffu, my_inv, jj);
         const float delta_i = __shfl_sync(0xffffffffu, my_delta, jj);
         if (j_visible || r0 + jj == j) {
-          const float pij = expf(sv * scale - lse_i) * inv_i;
-          const float dsij = pij * ((dpv - delta_i) + dlse_i) * scale;
+          const float pij = unnormalized_p(true, sv, scale, lse_i) * inv_i;
+          const float dsij = score_grad(pij, dpv, delta_i, dlse_i, scale);
           axpy_tile<TD>(dkj, dsij, Qs + jj * DP, c);
           axpy_tile<TD>(dvj, pij, Os + jj * DP, c);
         }
@@ -806,8 +821,8 @@ __global__ void __launch_bounds__(32 * BRIDGE_MAX_WARPS, BRIDGE_BWD_MIN_BLOCKS)
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Simple path: float64, or head_dim > 32 * BRIDGE_MAX_TD. One thread per task; outputs are contiguous [B, S, H, Dh]
-// buffers of the accumulation type A (the host casts them), lse is [B, S, H] of A.
+// Simple path: float64, or head_dim > kChunkDims * kMaxTd. One thread per task; outputs are contiguous
+// [B, S, H, Dh] buffers of the accumulation type A (the host casts them), lse is [B, S, H] of A.
 // ---------------------------------------------------------------------------------------------------------
 
 template <typename T, typename A>
@@ -817,32 +832,37 @@ __device__ __forceinline__ A dot_rows(const T* a, const T* b, int dim) {
   return acc;
 }
 
+// Row i of the task sees key row j: a visible key, or its own row.
+__device__ __forceinline__ bool row_sees(const Problem& p, const Task& t, int i, int j) {
+  return j == i || key_visible(p, t.first + j, t.s);
+}
+
 template <typename T, typename A>
-__global__ void bridge_attention_fwd_simple(const T* q, i64 q_sb, i64 q_ss, i64 q_sh, const T* k, i64 k_sb,
-                                            i64 k_ss, i64 k_sh, const T* v, i64 v_sb, i64 v_ss, i64 v_sh, A* out,
-                                            A* lse, const int* cu, const unsigned char* mask, i64 m_sb, i64 m_ss,
-                                            int batch, int seqlen, int heads, int dim, int groups, double scale_d) {
-  const Problem p{batch, seqlen, heads, dim, groups, cu, mask, m_sb, m_ss, false};
+__global__ void bridge_attention_fwd_simple(const ForwardParams params) {
+  const Problem& p = params.problem;
   Task t;
   if (!decode_task(p, (i64)blockIdx.x * blockDim.x + threadIdx.x, t)) return;
-  const Rows<const T> Q{q, q_sb, q_ss, q_sh}, K{k, k_sb, k_ss, k_sh}, V{v, v_sb, v_ss, v_sh};
-  const A scale = (A)scale_d;
+  const Rows<const T> Q = rows_of<const T>(params.q), K = rows_of<const T>(params.k), V = rows_of<const T>(params.v);
+  A* out = static_cast<A*>(params.out.ptr);
+  A* lse = static_cast<A*>(params.lse);
+  const A scale = (A)p.scale;
+  const int dim = p.dim;
   for (int i = 0; i < t.n; ++i) {
     const T* qi = Q.row(t.first + i, t.s, t.h);
     A m = neg_inf_d();
     for (int j = 0; j < t.n; ++j) {
-      if (j == i || key_visible(p, t.first + j, t.s)) m = nan_max(m, dot_rows<T, A>(qi, K.row(t.first + j, t.s, t.h), dim) * scale);
+      if (row_sees(p, t, i, j)) m = nan_max(m, dot_rows<T, A>(qi, K.row(t.first + j, t.s, t.h), dim) * scale);
     }
     A l = 0;
     for (int j = 0; j < t.n; ++j) {
-      if (j == i || key_visible(p, t.first + j, t.s)) l += acc_exp(dot_rows<T, A>(qi, K.row(t.first + j, t.s, t.h), dim) * scale - m);
+      if (row_sees(p, t, i, j)) l += acc_exp(dot_rows<T, A>(qi, K.row(t.first + j, t.s, t.h), dim) * scale - m);
     }
     const A inv = A(1) / l;
     const i64 st = stat_index(p, t, i);
     A* o = out + st * dim;
     for (int d = 0; d < dim; ++d) o[d] = 0;
     for (int j = 0; j < t.n; ++j) {
-      if (j == i || key_visible(p, t.first + j, t.s)) {
+      if (row_sees(p, t, i, j)) {
         const A w = acc_exp(dot_rows<T, A>(qi, K.row(t.first + j, t.s, t.h), dim) * scale - m) * inv;
         const T* vj = V.row(t.first + j, t.s, t.h);
         for (int d = 0; d < dim; ++d) o[d] += w * (A)to_acc(vj[d]);
@@ -853,17 +873,19 @@ __global__ void bridge_attention_fwd_simple(const T* q, i64 q_sb, i64 q_ss, i64 
 }
 
 template <typename T, typename A>
-__global__ void bridge_attention_bwd_simple(const T* dout, i64 do_sb, i64 do_ss, i64 do_sh, const T* q, i64 q_sb,
-                                            i64 q_ss, i64 q_sh, const T* k, i64 k_sb, i64 k_ss, i64 k_sh, const T* v,
-                                            i64 v_sb, i64 v_ss, i64 v_sh, const A* lse, const A* dlse, A* dq, A* dk,
-                                            A* dv, const int* cu, const unsigned char* mask, i64 m_sb, i64 m_ss,
-                                            int batch, int seqlen, int heads, int dim, int groups, double scale_d) {
-  const Problem p{batch, seqlen, heads, dim, groups, cu, mask, m_sb, m_ss, false};
+__global__ void bridge_attention_bwd_simple(const BackwardParams params) {
+  const Problem& p = params.problem;
   Task t;
   if (!decode_task(p, (i64)blockIdx.x * blockDim.x + threadIdx.x, t)) return;
-  const Rows<const T> dO{dout, do_sb, do_ss, do_sh}, Q{q, q_sb, q_ss, q_sh}, K{k, k_sb, k_ss, k_sh},
-      V{v, v_sb, v_ss, v_sh};
-  const A scale = (A)scale_d;
+  const Rows<const T> dO = rows_of<const T>(params.dout), Q = rows_of<const T>(params.q),
+                      K = rows_of<const T>(params.k), V = rows_of<const T>(params.v);
+  A* dq = static_cast<A*>(params.dq.ptr);
+  A* dk = static_cast<A*>(params.dk.ptr);
+  A* dv = static_cast<A*>(params.dv.ptr);
+  const A* lse = static_cast<const A*>(params.lse);
+  const A* dlse = static_cast<const A*>(params.dlse);
+  const A scale = (A)p.scale;
+  const int dim = p.dim;
   for (int i = 0; i < t.n; ++i) {
     const i64 st = stat_index(p, t, i);
     for (int d = 0; d < dim; ++d) dq[st * dim + d] = dk[st * dim + d] = dv[st * dim + d] = 0;
@@ -875,22 +897,22 @@ __global__ void bridge_attention_bwd_simple(const T* dout, i64 do_sb, i64 do_ss,
     const A lse_i = lse[st_i], dlse_i = dlse == nullptr ? A(0) : dlse[st_i];
     A sum = 0;
     for (int j = 0; j < t.n; ++j) {
-      if (j == i || key_visible(p, t.first + j, t.s)) sum += acc_exp(dot_rows<T, A>(qi, K.row(t.first + j, t.s, t.h), dim) * scale - lse_i);
+      if (row_sees(p, t, i, j)) sum += acc_exp(dot_rows<T, A>(qi, K.row(t.first + j, t.s, t.h), dim) * scale - lse_i);
     }
     const A inv = A(1) / sum;
     A delta = 0;
     for (int j = 0; j < t.n; ++j) {
-      if (j == i || key_visible(p, t.first + j, t.s)) {
+      if (row_sees(p, t, i, j)) {
         const A pij = acc_exp(dot_rows<T, A>(qi, K.row(t.first + j, t.s, t.h), dim) * scale - lse_i) * inv;
         delta += pij * dot_rows<T, A>(doi, V.row(t.first + j, t.s, t.h), dim);
       }
     }
     for (int j = 0; j < t.n; ++j) {
-      if (j == i || key_visible(p, t.first + j, t.s)) {
+      if (row_sees(p, t, i, j)) {
         const T* kj = K.row(t.first + j, t.s, t.h);
         const A pij = acc_exp(dot_rows<T, A>(qi, kj, dim) * scale - lse_i) * inv;
         const A dpij = dot_rows<T, A>(doi, V.row(t.first + j, t.s, t.h), dim);
-        const A dsij = pij * ((dpij - delta) + dlse_i) * scale;
+        const A dsij = score_grad(pij, dpij, delta, dlse_i, scale);
         const i64 st_j = stat_index(p, t, j);
         for (int d = 0; d < dim; ++d) {
           dq[st_i * dim + d] += dsij * (A)to_acc(kj[d]);
@@ -904,45 +926,3 @@ __global__ void bridge_attention_bwd_simple(const T* dout, i64 do_sb, i64 do_ss,
 
 }  // namespace kernels
 }  // namespace bridge_ops
-
-// ---------------------------------------------------------------------------------------------------------
-// Launch planning (host only; NVRTC skips it). Mirrored by bridge_ops/cupy_backend.py::plan_launch, which a test
-// compares with this function through the emulator build.
-// ---------------------------------------------------------------------------------------------------------
-#ifndef __CUDACC_RTC__
-namespace bridge_ops {
-namespace kernels {
-
-struct LaunchPlan {
-  int fast;        // 1: bridge_attention_fwd/bwd<T, td>; 0: the simple kernels
-  int td;          // 32-dim chunks per row (fast path)
-  int threads;     // per block
-  long long blocks;
-  int smem_bytes;  // dynamic shared memory per block
-  int workspace;   // the backward needs ws [B, S, H, 2] floats (groups larger than a tile may occur)
-};
-
-// is_double: float64 inputs; tasks = S * G * H; max_group: largest group, or -1 when unknown.
-inline LaunchPlan plan_launch(int is_double, int dim, long long tasks, int num_sms, int backward, long long max_group) {
-  LaunchPlan plan{0, 0, BRIDGE_SIMPLE_THREADS, 0, 0, 0};
-  if (!is_double && dim <= 32 * BRIDGE_MAX_TD) {
-    plan.fast = 1;
-    plan.td = dim <= 32 ? 1 : dim <= 64 ? 2 : dim <= 128 ? 4 : 8;
-    const int per_warp = backward ? backward_smem_bytes_per_warp(plan.td) : forward_smem_bytes_per_warp(plan.td);
-    int warps = BRIDGE_MAX_WARPS;
-    // Fit the default shared-memory limit, and keep at least two blocks per multiprocessor when tasks are few
-    // (decode shapes) rather than packing them into fewer, fuller blocks.
-    while (warps > 1 && (warps * per_warp > BRIDGE_SMEM_LIMIT || (tasks + warps - 1) / warps < 2LL * num_sms)) warps /= 2;
-    plan.threads = 32 * warps;
-    plan.blocks = (tasks + warps - 1) / warps;
-    plan.smem_bytes = warps * per_warp;
-    plan.workspace = backward && (max_group < 0 || max_group > BRIDGE_KEY_TILE);
-  } else {
-    plan.blocks = (tasks + BRIDGE_SIMPLE_THREADS - 1) / BRIDGE_SIMPLE_THREADS;
-  }
-  return plan;
-}
-
-}  // namespace kernels
-}  // namespace bridge_ops
-#endif

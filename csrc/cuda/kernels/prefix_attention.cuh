@@ -18,13 +18,12 @@
 //   2. cascade_suffix_merge: one warp per (row b, query head h). It merges the group's chunk partials, then attends
 //      over the row's suffix in tiles of 32 keys (one per lane) and merges each tile, and writes out / lse.
 //   3. merge_states: one warp per row of [R, Dh].
-// Head dims up to 32 * BRIDGE_CASCADE_MAX_TD (256).
+// Head dims up to kWarpSize * kCascadeMaxTd (256). Constants, CascadeShape and the launch plan (chunk length, grids,
+// shared memory, workspace): launch.h's plan_cascade.
 #pragma once
 
 #include "../../attention_merge.h"
 #include "bridge_attention.cuh"
-
-#define BRIDGE_CASCADE_MAX_TD 8
 
 namespace bridge_ops {
 namespace kernels {
@@ -59,7 +58,7 @@ struct KeyView {
 // The running attention state of one query in a warp: lane owns dims {lane + 32 t : t < TD}.
 template <typename A>
 struct State {
-  A o[BRIDGE_CASCADE_MAX_TD];
+  A o[kCascadeMaxTd];
   A lse;
 };
 
@@ -67,9 +66,9 @@ struct State {
 template <typename A>
 __device__ __forceinline__ void merge_into(State<A>& s, const A* o_part, A lse_part, int dim) {
   const MergeWeights<A> m = merge_weights(s.lse, lse_part, neg_inf_of(A(0)));
-  const int lane = threadIdx.x & 31;
-  for (int t = 0; t < BRIDGE_CASCADE_MAX_TD; ++t) {
-    const int d = lane + 32 * t;
+  const int lane = threadIdx.x % kWarpSize;
+  for (int t = 0; t < kCascadeMaxTd; ++t) {
+    const int d = lane + kWarpSize * t;
     const A part = (d < dim && m.weight_b != A(0)) ? m.weight_b * o_part[t] : A(0);
     s.o[t] = (m.weight_a != A(0) ? m.weight_a * s.o[t] : A(0)) + part;
   }
@@ -81,8 +80,8 @@ __device__ __forceinline__ void merge_into(State<A>& s, const A* o_part, A lse_p
 // count == 0, with o = 0).
 template <typename T, typename A, typename ValueRow>
 __device__ __forceinline__ A attend_tile(A score, int count, int dim, ValueRow value, A* o) {
-  const int lane = threadIdx.x & 31;
-  for (int t = 0; t < BRIDGE_CASCADE_MAX_TD; ++t) o[t] = A(0);
+  const int lane = threadIdx.x % kWarpSize;
+  for (int t = 0; t < kCascadeMaxTd; ++t) o[t] = A(0);
   if (count == 0) return neg_inf_of(A(0));
   const A top = warp_max(score);
   const A p = lane < count ? acc_exp(score - top) : A(0);
@@ -90,33 +89,23 @@ __device__ __forceinline__ A attend_tile(A score, int count, int dim, ValueRow v
   for (int j = 0; j < count; ++j) {
     const A pj = __shfl_sync(0xffffffffu, p, j);
     const T* v = value(j);
-    for (int t = 0; t < BRIDGE_CASCADE_MAX_TD; ++t) {
-      const int d = lane + 32 * t;
+    for (int t = 0; t < kCascadeMaxTd; ++t) {
+      const int d = lane + kWarpSize * t;
       if (d < dim) o[t] += pj * to_acc(v[d]);
     }
   }
-  for (int t = 0; t < BRIDGE_CASCADE_MAX_TD; ++t) o[t] /= sum;
+  for (int t = 0; t < kCascadeMaxTd; ++t) o[t] /= sum;
   return top + acc_log(sum);
-}
-
-struct CascadeShape {
-  int batch, q_heads, kv_heads, dim, groups, prefix_len, suffix_len, chunks, chunk_len;
-};
-
-// Keys per prefix chunk: one per lane, fewer when 32 padded rows of the accumulation type would not fit in 48 KiB.
-__host__ __device__ inline int cascade_chunk_len(int dim, int acc_bytes) {
-  const int fit = 49152 / ((dim + 1) * acc_bytes);
-  return fit < 32 ? fit : 32;
 }
 
 __device__ __forceinline__ int clamp_len(int n, int limit) { return n < 0 ? 0 : (n > limit ? limit : n); }
 
 template <typename T, typename A>
-__global__ void __launch_bounds__(32) cascade_prefix_chunks(const T* q, i64 q_sb, i64 q_sh, KeyView<T> pk,
-                                                             KeyView<T> pv, const int* prefix_lens, const int* cu,
-                                                             A* ws_o, A* ws_lse, CascadeShape s, A scale) {
+__global__ void __launch_bounds__(kCascadeThreads)
+    cascade_prefix_chunks(const T* q, i64 q_sb, i64 q_sh, KeyView<T> pk, KeyView<T> pv, const int* prefix_lens,
+                          const int* cu, A* ws_o, A* ws_lse, CascadeShape s, A scale) {
   A* keys = reinterpret_cast<A*>(bridge_smem);  // [chunk_len][dim + 1]
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x % kWarpSize;
   const long long block = blockIdx.x;
   const int chunk = (int)(block % s.chunks);
   const int hk = (int)((block / s.chunks) % s.kv_heads);
@@ -124,7 +113,7 @@ __global__ void __launch_bounds__(32) cascade_prefix_chunks(const T* q, i64 q_sb
   const int len = clamp_len(prefix_lens[g], s.prefix_len);
   const int start = s.prefix_len - len + chunk * s.chunk_len;
   const int count = imax(0, imin(s.chunk_len, s.prefix_len - start));
-  for (int i = lane; i < count * s.dim; i += 32) {
+  for (int i = lane; i < count * s.dim; i += kWarpSize) {
     const int j = i / s.dim, d = i % s.dim;
     keys[j * (s.dim + 1) + d] = to_acc(pk.row(g, hk, start + j)[d]);
   }
@@ -140,11 +129,11 @@ __global__ void __launch_bounds__(32) cascade_prefix_chunks(const T* q, i64 q_sb
       for (int d = 0; d < s.dim; ++d) dot += to_acc(qrow[d]) * keys[lane * (s.dim + 1) + d];
       score = dot * scale;
     }
-    A o[BRIDGE_CASCADE_MAX_TD];
+    A o[kCascadeMaxTd];
     const A lse = attend_tile<T>(score, count, s.dim, [&](int j) { return pv.row(g, hk, start + j); }, o);
     const long long stat = ((long long)chunk * s.batch + b) * s.q_heads + h;
-    for (int t = 0; t < BRIDGE_CASCADE_MAX_TD; ++t) {
-      const int d = lane + 32 * t;
+    for (int t = 0; t < kCascadeMaxTd; ++t) {
+      const int d = lane + kWarpSize * t;
       if (d < s.dim) ws_o[stat * s.dim + d] = o[t];
     }
     if (lane == 0) ws_lse[stat] = lse;
@@ -152,36 +141,38 @@ __global__ void __launch_bounds__(32) cascade_prefix_chunks(const T* q, i64 q_sb
 }
 
 template <typename T, typename A>
-__global__ void __launch_bounds__(32) cascade_suffix_merge(const T* q, i64 q_sb, i64 q_sh, KeyView<T> sk,
-                                                            KeyView<T> sv, const int* suffix_lens,
-                                                            const int* prefix_lens, const int* cu, const A* ws_o,
-                                                            const A* ws_lse, T* out, A* lse_out, CascadeShape s,
-                                                            A scale) {
-  const int lane = threadIdx.x & 31;
+__global__ void __launch_bounds__(kCascadeThreads)
+    cascade_suffix_merge(const T* q, i64 q_sb, i64 q_sh, KeyView<T> sk, KeyView<T> sv, const int* suffix_lens,
+                         const int* prefix_lens, const int* cu, const A* ws_o, const A* ws_lse, T* out, A* lse_out,
+                         CascadeShape s, A scale) {
+  const int lane = threadIdx.x % kWarpSize;
   const int b = (int)(blockIdx.x / s.q_heads), h = (int)(blockIdx.x % s.q_heads);
   const int hk = h / (s.q_heads / s.kv_heads);
   int lo = 0, hi = s.groups;  // the group of row b: cu[g] <= b < cu[g + 1]
   while (hi - lo > 1) {
     const int mid = (lo + hi) / 2;
-    if (cu[mid] <= b) lo = mid; else hi = mid;
+    if (cu[mid] <= b)
+      lo = mid;
+    else
+      hi = mid;
   }
   State<A> st;
-  for (int t = 0; t < BRIDGE_CASCADE_MAX_TD; ++t) st.o[t] = A(0);
+  for (int t = 0; t < kCascadeMaxTd; ++t) st.o[t] = A(0);
   st.lse = neg_inf_of(A(0));
   const int len = clamp_len(prefix_lens[lo], s.prefix_len);
-  A part[BRIDGE_CASCADE_MAX_TD];
+  A part[kCascadeMaxTd];
   for (int c = 0; c * s.chunk_len < len; ++c) {
     const long long stat = ((long long)c * s.batch + b) * s.q_heads + h;
-    for (int t = 0; t < BRIDGE_CASCADE_MAX_TD; ++t) {
-      const int d = lane + 32 * t;
+    for (int t = 0; t < kCascadeMaxTd; ++t) {
+      const int d = lane + kWarpSize * t;
       part[t] = d < s.dim ? ws_o[stat * s.dim + d] : A(0);
     }
     merge_into(st, part, ws_lse[stat], s.dim);
   }
   const int suffix = suffix_lens == nullptr ? s.suffix_len : clamp_len(suffix_lens[b], s.suffix_len);
   const T* qrow = q + b * q_sb + h * q_sh;
-  for (int start = 0; start < suffix; start += 32) {
-    const int count = imin(32, suffix - start);
+  for (int start = 0; start < suffix; start += kWarpSize) {
+    const int count = imin(kWarpSize, suffix - start);
     A score = neg_inf_of(A(0));
     if (lane < count) {
       const T* k = sk.row(b, hk, start + lane);
@@ -193,8 +184,8 @@ __global__ void __launch_bounds__(32) cascade_suffix_merge(const T* q, i64 q_sb,
     merge_into(st, part, tile_lse, s.dim);
   }
   const long long row = (long long)b * s.q_heads + h;
-  for (int t = 0; t < BRIDGE_CASCADE_MAX_TD; ++t) {
-    const int d = lane + 32 * t;
+  for (int t = 0; t < kCascadeMaxTd; ++t) {
+    const int d = lane + kWarpSize * t;
     if (d < s.dim) store_acc(out + row * s.dim + d, st.o[t]);
   }
   if (lane == 0) lse_out[row] = st.lse;
@@ -202,21 +193,21 @@ __global__ void __launch_bounds__(32) cascade_suffix_merge(const T* q, i64 q_sb,
 
 // merge_attention_states over rows of contiguous [R, Dh] tensors, one warp per row.
 template <typename T, typename A>
-__global__ void __launch_bounds__(32) merge_states(const T* o_a, const A* lse_a, const T* o_b, const A* lse_b,
-                                                    T* out, A* lse_out, int dim) {
-  const int lane = threadIdx.x & 31;
+__global__ void __launch_bounds__(kCascadeThreads)
+    merge_states(const T* o_a, const A* lse_a, const T* o_b, const A* lse_b, T* out, A* lse_out, int dim) {
+  const int lane = threadIdx.x % kWarpSize;
   const long long row = blockIdx.x;
   State<A> st;
-  A part[BRIDGE_CASCADE_MAX_TD];
-  for (int t = 0; t < BRIDGE_CASCADE_MAX_TD; ++t) {
-    const int d = lane + 32 * t;
+  A part[kCascadeMaxTd];
+  for (int t = 0; t < kCascadeMaxTd; ++t) {
+    const int d = lane + kWarpSize * t;
     st.o[t] = d < dim ? to_acc(o_a[row * dim + d]) : A(0);
     part[t] = d < dim ? to_acc(o_b[row * dim + d]) : A(0);
   }
   st.lse = lse_a[row];
   merge_into(st, part, lse_b[row], dim);  // a side of weight 0 (an empty one) is never read
-  for (int t = 0; t < BRIDGE_CASCADE_MAX_TD; ++t) {
-    const int d = lane + 32 * t;
+  for (int t = 0; t < kCascadeMaxTd; ++t) {
+    const int d = lane + kWarpSize * t;
     if (d < dim) store_acc(out + row * dim + d, st.o[t]);
   }
   if (lane == 0) lse_out[row] = st.lse;
