@@ -66,8 +66,10 @@ def run_stage(name, cmd, out_dir, limit, env=None, results=None):
 
 
 def main() -> int:
-    out_dir = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT") or os.path.join(
-        ROOT, "bench", "results", "gpu-" + datetime.date.today().isoformat()
+    out_dir = (
+        sys.argv[1]
+        if len(sys.argv) > 1
+        else os.environ.get("OUT") or os.path.join(ROOT, "bench", "results", "gpu-" + datetime.date.today().isoformat())
     )
     os.makedirs(out_dir, exist_ok=True)
     stages = {}
@@ -85,7 +87,7 @@ def main() -> int:
         "for m in ('pytest', 'pytest_benchmark', 'hypothesis', 'expecttest', 'numpy'):\n"
         " try: __import__(m); print(m, 'ok')\n except Exception as e: print(m, 'MISSING', e)\n"
     )
-    run_stage("env", ["bash", "-c", f"nvidia-smi; {PY} -c \"$0\"", env_script], out_dir, 30, results=stages)
+    run_stage("env", ["bash", "-c", f'nvidia-smi; {PY} -c "$0"', env_script], out_dir, 30, results=stages)
     build = run_stage(
         "build",
         ["bash", "-c", f"{PY} setup.py build_ext --inplace && {PY} -m bridge_ops.info"],
@@ -94,9 +96,20 @@ def main() -> int:
         env=build_env,
         results=stages,
     )
-    pytest_cmd = [PY, "-m", "pytest", "python_tests", "-k", "cuda or cupy",
-                  "--ignore=python_tests/test_cuda_emulated.py", "-q", "-p", "no:cacheprovider",
-                  "-x" if os.environ.get("BRIDGE_OPS_GPU_CHECK_X") else "-rN", "--durations=5"]
+    pytest_cmd = [
+        PY,
+        "-m",
+        "pytest",
+        "python_tests",
+        "-k",
+        "cuda or cupy",
+        "--ignore=python_tests/test_cuda_emulated.py",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-x" if os.environ.get("BRIDGE_OPS_GPU_CHECK_X") else "-rN",
+        "--durations=5",
+    ]
     if build["status"] == "passed":
         run_stage("cuda-tests", pytest_cmd, out_dir, 150, results=stages)
     else:
@@ -105,8 +118,16 @@ def main() -> int:
     bench_json = os.path.join(out_dir, "bench.json")
     run_stage(
         "bench",
-        [PY, "-m", "pytest", "bench/test_bench_gpu.py", "-q", "-p", "no:cacheprovider",
-         f"--benchmark-json={bench_json}"],
+        [
+            PY,
+            "-m",
+            "pytest",
+            "bench/test_bench_gpu.py",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--benchmark-json={bench_json}",
+        ],
         out_dir,
         150,
         results=stages,
@@ -117,8 +138,18 @@ def main() -> int:
     if remaining() >= 60:
         run_stage(
             "bench-prefix-cache",
-            [PY, "-m", "pytest", "bench/test_bench_prefix_cache.py", "-q", "-p", "no:cacheprovider", "-k", "gpu",
-             f"--benchmark-json={prefix_json}"],
+            [
+                PY,
+                "-m",
+                "pytest",
+                "bench/test_bench_prefix_cache.py",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-k",
+                "gpu",
+                f"--benchmark-json={prefix_json}",
+            ],
             out_dir,
             60,
             results=stages,
@@ -143,8 +174,18 @@ def main() -> int:
         path = os.path.join(out_dir, f"bench-{name}.json")
         run_stage(
             f"bench-{name}",
-            [PY, "-m", "pytest", "bench/test_bench_gpu.py", "-q", "-p", "no:cacheprovider", "-k", "fused",
-             f"--benchmark-json={path}"],
+            [
+                PY,
+                "-m",
+                "pytest",
+                "bench/test_bench_gpu.py",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-k",
+                "fused",
+                f"--benchmark-json={path}",
+            ],
             out_dir,
             90,
             env={"BRIDGE_OPS_GPU_BACKEND": "cupy", "BRIDGE_OPS_NVRTC_FLAGS": flags, "BRIDGE_OPS_BENCH_ITERS": "30"},
@@ -153,8 +194,9 @@ def main() -> int:
         if os.path.exists(path):
             with open(path) as f:
                 variant_results[name] = {
-                    f"{b['extra_info']['shape']} {b['extra_info']['mode']}":
-                        round(b["extra_info"]["event_median_s"] * 1e6, 1)
+                    f"{b['extra_info']['shape']} {b['extra_info']['mode']}": round(
+                        b["extra_info"]["event_median_s"] * 1e6, 1
+                    )
                     for b in json.load(f)["benchmarks"]
                 }
 
@@ -180,16 +222,27 @@ def main() -> int:
     md += ["", table]
     if variant_results:
         keys = sorted({k for v in variant_results.values() for k in v})
-        md += ["Fused kernel through the cupy backend, build variants (CUDA-event medians, us):", "",
-               "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-        md += [f"| {name} | " + " | ".join(str(v.get(k, "")) for k in keys) + " |"
-               for name, v in variant_results.items()]
+        md += [
+            "Fused kernel through the cupy backend, build variants (CUDA-event medians, us):",
+            "",
+            "| variant | " + " | ".join(keys) + " |",
+            "|---|" + "---|" * len(keys),
+        ]
+        md += [
+            f"| {name} | " + " | ".join(str(v.get(k, "")) for k in keys) + " |" for name, v in variant_results.items()
+        ]
         md += [""]
     if prefix_results:
-        md += ["Cascade decode op (bf16, 8 groups, Hq/Hkv 16/4, Dh 64) vs SDPA over the expanded keys (CUDA events):",
-               "", "| shape | cascade | SDPA expanded | speedup |", "|---|---|---|---|"]
-        md += [f"| {k} | {v['cascade_s'] * 1e6:.1f} us | {v['sdpa_expanded_s'] * 1e6:.1f} us | {v['speedup']:.2f}x |"
-               for k, v in prefix_results.items()]
+        md += [
+            "Cascade decode op (bf16, 8 groups, Hq/Hkv 16/4, Dh 64) vs SDPA over the expanded keys (CUDA events):",
+            "",
+            "| shape | cascade | SDPA expanded | speedup |",
+            "|---|---|---|---|",
+        ]
+        md += [
+            f"| {k} | {v['cascade_s'] * 1e6:.1f} us | {v['sdpa_expanded_s'] * 1e6:.1f} us | {v['speedup']:.2f}x |"
+            for k, v in prefix_results.items()
+        ]
         md += [""]
     for name, s in stages.items():
         if s["status"] not in ("passed",) and s.get("tail"):

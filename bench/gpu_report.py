@@ -1,6 +1,6 @@
 """Turns the pytest-benchmark JSON of bench/test_bench_gpu.py into a Markdown table and a summary dict.
 
-    python bench/gpu_report.py gpu.json            # prints the Markdown table
+python bench/gpu_report.py gpu.json            # prints the Markdown table
 """
 
 import json

@@ -1,8 +1,8 @@
 """Turns pytest-benchmark JSON files of bench/ into the README's Markdown tables.
 
-    python bench/report.py bench/results/cpu.json          # bridge_attention: fused vs reference vs dense SDPA
-    python bench/report.py bench/results/generation.json   # decode, block decode step, prefill once
-    python bench/report.py bench/results/prefix_cache.json # shared-prefix vs expanded KV cache
+python bench/report.py bench/results/cpu.json          # bridge_attention: fused vs reference vs dense SDPA
+python bench/report.py bench/results/generation.json   # decode, block decode step, prefill once
+python bench/report.py bench/results/prefix_cache.json # shared-prefix vs expanded KV cache
 """
 
 import json
@@ -29,54 +29,70 @@ def attention_table(data) -> None:
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
         rows[(info["shape"], info["mode"])][info["impl"]] = (bench["stats"]["median"], info["peak_memory_bytes"])
-    print("| shape | pass | fused | reference | dense SDPA | fused vs reference | fused vs dense | peak memory "
-          "fused / reference / dense |")
+    print(
+        "| shape | pass | fused | reference | dense SDPA | fused vs reference | fused vs dense | peak memory "
+        "fused / reference / dense |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for (shape, mode), impls in rows.items():
         (tf, mf), (tr, mr), (td, md) = impls["fused"], impls["reference"], impls["dense_sdpa"]
         mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
-        print(f"| {shape} | {mode} | {fmt(tf)} | {fmt(tr)} | {fmt(td)} | **{tr / tf:.1f}x** | {td / tf:.1f}x | "
-              f"{mib(mf)} / {mib(mr)} / {mib(md)} MiB |")
+        print(
+            f"| {shape} | {mode} | {fmt(tf)} | {fmt(tr)} | {fmt(td)} | **{tr / tf:.1f}x** | {td / tf:.1f}x | "
+            f"{mib(mf)} / {mib(mr)} / {mib(md)} MiB |"
+        )
 
 
 def generation_tables(data) -> None:
     by_kind = defaultdict(list)
     for bench in data["benchmarks"]:
         by_kind[bench["extra_info"]["kind"]].append((bench["extra_info"], bench["stats"]["median"]))
-    (decode, _), = by_kind["decode"]
+    ((decode, _),) = by_kind["decode"]
     print("| decode (4 prompts x width 4, 32 new tokens; runs alternated) | time | tokens/s |")
     print("|---|---|---|")
     print(f"| without Bridge | {fmt(decode['unbridged'])} | {decode['tokens'] / decode['unbridged']:.0f} |")
-    print(f"| with Bridge ({decode['bridge_share']:.1%} parameters) | {fmt(decode['bridged'])} | "
-          f"{decode['tokens'] / decode['bridged']:.0f} |")
+    print(
+        f"| with Bridge ({decode['bridge_share']:.1%} parameters) | {fmt(decode['bridged'])} | "
+        f"{decode['tokens'] / decode['bridged']:.0f} |"
+    )
     print(f"| **bridged / unbridged** (median of per-round ratios) | **{decode['ratio']:.3f}x** (target <= 1.10x) | |")
     print()
     block = {info["impl"]: t for info, t in by_kind["block"]}
     print("| one BridgeBlock decode step (16 rows, D=1024, d_bridge=192) | time | vs fused |")
     print("|---|---|---|")
-    for impl, label in (("fused", "fused `bridge_block_decode`"), ("reference", "plain PyTorch calls (reference)"),
-                        ("module", "`hidden + BridgeBlock(hidden)`")):
+    for impl, label in (
+        ("fused", "fused `bridge_block_decode`"),
+        ("reference", "plain PyTorch calls (reference)"),
+        ("module", "`hidden + BridgeBlock(hidden)`"),
+    ):
         print(f"| {label} | {fmt(block[impl])} | {block[impl] / block['fused']:.1f}x |")
     print()
-    print("| prefill, 4 prompts x 64 tokens | once + cache copy | expanded (N copies) | once / expanded "
-          "| target 1.2/N |")
+    print(
+        "| prefill, 4 prompts x 64 tokens | once + cache copy | expanded (N copies) | once / expanded | target 1.2/N |"
+    )
     print("|---|---|---|---|---|")
     for info, _ in sorted(by_kind["prefill"], key=lambda item: item[0]["width"]):
-        print(f"| N = {info['width']} | {fmt(info['once'])} | {fmt(info['expanded'])} | **{info['ratio']:.3f}** | "
-              f"{1.2 / info['width']:.3f} |")
+        print(
+            f"| N = {info['width']} | {fmt(info['once'])} | {fmt(info['expanded'])} | **{info['ratio']:.3f}** | "
+            f"{1.2 / info['width']:.3f} |"
+        )
 
 
 def prefix_cache_table(data) -> None:
     mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
-    print("| prompt P | width N | prompt KV expanded | prompt KV shared | ratio | decode step expanded | "
-          "decode step shared | speedup |")
+    print(
+        "| prompt P | width N | prompt KV expanded | prompt KV shared | ratio | decode step expanded | "
+        "decode step shared | speedup |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     infos = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"]["kind"] == "prefix_cache"]
     for i in sorted(infos, key=lambda i: (i["prompt_len"], i["width"])):
         ratio = i["expanded_prompt_bytes"] / i["shared_prompt_bytes"]
-        print(f"| {i['prompt_len']} | {i['width']} | {mib(i['expanded_prompt_bytes'])} | "
-              f"{mib(i['shared_prompt_bytes'])} | 1/{ratio:g} | {fmt(i['expanded_step'])} | {fmt(i['shared_step'])} | "
-              f"**{i['speedup']:.2f}x** |")
+        print(
+            f"| {i['prompt_len']} | {i['width']} | {mib(i['expanded_prompt_bytes'])} | "
+            f"{mib(i['shared_prompt_bytes'])} | 1/{ratio:g} | {fmt(i['expanded_step'])} | {fmt(i['shared_step'])} | "
+            f"**{i['speedup']:.2f}x** |"
+        )
 
 
 def main(path: str) -> None:

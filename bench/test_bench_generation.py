@@ -33,9 +33,18 @@ PREFILL_PROMPTS = 4
 def models():
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: F401
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                         num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=1024,
-                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).eval()
     bridged = LlamaForCausalLM(config).eval()
@@ -80,8 +89,13 @@ def test_decode(benchmark, models):
         benchmark, lambda: run(models["unbridged"]), lambda: run(models["bridged"]), rounds=9
     )
     benchmark.extra_info.update(
-        kind="decode", tokens=tokens, unbridged=unbridged, bridged=bridged, ratio=ratio,
-        bridge_share=bridge_ops.parameter_share(models["bridged"])["share"], threads=torch.get_num_threads(),
+        kind="decode",
+        tokens=tokens,
+        unbridged=unbridged,
+        bridged=bridged,
+        ratio=ratio,
+        bridge_share=bridge_ops.parameter_share(models["bridged"])["share"],
+        threads=torch.get_num_threads(),
         torch=torch.__version__,
     )
 
@@ -93,8 +107,14 @@ def test_block_decode_step(benchmark, models, impl):
     hidden = torch.randn(rows, 1, 1024)
     cu = bridge_ops.cu_group_lens_from_width(rows, WIDTH)
     mask = torch.rand(rows, 1, generator=torch.Generator().manual_seed(0)) < 0.8
-    weights = (block.norm.weight, block.norm.variance_epsilon, block.q_proj.weight, block.k_proj.weight,
-               block.v_proj.weight, block.o_proj.weight)
+    weights = (
+        block.norm.weight,
+        block.norm.variance_epsilon,
+        block.q_proj.weight,
+        block.k_proj.weight,
+        block.v_proj.weight,
+        block.o_proj.weight,
+    )
     calls = {
         "fused": lambda: bridge_ops.bridge_block_decode(hidden, *weights, cu, mask, block.num_heads),
         "reference": lambda: reference.bridge_block_decode(hidden, *weights, cu, mask, block.num_heads),
@@ -120,10 +140,22 @@ def test_prefill(benchmark, models, width):
 
     def expanded():
         with torch.no_grad(), bridge_ops.groups(model, width=width):
-            return model(input_ids=ids[rows], attention_mask=mask[rows],
-                         past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+            return model(
+                input_ids=ids[rows],
+                attention_mask=mask[rows],
+                past_key_values=DynamicCache(config=model.config),
+                use_cache=True,
+                logits_to_keep=1,
+            )
 
     benchmark.group = f"prefill N={width}"
     expanded_time, once_time, ratio = paired_rounds(benchmark, expanded, once, rounds=5)
-    benchmark.extra_info.update(kind="prefill", width=width, once=once_time, expanded=expanded_time, ratio=ratio,
-                                threads=torch.get_num_threads(), torch=torch.__version__)
+    benchmark.extra_info.update(
+        kind="prefill",
+        width=width,
+        once=once_time,
+        expanded=expanded_time,
+        ratio=ratio,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )

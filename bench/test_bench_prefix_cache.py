@@ -39,9 +39,18 @@ def models():
     switching attention implementations is never part of a timed step."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=HIDDEN, intermediate_size=2816, num_hidden_layers=LAYERS,
-                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=16384,
-                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=HIDDEN,
+        intermediate_size=2816,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=16384,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     expanded = LlamaForCausalLM(config).eval()
     shared = LlamaForCausalLM(config).eval()
@@ -59,8 +68,12 @@ def filled_caches(prompt_len: int, width: int):
     for _ in range(LAYERS):
         prompt_k, prompt_v = randn(1, KV_HEADS, prompt_len, HEAD_DIM), randn(1, KV_HEADS, prompt_len, HEAD_DIM)
         own_k, own_v = randn(width, KV_HEADS, GENERATED, HEAD_DIM), randn(width, KV_HEADS, GENERATED, HEAD_DIM)
-        layers.append((torch.cat([prompt_k.expand(width, -1, -1, -1), own_k], dim=2),
-                       torch.cat([prompt_v.expand(width, -1, -1, -1), own_v], dim=2)))
+        layers.append(
+            (
+                torch.cat([prompt_k.expand(width, -1, -1, -1), own_k], dim=2),
+                torch.cat([prompt_v.expand(width, -1, -1, -1), own_v], dim=2),
+            )
+        )
     expanded = DynamicCache(ddp_cache_data=layers)
     shared = GroupPrefixCache.from_dynamic_cache(expanded, [width], torch.tensor([prompt_len]), prompt_len)
     return expanded, shared
@@ -79,8 +92,9 @@ class Stepper:
     def __call__(self):
         mask = torch.ones(self.tokens.shape[0], self.length + 1, dtype=torch.long)
         positions = torch.full_like(self.tokens, self.length)
-        logits = self.model(input_ids=self.tokens, attention_mask=mask, position_ids=positions, use_cache=True,
-                            **self.kwargs).logits
+        logits = self.model(
+            input_ids=self.tokens, attention_mask=mask, position_ids=positions, use_cache=True, **self.kwargs
+        ).logits
         self.length += 1
         return logits
 
@@ -96,8 +110,10 @@ def test_decode_step(benchmark, models, prompt_len, width):
     expanded_cache, shared_cache = filled_caches(prompt_len, width)
     expanded_bytes, (shared_bytes, suffix_bytes) = prompt_bytes(expanded_cache, prompt_len), shared_cache.nbytes()
     with cascade_attention(shared_model, shared_cache) as kwargs:
-        steps = {"expanded": Stepper(expanded_model, expanded_cache, width),
-                 "shared": Stepper(shared_model, shared_cache, width, **kwargs)}
+        steps = {
+            "expanded": Stepper(expanded_model, expanded_cache, width),
+            "shared": Stepper(shared_model, shared_cache, width, **kwargs),
+        }
         first = {name: step() for name, step in steps.items()}  # warm-up, and the two must agree
         agreement = (first["expanded"] - first["shared"]).abs().max().item()
         assert agreement < 1e-3, agreement
@@ -113,10 +129,18 @@ def test_decode_step(benchmark, models, prompt_len, width):
         benchmark.pedantic(pair, rounds=ROUNDS[prompt_len], warmup_rounds=0)
     ratios = [e / s for e, s in zip(times["expanded"], times["shared"])]
     benchmark.extra_info.update(
-        kind="prefix_cache", prompt_len=prompt_len, width=width, expanded_step=statistics.median(times["expanded"]),
-        shared_step=statistics.median(times["shared"]), speedup=statistics.median(ratios),
-        expanded_prompt_bytes=expanded_bytes, shared_prompt_bytes=shared_bytes, shared_suffix_bytes=suffix_bytes,
-        max_logit_difference=agreement, threads=torch.get_num_threads(), torch=torch.__version__,
+        kind="prefix_cache",
+        prompt_len=prompt_len,
+        width=width,
+        expanded_step=statistics.median(times["expanded"]),
+        shared_step=statistics.median(times["shared"]),
+        speedup=statistics.median(ratios),
+        expanded_prompt_bytes=expanded_bytes,
+        shared_prompt_bytes=shared_bytes,
+        shared_suffix_bytes=suffix_bytes,
+        max_logit_difference=agreement,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
     )
 
 
@@ -140,15 +164,23 @@ def test_cascade_op_gpu(benchmark, prompt_len, width):
     rows = torch.arange(groups, device="cuda").repeat_interleave(width)
     keys, values = (torch.cat([p[rows], s], dim=2) for p, s in ((prefix_k, suffix_k), (prefix_v, suffix_v)))
     calls = {
-        "cascade": lambda: bridge_ops.prefix_suffix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v,
-                                                              cu),
+        "cascade": lambda: bridge_ops.prefix_suffix_attention(
+            q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu
+        ),
         "sdpa_expanded": lambda: F.scaled_dot_product_attention(q[:, :, None], keys, values, enable_gqa=True),
     }
     with torch.no_grad():
         times = {name: event_median_seconds(call) for name, call in calls.items()}
         benchmark.group = f"gpu cascade op P={prompt_len} N={width}"
         benchmark.pedantic(calls["cascade"], rounds=5, iterations=5, warmup_rounds=1)
-    benchmark.extra_info.update(kind="prefix_cache_gpu", prompt_len=prompt_len, width=width, groups=groups,
-                                cascade_s=times["cascade"], sdpa_expanded_s=times["sdpa_expanded"],
-                                speedup=times["sdpa_expanded"] / times["cascade"], device=torch.cuda.get_device_name(),
-                                gpu_backend=bridge_ops.dispatch.backend_for("cuda", cascade=True).name)
+    benchmark.extra_info.update(
+        kind="prefix_cache_gpu",
+        prompt_len=prompt_len,
+        width=width,
+        groups=groups,
+        cascade_s=times["cascade"],
+        sdpa_expanded_s=times["sdpa_expanded"],
+        speedup=times["sdpa_expanded"] / times["cascade"],
+        device=torch.cuda.get_device_name(),
+        gpu_backend=bridge_ops.dispatch.backend_for("cuda", cascade=True).name,
+    )

@@ -111,9 +111,7 @@ class BridgeBlock(nn.Module):
     ) -> torch.Tensor:
         """hidden [B, S, D], cu_group_lens int32 [G+1], key_mask bool [B, S] or None -> delta [B, S, D]."""
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"bridge_ops: hidden must have shape [B, S, {self.hidden_size}], got {list(hidden.shape)}"
-            )
+            raise ValueError(f"bridge_ops: hidden must have shape [B, S, {self.hidden_size}], got {list(hidden.shape)}")
         batch, seqlen, _ = hidden.shape
         x = self.norm(hidden)
         heads = (batch, seqlen, self.num_heads, self.head_dim)
@@ -131,9 +129,7 @@ class BridgeBlock(nn.Module):
         if eps is None or needs_grad:
             return hidden + self(hidden, cu_group_lens, key_mask)
         projections = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight)
-        return bridge_block_decode(
-            hidden, self.norm.weight, eps, *projections, cu_group_lens, key_mask, self.num_heads
-        )
+        return bridge_block_decode(hidden, self.norm.weight, eps, *projections, cu_group_lens, key_mask, self.num_heads)
 
     def fused_norm_eps(self, dtype: torch.dtype) -> Optional[float]:
         """The epsilon of the norm if `bridge_block_decode` can compute it, else None."""

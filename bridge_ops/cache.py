@@ -30,8 +30,10 @@ _SUFFIX_GROWTH = 64  # suffix capacity grows in steps of this many positions (am
 
 def _refuse_assignment(value) -> None:
     if value is not None:  # CacheLayerMixin.__init__ assigns None
-        raise NotImplementedError("GroupPrefixCache layers hold the prompt once per group: their keys/values cannot be "
-                                  "assigned (offloading, beam reordering); convert with to_dynamic_cache() first")
+        raise NotImplementedError(
+            "GroupPrefixCache layers hold the prompt once per group: their keys/values cannot be "
+            "assigned (offloading, beam reordering); convert with to_dynamic_cache() first"
+        )
 
 
 class _GroupPrefixLayer(CacheLayerMixin):
@@ -122,8 +124,10 @@ class _GroupPrefixLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.prefix_keys is None:  # the prompts' forward: one row per group
             if key_states.shape[0] != self.cache.num_groups:
-                fail(f"GroupPrefixCache: the first forward must hold one row per group ({self.cache.num_groups} "
-                     f"prompts), got a batch of {key_states.shape[0]}")
+                fail(
+                    f"GroupPrefixCache: the first forward must hold one row per group ({self.cache.num_groups} "
+                    f"prompts), got a batch of {key_states.shape[0]}"
+                )
             if self.cache.row_group.device != key_states.device:
                 self.cache.to(key_states.device)
             self.lazy_initialization(key_states, value_states)
@@ -134,8 +138,10 @@ class _GroupPrefixLayer(CacheLayerMixin):
     def append_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Appends a forward's keys/values [B, Hkv, s, Dh] over the group members to the suffix."""
         if keys.shape[0] != self.cache.num_rows:
-            fail(f"GroupPrefixCache: forwards after the prompts must hold one row per group member "
-                 f"({self.cache.num_rows} rows), got a batch of {keys.shape[0]}")
+            fail(
+                f"GroupPrefixCache: forwards after the prompts must hold one row per group member "
+                f"({self.cache.num_rows} rows), got a batch of {keys.shape[0]}"
+            )
         self.append(keys, values)
 
     def _expand(self, prefix: torch.Tensor, suffix: Optional[torch.Tensor]) -> torch.Tensor:
@@ -263,18 +269,23 @@ class GroupPrefixCache(Cache):
             new.to(keys.device)
             first_rows = first_rows.to(keys.device)
             if keys.shape[0] != new.num_rows or keys.shape[2] < prefix_length:
-                fail(f"GroupPrefixCache.from_dynamic_cache: layer {index} holds {list(keys.shape)}, expected "
-                     f"[{new.num_rows}, Hkv, >= {prefix_length}, Dh]")
+                fail(
+                    f"GroupPrefixCache.from_dynamic_cache: layer {index} holds {list(keys.shape)}, expected "
+                    f"[{new.num_rows}, Hkv, >= {prefix_length}, Dh]"
+                )
             prefix_k, prefix_v = keys[first_rows, :, :prefix_length], values[first_rows, :, :prefix_length]
-            if check and not (torch.equal(prefix_k[new.row_group], keys[:, :, :prefix_length])
-                              and torch.equal(prefix_v[new.row_group], values[:, :, :prefix_length])):
-                fail(f"GroupPrefixCache.from_dynamic_cache: layer {index}: the rows of a group do not share their "
-                     "prompt's keys/values")
+            if check and not (
+                torch.equal(prefix_k[new.row_group], keys[:, :, :prefix_length])
+                and torch.equal(prefix_v[new.row_group], values[:, :, :prefix_length])
+            ):
+                fail(
+                    f"GroupPrefixCache.from_dynamic_cache: layer {index}: the rows of a group do not share their "
+                    "prompt's keys/values"
+                )
             target = _GroupPrefixLayer(new)
             target.set(prefix_k, prefix_v, keys[:, :, prefix_length:], values[:, :, prefix_length:])
             new.layers.append(target)
         return new
-
 
 
 class CascadeView(Cache):

@@ -22,8 +22,10 @@ def check_tensors(optional=(), **named) -> None:
     for name, t in named.items():
         if not isinstance(t, torch.Tensor) and not (t is None and name in optional):
             allowed = "a torch.Tensor or None" if name in optional else "a torch.Tensor"
-            raise TypeError(f"bridge_ops: {name} must be {allowed}, got {type(t).__name__} "
-                            "(convert it with torch.as_tensor(...) on the device of the other tensors)")
+            raise TypeError(
+                f"bridge_ops: {name} must be {allowed}, got {type(t).__name__} "
+                "(convert it with torch.as_tensor(...) on the device of the other tensors)"
+            )
 
 
 def check_same_device(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:

@@ -31,15 +31,20 @@ def _tiny_model(args) -> int:
     from .charlm import save_tiny_model
     from .hf import apply_bridge, parameter_share, save_bridge
 
-    model, _ = save_tiny_model(args.directory, model_type=args.model_type, hidden_size=args.hidden_size,
-                               num_layers=args.layers, seed=args.seed)
-    print(f"saved a {args.model_type} model ({sum(p.numel() for p in model.parameters()):,} parameters) and a "
-          f"character tokenizer to {args.directory}")
+    model, _ = save_tiny_model(
+        args.directory, model_type=args.model_type, hidden_size=args.hidden_size, num_layers=args.layers, seed=args.seed
+    )
+    print(
+        f"saved a {args.model_type} model ({sum(p.numel() for p in model.parameters()):,} parameters) and a "
+        f"character tokenizer to {args.directory}"
+    )
     if args.bridge:
         apply_bridge(model, d_bridge=args.bridge)
         save_bridge(model, args.directory)
-        print(f"added Bridge (d_bridge={args.bridge}, {parameter_share(model)['share']:.1%} of the parameters, "
-              "zero output projection) and saved its weights beside the model")
+        print(
+            f"added Bridge (d_bridge={args.bridge}, {parameter_share(model)['share']:.1%} of the parameters, "
+            "zero output projection) and saved its weights beside the model"
+        )
     return 0
 
 
@@ -61,8 +66,16 @@ def _generate(args) -> int:
         print("no Bridge weights: the responses are independent samples")
     torch.manual_seed(args.seed)
     result = generate(
-        model, args.prompt, args.width, args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, tokenizer=tokenizer, progress=args.progress,
+        model,
+        args.prompt,
+        args.width,
+        args.max_new_tokens,
+        do_sample=not args.greedy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        tokenizer=tokenizer,
+        progress=args.progress,
     )
     for prompt, responses in zip(args.prompt, result.texts(tokenizer)):
         print(f"\n=== {prompt!r}")
@@ -86,8 +99,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     tiny.add_argument("--model-type", default="llama", choices=list(SUPPORTED_MODEL_TYPES))
     tiny.add_argument("--hidden-size", type=positive_int, default=128)
     tiny.add_argument("--layers", type=positive_int, default=4)
-    tiny.add_argument("--bridge", type=non_negative_int, default=0, metavar="D_BRIDGE",
-                      help="also add and save Bridge blocks")
+    tiny.add_argument(
+        "--bridge", type=non_negative_int, default=0, metavar="D_BRIDGE", help="also add and save Bridge blocks"
+    )
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_tiny_model)
 
@@ -114,8 +128,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except USER_ERRORS as e:
         if args.debug:
             raise
-        print(f"bridge-ops: error: {str(e).removeprefix('bridge_ops: ')} (--debug shows the traceback)",
-              file=sys.stderr)
+        print(
+            f"bridge-ops: error: {str(e).removeprefix('bridge_ops: ')} (--debug shows the traceback)", file=sys.stderr
+        )
         return 2
 
 

@@ -39,7 +39,7 @@ def kernel_source_path() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel_source() -> str:
     """The kernel header as the one self-contained source NVRTC compiles: each `#include "x.h"` of a header beside it
     (launch.h) is replaced by that header's text, so cupy's cache of compiled kernels, keyed by the source text, sees
@@ -62,7 +62,7 @@ def kernel_source() -> str:
 
 def kernels():
     """`bridge_ops._C.kernels`: the launch plan, constants and parameter structs of csrc/cuda/kernels/launch.h."""
-    from ._loader import LOAD_ERROR, _C
+    from ._loader import _C, LOAD_ERROR
 
     if _C is None:
         raise RuntimeError(f"bridge_ops: the cupy backend needs bridge_ops._C, which is not loaded ({LOAD_ERROR})")
@@ -247,7 +247,7 @@ class CupyLauncher:
             self._modules[dtype] = module
         return module.get_function(name)
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache  # noqa: B019 (one launcher per process, kept for its lifetime)
     def num_sms(self, device: torch.device) -> int:
         return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -268,7 +268,7 @@ _LIBRARY = None
 REGISTRATION_ERROR: Optional[str] = None  # set by dispatch.register_gpu_backend when registration fails
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def launcher() -> CupyLauncher:
     return CupyLauncher()
 
@@ -309,7 +309,7 @@ def unavailable_reason() -> Optional[str]:
     return _cupy_import_error()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cupy_import_error() -> Optional[str]:
     try:
         import cupy

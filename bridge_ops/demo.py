@@ -42,22 +42,36 @@ def main(argv=None) -> int:
     tokenizer = char_tokenizer(TASK.alphabet)
     train, test = task_data(TASK, tokenizer, "train", 5000), task_data(TASK, tokenizer, "test", args.test_problems)
     example = test.problems[0]
-    print(f"bridge_ops {bridge_ops.__version__} (CPU kernels: {backend_for('cpu').name}); task: {len(train.problems)} "
-          f"train / {len(test.problems)} test problems like {example.prompt} -> {TASK.references(example)[0]}")
+    print(
+        f"bridge_ops {bridge_ops.__version__} (CPU kernels: {backend_for('cpu').name}); task: {len(train.problems)} "
+        f"train / {len(test.problems)} test problems like {example.prompt} -> {TASK.references(example)[0]}"
+    )
 
     def accuracy(model, width, peers="group"):
-        return evaluate_widths(model, test.prompts, test.reward, test.extract_answer, test.answers, (width,),
-                               peers=peers, max_new_tokens=MAX_NEW_TOKENS, seed=args.seed,
-                               eos_token_id=tokenizer.eos_token_id)[0]
+        return evaluate_widths(
+            model,
+            test.prompts,
+            test.reward,
+            test.extract_answer,
+            test.answers,
+            (width,),
+            peers=peers,
+            max_new_tokens=MAX_NEW_TOKENS,
+            seed=args.seed,
+            eos_token_id=tokenizer.eos_token_id,
+        )[0]
 
     # 1. a base model trained from scratch
-    spec = BaseSpec(hidden_size=args.hidden_size, num_layers=args.layers, steps=args.pretrain_steps, batch=64,
-                    seed=args.seed)
+    spec = BaseSpec(
+        hidden_size=args.hidden_size, num_layers=args.layers, steps=args.pretrain_steps, batch=64, seed=args.seed
+    )
     base = pretrain_base(train, spec)
     base_eval = accuracy(base, args.width)
-    print(f"base model: {sum(p.numel() for p in base.parameters()):,} parameters; "
-          f"accuracy {base_eval['mean_accuracy']:.1%}, majority vote of {args.width} independent samples "
-          f"{base_eval['majority_accuracy']:.1%}")
+    print(
+        f"base model: {sum(p.numel() for p in base.parameters()):,} parameters; "
+        f"accuracy {base_eval['mean_accuracy']:.1%}, majority vote of {args.width} independent samples "
+        f"{base_eval['majority_accuracy']:.1%}"
+    )
 
     # 2-4. Bridge, repair warm-up, GRPO (accuracy at width 4 on the test problems before and after GRPO)
     method = MethodSpec(seed=args.seed)
@@ -65,13 +79,16 @@ def main(argv=None) -> int:
     method.grpo.steps, method.grpo.max_new_tokens, method.grpo.added_lr_mult = args.grpo_steps, MAX_NEW_TOKENS, 10.0
     method.grpo.groups_per_prompt = 2
     before = {}
-    model, log = train_method(base, "bridge-repair", train, method,
-                              on_stage=lambda stage, m: before.update(accuracy(m, 4)))
+    model, log = train_method(
+        base, "bridge-repair", train, method, on_stage=lambda stage, m: before.update(accuracy(m, 4))
+    )
     share = log["share"][0]
     after = accuracy(model, 4)
-    print(f"Bridge: {share['bridge_parameters']:,} parameters ({share['share']:.1%} of the model); repair warm-up on "
-          f"{log['warmup_groups'][0]['groups']} groups; GRPO: accuracy at N=4 on the test problems "
-          f"{before['mean_accuracy']:.1%} -> {after['mean_accuracy']:.1%}")
+    print(
+        f"Bridge: {share['bridge_parameters']:,} parameters ({share['share']:.1%} of the model); repair warm-up on "
+        f"{log['warmup_groups'][0]['groups']} groups; GRPO: accuracy at N=4 on the test problems "
+        f"{before['mean_accuracy']:.1%} -> {after['mean_accuracy']:.1%}"
+    )
 
     # 5. the same checkpoint with peers and with every sample alone
     torch.manual_seed(args.seed)

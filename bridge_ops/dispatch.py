@@ -52,8 +52,9 @@ def _cuda_reason() -> Optional[str]:
     if LOAD_ERROR is not None:
         return f"the compiled extension bridge_ops._C is not loaded ({LOAD_ERROR})"
     if "cuda" not in build_info().get("backends", []):
-        return ("this build of bridge_ops._C has no CUDA kernels (built without CUDA, or with "
-                "BRIDGE_OPS_SKIP_CUDA_BUILD=1)")
+        return (
+            "this build of bridge_ops._C has no CUDA kernels (built without CUDA, or with BRIDGE_OPS_SKIP_CUDA_BUILD=1)"
+        )
     if not torch.cuda.is_available():
         return "no CUDA device is visible to torch"
     return None
@@ -116,5 +117,8 @@ def register_gpu_backend() -> None:
         import warnings
 
         cupy_backend.REGISTRATION_ERROR = f"registering its kernels failed ({type(error).__name__}: {error})"
-        warnings.warn(f"bridge_ops: could not register the cupy CUDA kernels ({type(error).__name__}: {error})",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"bridge_ops: could not register the cupy CUDA kernels ({type(error).__name__}: {error})",
+            RuntimeWarning,
+            stacklevel=2,
+        )

@@ -56,8 +56,10 @@ def verify_sha256(path: str, expected: str, recorded_in: str) -> None:
     """Raises a ValueError naming `path` unless its sha256 is `expected` (as recorded in the file `recorded_in`)."""
     actual = sha256_of(path)
     if actual != expected:
-        raise ValueError(f"bridge_ops: {path} is corrupted or was replaced: its sha256 is {actual}, {recorded_in} "
-                         f"recorded {expected}")
+        raise ValueError(
+            f"bridge_ops: {path} is corrupted or was replaced: its sha256 is {actual}, {recorded_in} "
+            f"recorded {expected}"
+        )
 
 
 def ensure_writable_dir(path: str) -> None:

@@ -125,45 +125,67 @@ def _token_ids(name: str, value) -> List[int]:
     return [_integer(name, v) for v in values]
 
 
-def _validate_generate_args(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
-                            pad: int, do_sample: bool, temperature: float, top_k, top_p) -> None:
+def _validate_generate_args(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    pad: int,
+    do_sample: bool,
+    temperature: float,
+    top_k,
+    top_p,
+) -> None:
     """Refuses, before anything runs, what would crash deep inside the model or silently generate something else."""
     _integer("max_new_tokens", max_new_tokens, 1)
     if top_k is not None:
         _integer("top_k", top_k, 0)
     if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
-        raise ValueError(f"bridge_ops: top_p must be a number in (0, 1] (1 or None: no nucleus filtering), "
-                         f"got {top_p!r}")
+        raise ValueError(
+            f"bridge_ops: top_p must be a number in (0, 1] (1 or None: no nucleus filtering), got {top_p!r}"
+        )
     if do_sample and not (isinstance(temperature, numbers.Real) and 0 < temperature < math.inf):
-        raise ValueError(f"bridge_ops: temperature must be a finite number > 0 when sampling, got {temperature!r} "
-                         "(for greedy decoding pass do_sample=False)")
+        raise ValueError(
+            f"bridge_ops: temperature must be a finite number > 0 when sampling, got {temperature!r} "
+            "(for greedy decoding pass do_sample=False)"
+        )
     vocab = model.get_input_embeddings().num_embeddings
     if not 0 <= _integer("pad_token_id", pad) < vocab:
-        raise ValueError(f"bridge_ops: pad_token_id {pad} is outside the model's vocabulary [0, {vocab}): pass a valid "
-                         "pad_token_id (e.g. tokenizer.pad_token_id)")
+        raise ValueError(
+            f"bridge_ops: pad_token_id {pad} is outside the model's vocabulary [0, {vocab}): pass a valid "
+            "pad_token_id (e.g. tokenizer.pad_token_id)"
+        )
     if mask.shape != input_ids.shape:
-        raise ValueError(f"bridge_ops: attention_mask must have the shape of input_ids {list(input_ids.shape)}, got "
-                         f"{list(mask.shape)}")
+        raise ValueError(
+            f"bridge_ops: attention_mask must have the shape of input_ids {list(input_ids.shape)}, got "
+            f"{list(mask.shape)}"
+        )
     if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
         raise TypeError(f"bridge_ops: input_ids must hold integer token ids, got {input_ids.dtype}")
     bad = (input_ids < 0) | (input_ids >= vocab)
     if bool(bad.any()):
         prompt, position = torch.nonzero(bad)[0].tolist()
-        raise ValueError(f"bridge_ops: prompt {prompt} holds token id {int(input_ids[prompt, position])} at position "
-                         f"{position}, outside the model's vocabulary [0, {vocab})")
+        raise ValueError(
+            f"bridge_ops: prompt {prompt} holds token id {int(input_ids[prompt, position])} at position "
+            f"{position}, outside the model's vocabulary [0, {vocab})"
+        )
     if bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError("bridge_ops: attention_mask must hold only 0 (padding) and 1 (token)")
     if not bool(mask.any(-1).all()):
         empty = torch.nonzero(~mask.bool().any(-1))[0].item()
         raise ValueError(f"bridge_ops: prompt {empty} has no token (its attention_mask row is all 0)")
     if bool((mask[:, 1:] < mask[:, :-1]).any()):
-        raise ValueError("bridge_ops: input_ids must be left-padded (attention_mask 0s before the 1s of each row); "
-                         "set tokenizer.padding_side = 'left'")
+        raise ValueError(
+            "bridge_ops: input_ids must be left-padded (attention_mask 0s before the 1s of each row); "
+            "set tokenizer.padding_side = 'left'"
+        )
     limit = getattr(model.config, "max_position_embeddings", None)
     longest = int(mask.sum(-1).max())
     if limit is not None and longest + max_new_tokens - 1 > limit:
-        raise ValueError(f"bridge_ops: a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} passes the "
-                         f"model's max_position_embeddings ({limit}): shorten the prompt or lower max_new_tokens")
+        raise ValueError(
+            f"bridge_ops: a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} passes the "
+            f"model's max_position_embeddings ({limit}): shorten the prompt or lower max_new_tokens"
+        )
 
 
 def _sampler(do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float]):
@@ -188,10 +210,12 @@ def _sampler(do_sample: bool, temperature: float, top_k: Optional[int], top_p: O
         scores = processors(tokens_so_far, logits)
         if do_sample and generators is not None:  # each group draws from its prompt's own generator
             probs = torch.softmax(scores, dim=-1)
-            next_tokens = torch.cat([
-                torch.multinomial(rows, num_samples=1, generator=generators[prompt]).squeeze(1)
-                for prompt, rows in zip(batch.prompts, probs.split(batch.widths))
-            ])
+            next_tokens = torch.cat(
+                [
+                    torch.multinomial(rows, num_samples=1, generator=generators[prompt]).squeeze(1)
+                    for prompt, rows in zip(batch.prompts, probs.split(batch.widths))
+                ]
+            )
         elif do_sample:
             next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:
@@ -204,8 +228,9 @@ def _sampler(do_sample: bool, temperature: float, top_k: Optional[int], top_p: O
 class _Batch:
     """The live rows of a generation: which original row each is, its group, and its per-row state."""
 
-    def __init__(self, widths: List[int], tokens: torch.Tensor, attention_mask: torch.Tensor,
-                 last_position: torch.Tensor):
+    def __init__(
+        self, widths: List[int], tokens: torch.Tensor, attention_mask: torch.Tensor, last_position: torch.Tensor
+    ):
         device = tokens.device
         self.widths = list(widths)  # sizes of the live groups
         self.prompts = list(range(len(widths)))  # prompt index of each live group
@@ -259,8 +284,15 @@ class _Record:
         self.log_probs = torch.zeros(rows, dtype=torch.float64, device=device) if log_probs else None
         self.logits = torch.zeros(rows, max_new_tokens, vocab) if logits else None
 
-    def add(self, step: int, rows: torch.Tensor, live: torch.Tensor, next_tokens: torch.Tensor,
-            scores: torch.Tensor, logits: torch.Tensor) -> None:
+    def add(
+        self,
+        step: int,
+        rows: torch.Tensor,
+        live: torch.Tensor,
+        next_tokens: torch.Tensor,
+        scores: torch.Tensor,
+        logits: torch.Tensor,
+    ) -> None:
         """Step `step` of the live rows (`rows`: their original indices; `live`: which of them had not finished)."""
         self.tokens[rows[live], step] = next_tokens[live]
         self.lengths[rows[live]] += 1
@@ -322,9 +354,15 @@ def prefill_once(
     kv = GroupPrefixCache(widths, attention_mask.sum(-1)) if shared else DynamicCache(config=model.config)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     one_per_prompt = torch.arange(prompts_count + 1, dtype=torch.int32, device=device)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1, **{cache_argument(model): kv},
-                **_groups_kwargs(model, one_per_prompt, attention_mask.bool(), prompts_count))
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_argument(model): kv},
+        **_groups_kwargs(model, one_per_prompt, attention_mask.bool(), prompts_count),
+    )
     expand = torch.repeat_interleave(torch.arange(prompts_count, device=device), torch.as_tensor(widths, device=device))
     if not shared:
         kv.batch_select_indices(expand)
@@ -397,14 +435,36 @@ def generate(
     cache expanded to (or shared by) the members of their groups (steps 1-2 of the module docstring); the step loop
     samples, drops finished groups and decodes (steps 3-5); the rows are regrouped per prompt into the output.
     """
-    request = _resolve_arguments(model, prompts, width, max_new_tokens, attention_mask, do_sample, temperature,
-                                 top_k, top_p, eos_token_id, pad_token_id, compact, generators, cache, tokenizer,
-                                 progress)
+    request = _resolve_arguments(
+        model,
+        prompts,
+        width,
+        max_new_tokens,
+        attention_mask,
+        do_sample,
+        temperature,
+        top_k,
+        top_p,
+        eos_token_id,
+        pad_token_id,
+        compact,
+        generators,
+        cache,
+        tokenizer,
+        progress,
+    )
     start = time.perf_counter()
     # 1-2. Prefill once per prompt, then expand the cache to the groups' members (or share it: `cache`).
     state = prefill_once(model, request.input_ids, request.attention_mask, request.widths, request.cache)
-    record = _Record(sum(request.widths), max_new_tokens, state.logits.shape[-1], request.pad, request.device,
-                     return_log_probs, return_logits)
+    record = _Record(
+        sum(request.widths),
+        max_new_tokens,
+        state.logits.shape[-1],
+        request.pad,
+        request.device,
+        return_log_probs,
+        return_logits,
+    )
     # 3-5. Sample, drop finished groups, decode: until every row finished or max_new_tokens.
     _step_loop(model, request, state, record)
     return record.output(request.widths, time.perf_counter() - start)
@@ -429,8 +489,24 @@ class _Request:
     device: torch.device
 
 
-def _resolve_arguments(model, prompts, width, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,
-                       eos_token_id, pad_token_id, compact, generators, cache, tokenizer, progress) -> _Request:
+def _resolve_arguments(
+    model,
+    prompts,
+    width,
+    max_new_tokens,
+    attention_mask,
+    do_sample,
+    temperature,
+    top_k,
+    top_p,
+    eos_token_id,
+    pad_token_id,
+    compact,
+    generators,
+    cache,
+    tokenizer,
+    progress,
+) -> _Request:
     """Defaults, the prompt batch and every check, before anything runs (see `generate` for the arguments)."""
     config = getattr(model, "generation_config", None)
     eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
@@ -449,9 +525,20 @@ def _resolve_arguments(model, prompts, width, max_new_tokens, attention_mask, do
         raise ValueError(f"bridge_ops: cache must be one of {CACHE_KINDS}, got {cache!r}")
     if cache == "auto":
         cache = "expanded" if unsupported_reason(model) else "shared-prefix"
-    return _Request(input_ids, mask, widths, max_new_tokens, pad,
-                    torch.as_tensor(eos_ids, dtype=torch.long, device=device), cache,
-                    _sampler(do_sample, temperature, top_k, top_p), generators, compact, progress, device)
+    return _Request(
+        input_ids,
+        mask,
+        widths,
+        max_new_tokens,
+        pad,
+        torch.as_tensor(eos_ids, dtype=torch.long, device=device),
+        cache,
+        _sampler(do_sample, temperature, top_k, top_p),
+        generators,
+        compact,
+        progress,
+        device,
+    )
 
 
 def _step_loop(model: nn.Module, request: _Request, state: Prefill, record: _Record) -> None:
@@ -476,9 +563,14 @@ def _step_loop(model: nn.Module, request: _Request, state: Prefill, record: _Rec
                     next_tokens, live = next_tokens[keep], live[keep]
             # 5. One decode step for every live row.
             batch.append(next_tokens)
-            out = model(input_ids=next_tokens[:, None], attention_mask=batch.attention_mask,
-                        position_ids=batch.last_position[:, None], use_cache=True, **forward_kwargs,
-                        **_groups_kwargs(model, batch.cu_group_lens(request.device), live[:, None], len(next_tokens)))
+            out = model(
+                input_ids=next_tokens[:, None],
+                attention_mask=batch.attention_mask,
+                position_ids=batch.last_position[:, None],
+                use_cache=True,
+                **forward_kwargs,
+                **_groups_kwargs(model, batch.cu_group_lens(request.device), live[:, None], len(next_tokens)),
+            )
             logits = out.logits[:, -1].float()
 
 

@@ -24,8 +24,10 @@ def cu_group_lens_from_sizes(sizes: Union[Sequence[int], torch.Tensor], device: 
         raise ValueError(f"bridge_ops: every group needs at least one row, got sizes {sizes.tolist()}")
     ends = torch.cumsum(sizes.long(), 0)
     if int(ends[-1]) > torch.iinfo(torch.int32).max:
-        raise ValueError(f"bridge_ops: the group sizes add up to {int(ends[-1])} rows, more than the int32 offsets of "
-                         f"cu_group_lens can hold ({torch.iinfo(torch.int32).max})")
+        raise ValueError(
+            f"bridge_ops: the group sizes add up to {int(ends[-1])} rows, more than the int32 offsets of "
+            f"cu_group_lens can hold ({torch.iinfo(torch.int32).max})"
+        )
     cu = torch.zeros(sizes.numel() + 1, dtype=torch.int32, device=sizes.device)
     cu[1:] = ends
     return cu

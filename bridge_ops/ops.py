@@ -90,9 +90,17 @@ def bridge_block_decode(
     Returns:
         [B, S, D] in hidden's dtype. No backward (an inference op; training uses `BridgeBlock.forward`).
     """
-    checks.check_tensors(hidden=hidden, norm_weight=norm_weight, q_weight=q_weight, k_weight=k_weight,
-                         v_weight=v_weight, o_weight=o_weight, cu_group_lens=cu_group_lens, key_mask=key_mask,
-                         optional=("key_mask",))
+    checks.check_tensors(
+        hidden=hidden,
+        norm_weight=norm_weight,
+        q_weight=q_weight,
+        k_weight=k_weight,
+        v_weight=v_weight,
+        o_weight=o_weight,
+        cu_group_lens=cu_group_lens,
+        key_mask=key_mask,
+        optional=("key_mask",),
+    )
     args = (hidden, norm_weight, eps, q_weight, k_weight, v_weight, o_weight, cu_group_lens, key_mask, num_heads, scale)
     if hidden.device.type in _COMPILED:
         return torch.ops.bridge_ops.bridge_block_decode(*args)
@@ -145,9 +153,17 @@ def prefix_suffix_attention(
         value, or a +inf score, makes its out NaN (as in the reference and SDPA). Accumulation is float32 (float64 for
         float64). No backward (an inference op): calls that need a gradient raise an error.
     """
-    checks.check_tensors(q=q, prefix_k=prefix_k, prefix_v=prefix_v, prefix_lens=prefix_lens, suffix_k=suffix_k,
-                         suffix_v=suffix_v, cu_group_lens=cu_group_lens, suffix_lens=suffix_lens,
-                         optional=("suffix_lens",))
+    checks.check_tensors(
+        q=q,
+        prefix_k=prefix_k,
+        prefix_v=prefix_v,
+        prefix_lens=prefix_lens,
+        suffix_k=suffix_k,
+        suffix_v=suffix_v,
+        cu_group_lens=cu_group_lens,
+        suffix_lens=suffix_lens,
+        optional=("suffix_lens",),
+    )
     args = (q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu_group_lens, suffix_lens, scale)
     if q.device.type in _COMPILED_CASCADE:
         out, lse = torch.ops.bridge_ops.prefix_suffix_attention(*args)
@@ -205,16 +221,18 @@ if _C is not None:
     def _bridge_block_decode_fake(
         hidden, norm_weight, eps, q_weight, k_weight, v_weight, o_weight, cu_group_lens, key_mask, num_heads, scale=None
     ):
-        checks.check_block_decode_args(hidden, norm_weight, eps, q_weight, k_weight, v_weight, o_weight, cu_group_lens,
-                                       key_mask, num_heads)
+        checks.check_block_decode_args(
+            hidden, norm_weight, eps, q_weight, k_weight, v_weight, o_weight, cu_group_lens, key_mask, num_heads
+        )
         return torch.empty_like(hidden)
 
     @torch.library.register_fake("bridge_ops::prefix_suffix_attention")
     def _prefix_suffix_attention_fake(
         q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu_group_lens, suffix_lens=None, scale=None
     ):
-        checks.check_prefix_attention_args(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
-                                           cu_group_lens)
+        checks.check_prefix_attention_args(
+            q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, cu_group_lens
+        )
         return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
             q.shape[:2], dtype=checks.lse_dtype(q.dtype)
         )

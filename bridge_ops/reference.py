@@ -161,8 +161,9 @@ def bridge_block_decode(
     scale: Optional[float] = None,
 ) -> torch.Tensor:
     """Reference of `bridge_ops.bridge_block_decode`: the same step as separate PyTorch calls."""
-    checks.check_block_decode_args(hidden, norm_weight, eps, q_weight, k_weight, v_weight, o_weight, cu_group_lens,
-                                   key_mask, num_heads)
+    checks.check_block_decode_args(
+        hidden, norm_weight, eps, q_weight, k_weight, v_weight, o_weight, cu_group_lens, key_mask, num_heads
+    )
     batch, seqlen, _ = hidden.shape
     normed = rms_norm(hidden, norm_weight, eps)
     heads = (batch, seqlen, num_heads, q_weight.shape[0] // num_heads)
@@ -213,16 +214,17 @@ def prefix_suffix_attention(
     `upcast=False` computes in the input dtype (the tests' low-precision reference). Returns out [B, Hq, Dh] in
     q.dtype and lse [B, Hq] in float32 (float64 for float64); a row with no visible key gets out 0 and lse -inf.
     """
-    checks.check_prefix_attention_args(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
-                                       cu_group_lens)
+    checks.check_prefix_attention_args(
+        q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, cu_group_lens
+    )
     batch, q_heads, head_dim = q.shape
     prefix_len, suffix_len = prefix_k.shape[2], suffix_k.shape[2]
     checks.check_cu_group_lens_values(cu_group_lens, batch)
-    checks.check_length_values(prefix_lens, prefix_len, "prefix_lens",
-                               "valid prompt positions, right-aligned in prefix_k")
+    checks.check_length_values(
+        prefix_lens, prefix_len, "prefix_lens", "valid prompt positions, right-aligned in prefix_k"
+    )
     if suffix_lens is not None:
-        checks.check_length_values(suffix_lens, suffix_len, "suffix_lens",
-                                   "valid positions from the start of suffix_k")
+        checks.check_length_values(suffix_lens, suffix_len, "suffix_lens", "valid positions from the start of suffix_k")
     scale = checks.resolve_scale(scale, head_dim)
     dtype = _compute_dtype(q.dtype, upcast)
     group = group_ids(cu_group_lens, batch)

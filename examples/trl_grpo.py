@@ -42,8 +42,11 @@ def digits_only(completions, **kwargs):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="a causal LM directory (llama, mistral, qwen2, qwen3, ...); default: a tiny "
-                                        "character-level Llama built in <out>/base")
+    parser.add_argument(
+        "--model",
+        help="a causal LM directory (llama, mistral, qwen2, qwen3, ...); default: a tiny "
+        "character-level Llama built in <out>/base",
+    )
     parser.add_argument("--out", default="trl-grpo-bridge")
     parser.add_argument("--width", type=int, default=4, help="num_generations: samples per prompt, one Bridge group")
     parser.add_argument("--steps", type=int, default=20)
@@ -52,9 +55,18 @@ def main() -> None:
     args = parser.parse_args()
 
     config = GRPOConfig(
-        output_dir=args.out, num_generations=args.width, per_device_train_batch_size=2 * args.width,
-        max_completion_length=8, max_steps=args.steps, learning_rate=1e-3, beta=args.beta, logging_steps=5,
-        save_steps=args.steps, report_to="none", bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+        output_dir=args.out,
+        num_generations=args.width,
+        per_device_train_batch_size=2 * args.width,
+        max_completion_length=8,
+        max_steps=args.steps,
+        learning_rate=1e-3,
+        beta=args.beta,
+        logging_steps=5,
+        save_steps=args.steps,
+        report_to="none",
+        bf16=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
     )
     path = args.model or os.path.join(args.out, "base")
     with config.main_process_first(desc="building the tiny base model"):
@@ -67,8 +79,13 @@ def main() -> None:
     else:
         bridge_ops.apply_bridge(model, d_bridge=args.d_bridge)
 
-    trainer = BridgeGRPOTrainer(model=model, reward_funcs=[correct, digits_only], args=config,
-                                train_dataset=additions(256, seed=0), processing_class=tokenizer)
+    trainer = BridgeGRPOTrainer(
+        model=model,
+        reward_funcs=[correct, digits_only],
+        args=config,
+        train_dataset=additions(256, seed=0),
+        processing_class=tokenizer,
+    )
     trainer.train()
     trainer.save_model(args.out)
 

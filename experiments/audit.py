@@ -51,8 +51,16 @@ def main(argv=None) -> int:
     tok = char_tokenizer(task.alphabet)
     train = task_data(task, tok, "train", 64 if smoke else 3000)
     test = task_data(task, tok, "test", 16 if smoke else 500)
-    base = pretrain_base(train, BaseSpec(hidden_size=32 if smoke else 128, num_layers=2 if smoke else 4,
-                                         steps=3 if smoke else 700, schedule="constant"), progress=progress)
+    base = pretrain_base(
+        train,
+        BaseSpec(
+            hidden_size=32 if smoke else 128,
+            num_layers=2 if smoke else 4,
+            steps=3 if smoke else 700,
+            schedule="constant",
+        ),
+        progress=progress,
+    )
     spec = MethodSpec(init_std=0.02)  # the first recipe's fixed initialization
     spec.warmup.lr = 1e-3  # and its warm-up learning rate
     spec.warmup_prompts = 16 if smoke else 1024
@@ -62,8 +70,15 @@ def main(argv=None) -> int:
     result = {}
 
     # 1. the warm-up data and the gradient it gives Q, K, V
-    groups = collect_warmup_groups(base, train.prompts[: spec.warmup_prompts], 8, "correct", reward_fn=train.reward,
-                                   max_new_tokens=6, eos_token_id=eos)
+    groups = collect_warmup_groups(
+        base,
+        train.prompts[: spec.warmup_prompts],
+        8,
+        "correct",
+        reward_fn=train.reward,
+        max_new_tokens=6,
+        eos_token_id=eos,
+    )
     identical = sum(1 for g in groups if all(r == g.responses[0] for r in g.responses))
     result["warmup_groups"], result["identical_groups"] = len(groups), identical
     fresh = bridge_ops.apply_bridge(copy.deepcopy(base), d_bridge=16, num_heads=2, init_std=0.02)
@@ -102,8 +117,13 @@ def main(argv=None) -> int:
         if test.reward(i, group[0]) == 0:
             errors += 1
             first_wrong += not group[0] or group[0][0] != answer[0]
-    result.update(test_problems=len(test.problems), one_token_answers=one_token, errors=errors,
-                  errors_at_first_token=first_wrong, seconds=time.perf_counter() - started)
+    result.update(
+        test_problems=len(test.problems),
+        one_token_answers=one_token,
+        errors=errors,
+        errors_at_first_token=first_wrong,
+        seconds=time.perf_counter() - started,
+    )
 
     os.makedirs(args.out, exist_ok=True)
     json.dump(result, open(os.path.join(args.out, "audit.json"), "w"), indent=1)
@@ -119,20 +139,32 @@ def report(r: dict) -> str:
     rows = [
         ("warm-up groups whose rows are all the same string", f"{r['identical_groups']} of {r['warmup_groups']}"),
         ("|grad| of Bridge Q / K / V on those groups", f"{grad['q']:.1e} / {grad['k']:.1e} / {grad['v']:.1e}"),
-        ("attention entropy / log n at init, std 0.02 (1 = uniform)",
-         f"{r['attention_init_0.02']['entropy_ratio']:.4f}"),
-        ("attention entropy / log n at init, std hidden^-1/2",
-         f"{r['attention_init_hidden^-1/2']['entropy_ratio']:.4f}"),
-        ("after warm-up + GRPO: entropy / log n, n x self weight",
-         f"{trained['entropy_ratio']:.4f}, {trained['self_weight_ratio']:.3f}"),
-        ("KL(with peers || solo) per token after the first; argmax changed",
-         f"{trained['kl']:.1e}; {100 * trained['argmax_changed']:.1f}%"),
-        ("output-projection norm after warm-up + GRPO / after GRPO alone",
-         f"{trained['output_norm']:.2f} / {r['bridge']['output_norm']:.2f}"),
+        (
+            "attention entropy / log n at init, std 0.02 (1 = uniform)",
+            f"{r['attention_init_0.02']['entropy_ratio']:.4f}",
+        ),
+        (
+            "attention entropy / log n at init, std hidden^-1/2",
+            f"{r['attention_init_hidden^-1/2']['entropy_ratio']:.4f}",
+        ),
+        (
+            "after warm-up + GRPO: entropy / log n, n x self weight",
+            f"{trained['entropy_ratio']:.4f}, {trained['self_weight_ratio']:.3f}",
+        ),
+        (
+            "KL(with peers || solo) per token after the first; argmax changed",
+            f"{trained['kl']:.1e}; {100 * trained['argmax_changed']:.1f}%",
+        ),
+        (
+            "output-projection norm after warm-up + GRPO / after GRPO alone",
+            f"{trained['output_norm']:.2f} / {r['bridge']['output_norm']:.2f}",
+        ),
         ("one-token answers among the test problems", f"{r['one_token_answers']} of {r['test_problems']}"),
-        ("base errors already wrong at the first answer token",
-         f"{r['errors_at_first_token']} of {r['errors']} "
-         f"({100 * r['errors_at_first_token'] / max(1, r['errors']):.0f}%)"),
+        (
+            "base errors already wrong at the first answer token",
+            f"{r['errors_at_first_token']} of {r['errors']} "
+            f"({100 * r['errors_at_first_token'] / max(1, r['errors']):.0f}%)",
+        ),
     ]
     lines = ["| measurement (first recipe, arithmetic task) | value |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]

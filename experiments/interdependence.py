@@ -40,22 +40,82 @@ from typing import Dict, List
 import torch
 
 CONSENSUS = {
-    "smoke": dict(task=dict(terms=3, min_operand=1, max_operand=9, slip_rate=0.15), hidden=32, layers=2,
-                  base_steps=3, base_batch=16, train=64, val=8, test=8, warmup_prompts=16, warmup_steps=2,
-                  grpo_steps=2, prompts_per_step=4, lr_mults=[1.0, 10.0], seeds=[0], widths=[1, 2], solo_width=2,
-                  filler=1, diagnostics_problems=4),
-    "default": dict(task=dict(terms=4, min_operand=1, max_operand=9, slip_rate=0.15), hidden=96, layers=4,
-                    base_steps=1500, base_batch=64, train=5000, val=200, test=1000, warmup_prompts=768,
-                    warmup_steps=300, grpo_steps=100, prompts_per_step=16, lr_mults=[1.0, 10.0, 30.0],
-                    seeds=[0, 1, 2], widths=[1, 2, 4, 8, 16], solo_width=8, filler=2, diagnostics_problems=200),
+    "smoke": dict(
+        task=dict(terms=3, min_operand=1, max_operand=9, slip_rate=0.15),
+        hidden=32,
+        layers=2,
+        base_steps=3,
+        base_batch=16,
+        train=64,
+        val=8,
+        test=8,
+        warmup_prompts=16,
+        warmup_steps=2,
+        grpo_steps=2,
+        prompts_per_step=4,
+        lr_mults=[1.0, 10.0],
+        seeds=[0],
+        widths=[1, 2],
+        solo_width=2,
+        filler=1,
+        diagnostics_problems=4,
+    ),
+    "default": dict(
+        task=dict(terms=4, min_operand=1, max_operand=9, slip_rate=0.15),
+        hidden=96,
+        layers=4,
+        base_steps=1500,
+        base_batch=64,
+        train=5000,
+        val=200,
+        test=1000,
+        warmup_prompts=768,
+        warmup_steps=300,
+        grpo_steps=100,
+        prompts_per_step=16,
+        lr_mults=[1.0, 10.0, 30.0],
+        seeds=[0, 1, 2],
+        widths=[1, 2, 4, 8, 16],
+        solo_width=8,
+        filler=2,
+        diagnostics_problems=200,
+    ),
 }
 COORDINATION = {
-    "smoke": dict(task=dict(numbers=5, max_number=9), hidden=32, layers=2, base_steps=3, base_batch=16, train=64,
-                  test=8, warmup_prompts=16, warmup_steps=2, grpo_steps=2, prompts_per_step=4, seeds=[0], width=2,
-                  groups=2, solo_samples=4),
-    "default": dict(task=dict(), hidden=96, layers=4, base_steps=1500, base_batch=64, train=5000, test=500,
-                    warmup_prompts=768, warmup_steps=300, grpo_steps=100, prompts_per_step=16, seeds=[0, 1, 2],
-                    width=4, groups=4, solo_samples=16),
+    "smoke": dict(
+        task=dict(numbers=5, max_number=9),
+        hidden=32,
+        layers=2,
+        base_steps=3,
+        base_batch=16,
+        train=64,
+        test=8,
+        warmup_prompts=16,
+        warmup_steps=2,
+        grpo_steps=2,
+        prompts_per_step=4,
+        seeds=[0],
+        width=2,
+        groups=2,
+        solo_samples=4,
+    ),
+    "default": dict(
+        task=dict(),
+        hidden=96,
+        layers=4,
+        base_steps=1500,
+        base_batch=64,
+        train=5000,
+        test=500,
+        warmup_prompts=768,
+        warmup_steps=300,
+        grpo_steps=100,
+        prompts_per_step=16,
+        seeds=[0, 1, 2],
+        width=4,
+        groups=4,
+        solo_samples=16,
+    ),
 }
 CONSENSUS_METHODS = ("grpo", "pmatch-correct", "pmatch-repair", "bridge-repair")
 MAX_NEW_TOKENS = 16
@@ -69,8 +129,9 @@ def cached_base(train, size: dict, directory: str, progress: bool):
 
     from bridge_ops.train.recipes import BaseSpec, pretrain_base
 
-    spec = BaseSpec(hidden_size=size["hidden"], num_layers=size["layers"], steps=size["base_steps"],
-                    batch=size["base_batch"])
+    spec = BaseSpec(
+        hidden_size=size["hidden"], num_layers=size["layers"], steps=size["base_steps"], batch=size["base_batch"]
+    )
     stamp = {"spec": dataclasses.asdict(spec), "task": repr(train.task), "problems": len(train.problems)}
     stamp_file = os.path.join(directory, "base_spec.json")
     if os.path.exists(stamp_file) and json.load(open(stamp_file)) == stamp:
@@ -98,9 +159,20 @@ def method_spec(size: dict, seed: int, lr_mult: float = 1.0, width: int = 4, gro
 def evaluate(model, data, widths, seed, peers="group", details=True):
     from bridge_ops.train import evaluate_widths
 
-    return evaluate_widths(model, data.prompts, data.reward, data.extract_answer, data.answers, widths, peers=peers,
-                           max_new_tokens=MAX_NEW_TOKENS, seed=seed, eos_token_id=data.tokenizer.eos_token_id,
-                           rows_per_batch=1024, details=details)
+    return evaluate_widths(
+        model,
+        data.prompts,
+        data.reward,
+        data.extract_answer,
+        data.answers,
+        widths,
+        peers=peers,
+        max_new_tokens=MAX_NEW_TOKENS,
+        seed=seed,
+        eos_token_id=data.tokenizer.eos_token_id,
+        rows_per_batch=1024,
+        details=details,
+    )
 
 
 def per_problem(entry: dict, key: str = "accuracy") -> List[float]:
@@ -160,22 +232,41 @@ def consensus(size: dict, out: str, progress: bool, log) -> str:
 
     # diagnostics data: repair groups from the base's samples of test problems (teacher-forced answer loss)
     diag = test.prompts[: size["diagnostics_problems"]]
-    repair_groups = collect_warmup_groups(base, diag, 8, "repair", repair_fn=test.repair, min_correct=1,
-                                          max_new_tokens=MAX_NEW_TOKENS, seed=99, eos_token_id=eos)
+    repair_groups = collect_warmup_groups(
+        base,
+        diag,
+        8,
+        "repair",
+        repair_fn=test.repair,
+        min_correct=1,
+        max_new_tokens=MAX_NEW_TOKENS,
+        seed=99,
+        eos_token_id=eos,
+    )
     repair_batch = None
     if repair_groups:  # (none when the base writes no answer at all, as at the smoke size)
-        repair_batch = grouped_batch([g.prompt for g in repair_groups], [g.responses for g in repair_groups],
-                                     tok.pad_token_id, [g.loss_masks for g in repair_groups])
+        repair_batch = grouped_batch(
+            [g.prompt for g in repair_groups],
+            [g.responses for g in repair_groups],
+            tok.pad_token_id,
+            [g.loss_masks for g in repair_groups],
+        )
 
     def bridge_diagnostics(model, seed) -> Dict[str, float]:
-        samples = rollout(model, diag, range(len(diag)), solo_width, MAX_NEW_TOKENS, (seed, "diagnostics"),
-                          eos_token_id=eos)
+        samples = rollout(
+            model, diag, range(len(diag)), solo_width, MAX_NEW_TOKENS, (seed, "diagnostics"), eos_token_id=eos
+        )
         batch = grouped_batch([diag[i] for i in range(len(diag))], samples, tok.pad_token_id)
         kl, attention = peer_kl(model, batch), attention_stats(model, batch)
         loss = answer_loss(model, repair_batch) if repair_batch else {"with_peers": math.nan, "solo": math.nan}
-        return {"kl_peers_solo": kl["kl"], "argmax_changed": kl["argmax_changed"],
-                "entropy_ratio": attention["entropy_ratio"], "self_weight_ratio": attention["self_weight_ratio"],
-                "answer_nll_peers": loss["with_peers"], "answer_nll_solo": loss["solo"]}
+        return {
+            "kl_peers_solo": kl["kl"],
+            "argmax_changed": kl["argmax_changed"],
+            "entropy_ratio": attention["entropy_ratio"],
+            "self_weight_ratio": attention["self_weight_ratio"],
+            "answer_nll_peers": loss["with_peers"],
+            "answer_nll_solo": loss["solo"],
+        }
 
     rows, diagnostics_rows, grid_rows, evaluations = [], [], [], {}
     trained: Dict[tuple, object] = {}
@@ -187,12 +278,17 @@ def consensus(size: dict, out: str, progress: bool, log) -> str:
         model, train_log = train_method(base, method, train, spec, progress=progress)
         seconds = time.perf_counter() - start
         grpo_log = train_log["grpo"]
-        info = {"method": method, "seed": seed, "lr_mult": mult, "train_seconds": seconds,
-                "warmup_groups": train_log.get("warmup_groups", [{}])[0].get("groups", 0),
-                "zero_advantage": statistics.mean(h["zero_advantage"] for h in grpo_log),
-                "reward_first": statistics.mean(h["reward"] for h in grpo_log[:10]),
-                "reward_last": statistics.mean(h["reward"] for h in grpo_log[-10:]),
-                "output_norm": output_norm(model) if block != "grpo" else 0.0}
+        info = {
+            "method": method,
+            "seed": seed,
+            "lr_mult": mult,
+            "train_seconds": seconds,
+            "warmup_groups": train_log.get("warmup_groups", [{}])[0].get("groups", 0),
+            "zero_advantage": statistics.mean(h["zero_advantage"] for h in grpo_log),
+            "reward_first": statistics.mean(h["reward"] for h in grpo_log[:10]),
+            "reward_last": statistics.mean(h["reward"] for h in grpo_log[-10:]),
+            "output_norm": output_norm(model) if block != "grpo" else 0.0,
+        }
         return model, info
 
     # 1. tune the added blocks' learning-rate multiplier on seed 0 (validation problems, N = solo_width)
@@ -223,10 +319,12 @@ def consensus(size: dict, out: str, progress: bool, log) -> str:
                 evaluations[(method, seed, "solo")] = {r["width"]: r for r in solo}
                 results = results + solo
                 diagnostics_rows.append({"method": method, "seed": seed, **bridge_diagnostics(model, seed)})
-            rows += [{k: v for k, v in r.items() if k != "problems"} | {"method": method, "seed": seed}
-                     for r in results]
-            by_width = " ".join(f"N={r['width']}{'s' if r['peers'] == 'solo' else ''}:"
-                                f"{100 * r['mean_accuracy']:.1f}" for r in results)
+            rows += [
+                {k: v for k, v in r.items() if k != "problems"} | {"method": method, "seed": seed} for r in results
+            ]
+            by_width = " ".join(
+                f"N={r['width']}{'s' if r['peers'] == 'solo' else ''}:{100 * r['mean_accuracy']:.1f}" for r in results
+            )
             log(f"[consensus] {method} seed {seed} (x{mult:g}, {info['train_seconds']:.0f} s): {by_width}")
         trained.clear()
 
@@ -243,32 +341,62 @@ def consensus(size: dict, out: str, progress: bool, log) -> str:
         peers = evaluate(model, m_test, [1, solo_width], seed)
         solo = evaluate(model, m_test, [solo_width], seed, peers="solo")[0]
         ablation.append({"seed": seed, "n1": peers[0], "peers": peers[1], "solo": solo})
-        log(f"[consensus] misaligned seed {seed}: N=1 {100 * peers[0]['mean_accuracy']:.1f}, N={solo_width} peers "
-            f"{100 * peers[1]['mean_accuracy']:.1f}, solo {100 * solo['mean_accuracy']:.1f}")
+        log(
+            f"[consensus] misaligned seed {seed}: N=1 {100 * peers[0]['mean_accuracy']:.1f}, N={solo_width} peers "
+            f"{100 * peers[1]['mean_accuracy']:.1f}, solo {100 * solo['mean_accuracy']:.1f}"
+        )
 
     write_csv(os.path.join(out, "results.csv"), rows)
     write_csv(os.path.join(out, "training.csv"), train_info)
     write_csv(os.path.join(out, "diagnostics.csv"), diagnostics_rows)
     base_eval = evaluate(base, test, [1, solo_width], 0)
-    summary = consensus_summary(size, evaluations, best_mult, grid_rows, train_info, diagnostics_rows, ablation,
-                                base_eval, pretrain_seconds + m_seconds, paired_bootstrap)
+    summary = consensus_summary(
+        size,
+        evaluations,
+        best_mult,
+        grid_rows,
+        train_info,
+        diagnostics_rows,
+        ablation,
+        base_eval,
+        pretrain_seconds + m_seconds,
+        paired_bootstrap,
+    )
     consensus_plot(size, evaluations, os.path.join(out, "accuracy_vs_width.png"))
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(summary)
     return summary
 
 
-def consensus_summary(size, evaluations, best_mult, grid_rows, train_info, diagnostics_rows, ablation, base_eval,
-                      pretrain_seconds, paired_bootstrap) -> str:
+def consensus_summary(
+    size,
+    evaluations,
+    best_mult,
+    grid_rows,
+    train_info,
+    diagnostics_rows,
+    ablation,
+    base_eval,
+    pretrain_seconds,
+    paired_bootstrap,
+) -> str:
     seeds, widths, solo_width = size["seeds"], size["widths"], size["solo_width"]
-    lines = [f"Base: {100 * base_eval[0]['mean_accuracy']:.1f}% mean accuracy at N=1, majority vote of "
-             f"{solo_width} independent samples {100 * base_eval[1]['majority_accuracy']:.1f}% "
-             f"(pretraining {pretrain_seconds:.0f} s).", ""]
-    for metric, title in (("mean_accuracy", "mean accuracy (Pass@1 over the N samples), with peers"),
-                          ("majority_accuracy", "majority-vote accuracy")):
-        lines += [f"**{title}**, mean ± std over {len(seeds)} seeds", "",
-                  "| method | " + " | ".join(f"N={w}" for w in widths) + f" | solo N={solo_width} |",
-                  "|---" * (len(widths) + 2) + "|"]
+    lines = [
+        f"Base: {100 * base_eval[0]['mean_accuracy']:.1f}% mean accuracy at N=1, majority vote of "
+        f"{solo_width} independent samples {100 * base_eval[1]['majority_accuracy']:.1f}% "
+        f"(pretraining {pretrain_seconds:.0f} s).",
+        "",
+    ]
+    for metric, title in (
+        ("mean_accuracy", "mean accuracy (Pass@1 over the N samples), with peers"),
+        ("majority_accuracy", "majority-vote accuracy"),
+    ):
+        lines += [
+            f"**{title}**, mean ± std over {len(seeds)} seeds",
+            "",
+            "| method | " + " | ".join(f"N={w}" for w in widths) + f" | solo N={solo_width} |",
+            "|---" * (len(widths) + 2) + "|",
+        ]
         for method in CONSENSUS_METHODS:
             cells = [mean_std([evaluations[(method, s, "group")][w][metric] for s in seeds]) for w in widths]
             solo = "-"
@@ -278,20 +406,29 @@ def consensus_summary(size, evaluations, best_mult, grid_rows, train_info, diagn
         lines.append("")
 
     # decisive comparison 1: the same checkpoint with peers vs solo
-    lines += [f"**Bridge with peers vs the same checkpoint solo at N={solo_width}** (mean accuracy, points; per "
-              "problem, 95% bootstrap interval)", "", "| seed | with peers | solo | difference [95% CI] |",
-              "|---|---|---|---|"]
+    lines += [
+        f"**Bridge with peers vs the same checkpoint solo at N={solo_width}** (mean accuracy, points; per "
+        "problem, 95% bootstrap interval)",
+        "",
+        "| seed | with peers | solo | difference [95% CI] |",
+        "|---|---|---|---|",
+    ]
     pooled_peers, pooled_solo = [], []
     for seed in seeds:
         peers = per_problem(evaluations[("bridge-repair", seed, "group")][solo_width])
         solo = per_problem(evaluations[("bridge-repair", seed, "solo")][solo_width])
         pooled_peers.append(peers)
         pooled_solo.append(solo)
-        lines.append(f"| {seed} | {100 * statistics.mean(peers):.1f} | {100 * statistics.mean(solo):.1f} | "
-                     f"{interval(paired_bootstrap(peers, solo))} |")
+        lines.append(
+            f"| {seed} | {100 * statistics.mean(peers):.1f} | {100 * statistics.mean(solo):.1f} | "
+            f"{interval(paired_bootstrap(peers, solo))} |"
+        )
     pooled = paired_bootstrap(mean_over(pooled_peers), mean_over(pooled_solo))
-    lines += [f"| all (per-problem means over seeds) | {100 * statistics.mean(mean_over(pooled_peers)):.1f} | "
-              f"{100 * statistics.mean(mean_over(pooled_solo)):.1f} | {interval(pooled)} |", ""]
+    lines += [
+        f"| all (per-problem means over seeds) | {100 * statistics.mean(mean_over(pooled_peers)):.1f} | "
+        f"{100 * statistics.mean(mean_over(pooled_solo)):.1f} | {interval(pooled)} |",
+        "",
+    ]
 
     # decisive comparison 2: Bridge vs the best P-Match, per width
     def averaged(method, width, key="accuracy"):
@@ -299,50 +436,82 @@ def consensus_summary(size, evaluations, best_mult, grid_rows, train_info, diagn
 
     pmatches = [m for m in CONSENSUS_METHODS if m.startswith("pmatch")]
     best_pmatch = max(pmatches, key=lambda m: statistics.mean(statistics.mean(averaged(m, w)) for w in widths))
-    lines += [f"**Bridge vs the best P-Match ({best_pmatch}) and vs GRPO-only**, per width (points, per-problem "
-              "means over seeds, 95% bootstrap interval)", "",
-              f"| width | bridge-repair minus {best_pmatch} | bridge-repair minus grpo |", "|---|---|---|"]
+    lines += [
+        f"**Bridge vs the best P-Match ({best_pmatch}) and vs GRPO-only**, per width (points, per-problem "
+        "means over seeds, 95% bootstrap interval)",
+        "",
+        f"| width | bridge-repair minus {best_pmatch} | bridge-repair minus grpo |",
+        "|---|---|---|",
+    ]
     for w in widths:
         bridge = averaged("bridge-repair", w)
-        lines.append(f"| {w} | {interval(paired_bootstrap(bridge, averaged(best_pmatch, w)))} | "
-                     f"{interval(paired_bootstrap(bridge, averaged('grpo', w)))} |")
+        lines.append(
+            f"| {w} | {interval(paired_bootstrap(bridge, averaged(best_pmatch, w)))} | "
+            f"{interval(paired_bootstrap(bridge, averaged('grpo', w)))} |"
+        )
     lines.append("")
 
-    lines += ["**Learning-rate multiplier of the added blocks** (seed 0, validation accuracy at "
-              f"N={solo_width}; chosen: the best)", "", "| method | " +
-              " | ".join(f"x{m:g}" for m in size["lr_mults"]) + " |", "|---" * (len(size["lr_mults"]) + 1) + "|"]
+    lines += [
+        "**Learning-rate multiplier of the added blocks** (seed 0, validation accuracy at "
+        f"N={solo_width}; chosen: the best)",
+        "",
+        "| method | " + " | ".join(f"x{m:g}" for m in size["lr_mults"]) + " |",
+        "|---" * (len(size["lr_mults"]) + 1) + "|",
+    ]
     for method in CONSENSUS_METHODS[1:]:
-        cells = [f"{100 * r['val_accuracy']:.1f}" + (" *" if m == best_mult[method] else "")
-                 for m in size["lr_mults"] for r in grid_rows if r["method"] == method and r["lr_mult"] == m]
+        cells = [
+            f"{100 * r['val_accuracy']:.1f}" + (" *" if m == best_mult[method] else "")
+            for m in size["lr_mults"]
+            for r in grid_rows
+            if r["method"] == method and r["lr_mult"] == m
+        ]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines.append("")
 
-    lines += ["**Training**, mean over seeds", "",
-              "| method | seconds | warm-up groups | GRPO reward first -> last 10 steps | groups with zero advantage "
-              "| added-block output norm |", "|---|---|---|---|---|---|"]
+    lines += [
+        "**Training**, mean over seeds",
+        "",
+        "| method | seconds | warm-up groups | GRPO reward first -> last 10 steps | groups with zero advantage "
+        "| added-block output norm |",
+        "|---|---|---|---|---|---|",
+    ]
     for method in CONSENSUS_METHODS:
         infos = [i for i in train_info if i["method"] == method]
         avg = {k: statistics.mean(i[k] for i in infos) for k in infos[0] if isinstance(infos[0][k], (int, float))}
-        lines.append(f"| {method} | {avg['train_seconds']:.0f} | {avg['warmup_groups']:.0f} | "
-                     f"{avg['reward_first']:.2f} -> {avg['reward_last']:.2f} | {100 * avg['zero_advantage']:.0f}% | "
-                     f"{avg['output_norm']:.2f} |")
+        lines.append(
+            f"| {method} | {avg['train_seconds']:.0f} | {avg['warmup_groups']:.0f} | "
+            f"{avg['reward_first']:.2f} -> {avg['reward_last']:.2f} | {100 * avg['zero_advantage']:.0f}% | "
+            f"{avg['output_norm']:.2f} |"
+        )
     lines.append("")
 
-    lines += ["**Diagnostics of the Bridge checkpoints** (test problems; uniform mean-pool = 1.00 / 1.00)", "",
-              "| seed | KL(peers ‖ solo) per token | argmax changed | attention entropy / log n | n x self weight "
-              "| answer NLL with peers | solo |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "**Diagnostics of the Bridge checkpoints** (test problems; uniform mean-pool = 1.00 / 1.00)",
+        "",
+        "| seed | KL(peers ‖ solo) per token | argmax changed | attention entropy / log n | n x self weight "
+        "| answer NLL with peers | solo |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for d in diagnostics_rows:
-        lines.append(f"| {d['seed']} | {d['kl_peers_solo']:.4f} | {100 * d['argmax_changed']:.1f}% | "
-                     f"{d['entropy_ratio']:.3f} | {d['self_weight_ratio']:.2f} | {d['answer_nll_peers']:.3f} | "
-                     f"{d['answer_nll_solo']:.3f} |")
+        lines.append(
+            f"| {d['seed']} | {d['kl_peers_solo']:.4f} | {100 * d['argmax_changed']:.1f}% | "
+            f"{d['entropy_ratio']:.3f} | {d['self_weight_ratio']:.2f} | {d['answer_nll_peers']:.3f} | "
+            f"{d['answer_nll_solo']:.3f} |"
+        )
     lines.append("")
 
-    lines += [f"**Ablation: chains misaligned by filler** (bridge-repair, N={solo_width}, mean accuracy)", "",
-              "| seed | N=1 | with peers | solo | difference [95% CI] |", "|---|---|---|---|---|"]
+    lines += [
+        f"**Ablation: chains misaligned by filler** (bridge-repair, N={solo_width}, mean accuracy)",
+        "",
+        "| seed | N=1 | with peers | solo | difference [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
     for a in ablation:
         diff = paired_bootstrap(per_problem(a["peers"]), per_problem(a["solo"]))
-        lines.append(f"| {a['seed']} | {100 * a['n1']['mean_accuracy']:.1f} | {100 * a['peers']['mean_accuracy']:.1f} "
-                     f"| {100 * a['solo']['mean_accuracy']:.1f} | {interval(diff)} |")
+        lines.append(
+            f"| {a['seed']} | {100 * a['n1']['mean_accuracy']:.1f} | {100 * a['peers']['mean_accuracy']:.1f} "
+            f"| {100 * a['solo']['mean_accuracy']:.1f} | {interval(diff)} |"
+        )
     return "\n".join(lines + [""])
 
 
@@ -354,17 +523,30 @@ def consensus_plot(size, evaluations, path) -> None:
 
     seeds, widths, solo_width = size["seeds"], size["widths"], size["solo_width"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, title in zip(axes, ("mean_accuracy", "majority_accuracy"),
-                                 ("mean accuracy (each sample)", "majority-vote accuracy")):
+    for ax, metric, title in zip(
+        axes, ("mean_accuracy", "majority_accuracy"), ("mean accuracy (each sample)", "majority-vote accuracy")
+    ):
         for method in CONSENSUS_METHODS:
             values = [[evaluations[(method, s, "group")][w][metric] for s in seeds] for w in widths]
-            ax.errorbar(widths, [statistics.mean(v) for v in values],
-                        yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], marker="o", capsize=3,
-                        label=method)
+            ax.errorbar(
+                widths,
+                [statistics.mean(v) for v in values],
+                yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values],
+                marker="o",
+                capsize=3,
+                label=method,
+            )
             if (method, seeds[0], "solo") in evaluations:
                 solo = [evaluations[(method, s, "solo")][solo_width][metric] for s in seeds]
-                ax.plot([solo_width], [statistics.mean(solo)], marker="x", markersize=10, color="black",
-                        linestyle="none", label=f"{method}, each sample alone")
+                ax.plot(
+                    [solo_width],
+                    [statistics.mean(solo)],
+                    marker="x",
+                    markersize=10,
+                    color="black",
+                    linestyle="none",
+                    label=f"{method}, each sample alone",
+                )
         ax.set_xscale("log", base=2)
         ax.set_xticks(widths, [str(w) for w in widths])
         ax.set_xlabel("width N (samples per problem)")
@@ -393,9 +575,18 @@ def coordination(size: dict, out: str, progress: bool, log) -> str:
     width = size["width"]
 
     def measure(model, seed):
-        return distinct_answers(model, test.prompts, test.reward, test.extract_answer, width,
-                                groups_per_prompt=size["groups"], solo_samples=size["solo_samples"],
-                                max_new_tokens=MAX_NEW_TOKENS, seed=seed, eos_token_id=tok.eos_token_id)
+        return distinct_answers(
+            model,
+            test.prompts,
+            test.reward,
+            test.extract_answer,
+            width,
+            groups_per_prompt=size["groups"],
+            solo_samples=size["solo_samples"],
+            max_new_tokens=MAX_NEW_TOKENS,
+            seed=seed,
+            eos_token_id=tok.eos_token_id,
+        )
 
     records = {("base", 0): measure(base, 0)}
     for method in ("grpo", "bridge-distinct"):
@@ -404,25 +595,33 @@ def coordination(size: dict, out: str, progress: bool, log) -> str:
             model, _ = train_method(base, method, train, spec, progress=progress, reward_fn=train.distinct_reward())
             records[(method, seed)] = measure(model, seed)
             r = records[(method, seed)]
-            log(f"[coordination] {method} seed {seed}: distinct {statistics.mean(x['distinct'] for x in r):.3f}, "
-                f"bound {statistics.mean(x['bound'] for x in r):.3f}")
+            log(
+                f"[coordination] {method} seed {seed}: distinct {statistics.mean(x['distinct'] for x in r):.3f}, "
+                f"bound {statistics.mean(x['bound'] for x in r):.3f}"
+            )
     rows = [{"method": m, "seed": s, "problem": i, **x} for (m, s), r in records.items() for i, x in enumerate(r)]
     write_csv(os.path.join(out, "results.csv"), rows)
-    lines = [f"N = {width}; {size['groups']} groups with peers and {size['solo_samples']} solo samples per problem, "
-             f"{size['test']} test problems; differences per problem with 95% bootstrap intervals.", "",
-             "| model | seed | valid (peers) | valid (solo) | distinct correct per group | independence bound (solo) "
-             "| minus bound | marginal bound (peers' own frequencies) | minus marginal bound |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"N = {width}; {size['groups']} groups with peers and {size['solo_samples']} solo samples per problem, "
+        f"{size['test']} test problems; differences per problem with 95% bootstrap intervals.",
+        "",
+        "| model | seed | valid (peers) | valid (solo) | distinct correct per group | independence bound (solo) "
+        "| minus bound | marginal bound (peers' own frequencies) | minus marginal bound |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for (method, seed), r in records.items():
+
         def col(key):
             return [x[key] for x in r]  # noqa: B023 (used within this iteration only)
 
-        lines.append(f"| {method} | {seed} | {100 * statistics.mean(col('valid')):.1f}% | "
-                     f"{100 * statistics.mean(col('valid_solo')):.1f}% | {statistics.mean(col('distinct')):.3f} | "
-                     f"{statistics.mean(col('bound')):.3f} | "
-                     f"{interval(paired_bootstrap(col('distinct'), col('bound')), 1.0, 3)} | "
-                     f"{statistics.mean(col('marginal_bound')):.3f} | "
-                     f"{interval(paired_bootstrap(col('distinct'), col('marginal_bound')), 1.0, 3)} |")
+        lines.append(
+            f"| {method} | {seed} | {100 * statistics.mean(col('valid')):.1f}% | "
+            f"{100 * statistics.mean(col('valid_solo')):.1f}% | {statistics.mean(col('distinct')):.3f} | "
+            f"{statistics.mean(col('bound')):.3f} | "
+            f"{interval(paired_bootstrap(col('distinct'), col('bound')), 1.0, 3)} | "
+            f"{statistics.mean(col('marginal_bound')):.3f} | "
+            f"{interval(paired_bootstrap(col('distinct'), col('marginal_bound')), 1.0, 3)} |"
+        )
     summary = "\n".join(lines + [""])
     coordination_plot(records, width, os.path.join(out, "distinct_vs_bound.png"))
     with open(os.path.join(out, "summary.md"), "w") as f:
@@ -437,8 +636,11 @@ def coordination_plot(records, width, path) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"{m}\nseed {s}" for m, s in records]
-    keys = (("distinct", "distinct correct per group (peers)"), ("bound", "independence bound (solo)"),
-            ("marginal_bound", "bound of the peers' own frequencies"))
+    keys = (
+        ("distinct", "distinct correct per group (peers)"),
+        ("bound", "independence bound (solo)"),
+        ("marginal_bound", "bound of the peers' own frequencies"),
+    )
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4))
     for k, (key, label) in enumerate(keys):
         values = [statistics.mean(x[key] for x in r) for r in records.values()]
@@ -472,14 +674,15 @@ def main(argv=None) -> int:
         summary = consensus(CONSENSUS[args.size], os.path.join(args.out, "consensus"), not args.no_progress, log)
         parts.append(f"## A. Consensus (scratchpad sums)\n\n{summary}")
     if args.part in ("coordination", "all"):
-        summary = coordination(COORDINATION[args.size], os.path.join(args.out, "coordination"),
-                               not args.no_progress, log)
+        summary = coordination(
+            COORDINATION[args.size], os.path.join(args.out, "coordination"), not args.no_progress, log
+        )
         parts.append(f"## B. Coordination (subset sum)\n\n{summary}")
     total = time.perf_counter() - started
     command = "python experiments/interdependence.py" + ("" if args.size == "default" else f" --size {args.size}")
     if args.part != "all":
         command += f" --part {args.part}"
-    header = (f"`{command}`: {total / 60:.1f} min, torch {torch.__version__}, {torch.get_num_threads()} threads\n\n")
+    header = f"`{command}`: {total / 60:.1f} min, torch {torch.__version__}, {torch.get_num_threads()} threads\n\n"
     with open(os.path.join(args.out, "summary.md" if args.part == "all" else f"summary-{args.part}.md"), "w") as f:
         f.write(header + "\n".join(parts))
     print(header + "\n".join(parts))

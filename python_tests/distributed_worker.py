@@ -16,8 +16,16 @@ from bridge_ops.train import (
     train_sft,
 )
 
-PROMPTS = [[1, 5, 6, 7], [1, 9, 10], [1, 11, 12, 13, 14], [1, 20, 21], [1, 30], [1, 31, 32, 33], [1, 40, 41],
-           [1, 50, 51, 52]]
+PROMPTS = [
+    [1, 5, 6, 7],
+    [1, 9, 10],
+    [1, 11, 12, 13, 14],
+    [1, 20, 21],
+    [1, 30],
+    [1, 31, 32, 33],
+    [1, 40, 41],
+    [1, 50, 51, 52],
+]
 SFT_GROUPS = [(p, [[3 + i, 4, EOS], [5 + i, EOS]][: 1 + i % 2] + [[7, EOS]]) for i, p in enumerate(PROMPTS)]
 
 
@@ -29,12 +37,26 @@ def main(path: str) -> None:
     dist = init_distributed()
     torch.set_num_threads(1)
     model = bridged_model()
-    train_sft(model, SFT_GROUPS, SFTConfig(steps=2, lr=1e-2, groups_per_step=4, progress=False),
-              trainable=select_trainable(model, "bridge"), dist=dist)
-    config = GRPOConfig(steps=2, lr=1e-2, width=3, prompts_per_step=4, max_new_tokens=4, minibatches=2,
-                        loss=GRPOLossConfig(beta=0.1), progress=False)
-    history = train_grpo(model, PROMPTS, reward, config, trainable=select_trainable(model, "all"), eos_token_id=EOS,
-                         dist=dist)
+    train_sft(
+        model,
+        SFT_GROUPS,
+        SFTConfig(steps=2, lr=1e-2, groups_per_step=4, progress=False),
+        trainable=select_trainable(model, "bridge"),
+        dist=dist,
+    )
+    config = GRPOConfig(
+        steps=2,
+        lr=1e-2,
+        width=3,
+        prompts_per_step=4,
+        max_new_tokens=4,
+        minibatches=2,
+        loss=GRPOLossConfig(beta=0.1),
+        progress=False,
+    )
+    history = train_grpo(
+        model, PROMPTS, reward, config, trainable=select_trainable(model, "all"), eos_token_id=EOS, dist=dist
+    )
     if dist.is_main:
         torch.save({"parameters": dict(model.named_parameters()), "history": history}, path)
 

@@ -48,8 +48,22 @@ def build() -> str:
     if not os.path.exists(lib):
         os.makedirs(out_dir, exist_ok=True)
         tmp = f"{lib}.{os.getpid()}.tmp"
-        cmd = [compiler(), "-std=c++17", "-O1", "-g0", "-fPIC", "-shared", "-DBRIDGE_OPS_EMULATE", "-Wall",
-               "-Wno-unknown-pragmas", "-I", os.path.dirname(SOURCES[0]), SOURCES[0], "-o", tmp]
+        cmd = [
+            compiler(),
+            "-std=c++17",
+            "-O1",
+            "-g0",
+            "-fPIC",
+            "-shared",
+            "-DBRIDGE_OPS_EMULATE",
+            "-Wall",
+            "-Wno-unknown-pragmas",
+            "-I",
+            os.path.dirname(SOURCES[0]),
+            SOURCES[0],
+            "-o",
+            tmp,
+        ]
         subprocess.run(cmd, check=True)
         os.replace(tmp, lib)
     return lib
@@ -74,8 +88,15 @@ class EmulatorLauncher:
     def __init__(self, num_sms: int = 132):
         self.lib = ctypes.CDLL(build())
         self.lib.emu_launch.restype = ctypes.c_int
-        self.lib.emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int,
-                                        ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_int]
+        self.lib.emu_launch.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_longlong,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_char_p,
+            ctypes.c_int,
+        ]
         self._num_sms = num_sms
         self.launches = []  # (kernel name, plan) of every launch, for tests
 
@@ -102,8 +123,9 @@ class EmulatorLauncher:
     def plan(self, is_double, dim, tasks, num_sms, backward, max_group):
         """launch.h's plan_launch as compiled into the emulator (a test compares it with bridge_ops._C's)."""
         out = (ctypes.c_longlong * 6)()
-        self.lib.emu_plan(int(is_double), dim, ctypes.c_longlong(tasks), num_sms, int(backward),
-                          ctypes.c_longlong(max_group), out)
+        self.lib.emu_plan(
+            int(is_double), dim, ctypes.c_longlong(tasks), num_sms, int(backward), ctypes.c_longlong(max_group), out
+        )
         return cupy_backend.kernels().LaunchPlan(bool(out[0]), out[1], out[2], out[3], out[4], bool(out[5]))
 
     def constants(self):
@@ -112,7 +134,7 @@ class EmulatorLauncher:
         return list(out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def emulator() -> EmulatorLauncher:
     return EmulatorLauncher()
 

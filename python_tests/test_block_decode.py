@@ -36,8 +36,9 @@ def test_matches_reference(sizes, seqlen, dtype):
     args = decode_args(sizes, seqlen, 48, 32, 2, dtype)
     got = torch.ops.bridge_ops.bridge_block_decode(*args)
     want = reference.bridge_block_decode(*args[:-1])
-    oracle = reference.bridge_block_decode(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a
-                                            for a in args[:-1]])
+    oracle = reference.bridge_block_decode(
+        *[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args[:-1]]
+    )
     assert got.dtype == dtype and got.shape == args[0].shape
     assert max_err(got, want) < TOLERANCE[dtype]
     assert max_err(got, oracle) <= max(2 * max_err(want, oracle), TOLERANCE[dtype])

@@ -43,8 +43,19 @@ def test_tiny_model_then_generate_with_and_without_bridge(tmp_path):
     made = run_cli("tiny-model", str(tmp_path / "m"), "--hidden-size", "32", "--layers", "2", "--bridge", "16")
     assert made.returncode == 0, made.stderr
     assert (tmp_path / "m" / "bridge.safetensors").exists()
-    args = ["generate", "--model", str(tmp_path / "m"), "--prompt", "1+2=", "--prompt", "hello", "--width", "3",
-            "--max-new-tokens", "5"]
+    args = [
+        "generate",
+        "--model",
+        str(tmp_path / "m"),
+        "--prompt",
+        "1+2=",
+        "--prompt",
+        "hello",
+        "--width",
+        "3",
+        "--max-new-tokens",
+        "5",
+    ]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     assert "Bridge weights from" in result.stdout and "tokens/s" in result.stdout
@@ -60,9 +71,25 @@ def test_generate_command_fails_clearly_without_a_model(tmp_path):
 
 def test_demo_runs():
     result = subprocess.run(
-        [sys.executable, "-m", "bridge_ops.demo", "--hidden-size", "32", "--layers", "1", "--pretrain-steps", "3",
-         "--warmup-steps", "1", "--grpo-steps", "1", "--test-problems", "8"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "bridge_ops.demo",
+            "--hidden-size",
+            "32",
+            "--layers",
+            "1",
+            "--pretrain-steps",
+            "3",
+            "--warmup-steps",
+            "1",
+            "--grpo-steps",
+            "1",
+            "--test-problems",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert "GRPO: accuracy at N=4" in result.stdout and "majority vote" in result.stdout
@@ -70,6 +97,16 @@ def test_demo_runs():
 
 
 def test_package_exports():
-    for name in ("apply_bridge", "remove_bridge", "save_bridge", "load_bridge", "groups", "generate",
-                 "bridge_block_decode", "majority_vote", "best_of_n", "parameter_share"):
+    for name in (
+        "apply_bridge",
+        "remove_bridge",
+        "save_bridge",
+        "load_bridge",
+        "groups",
+        "generate",
+        "bridge_block_decode",
+        "majority_vote",
+        "best_of_n",
+        "parameter_share",
+    ):
         assert callable(getattr(bridge_ops, name)), name

@@ -35,7 +35,8 @@ def test_independence_bound_by_hand_and_by_enumeration():
     assert mean == pytest.approx(4 / 3)
     # many samples: the estimate approaches sum_k 1 - (1 - p_k)^N
     assert independence_bound({"a": 5000, "b": 2500}, samples=10000, width=4) == pytest.approx(
-        (1 - 0.5**4) + (1 - 0.75**4), abs=1e-3)
+        (1 - 0.5**4) + (1 - 0.75**4), abs=1e-3
+    )
     assert independence_bound({"a": 3}, samples=3, width=3) == 1.0
     with pytest.raises(ValueError, match="needs at least"):
         independence_bound({"a": 1}, samples=2, width=4)
@@ -80,8 +81,9 @@ def test_solo_rollout_on_a_fresh_bridge_equals_width_one_samples():
     for p, group in enumerate(solo):
         for m, sample in enumerate(group):
             generator = torch.Generator().manual_seed(bridge_ops.train.trainer.seed_of(2, p, "solo", m))
-            alone = bridge_ops.generate(fresh, [PROMPTS[p]], 1, 5, generators=[generator], eos_token_id=EOS,
-                                        pad_token_id=PAD)
+            alone = bridge_ops.generate(
+                fresh, [PROMPTS[p]], 1, 5, generators=[generator], eos_token_id=EOS, pad_token_id=PAD
+            )
             assert alone.sequences[0][0] == sample
 
 

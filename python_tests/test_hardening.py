@@ -36,8 +36,9 @@ def _poison(args, case):
 
 
 @compiled
-@pytest.mark.parametrize("case", ["prefix-key-nan", "prefix-value-nan", "prefix-key-plus-inf-score", "suffix-key-nan",
-                                  "query-nan"])
+@pytest.mark.parametrize(
+    "case", ["prefix-key-nan", "prefix-value-nan", "prefix-key-plus-inf-score", "suffix-key-nan", "query-nan"]
+)
 def test_prefix_suffix_attention_propagates_nan_and_inf_like_the_reference(case):
     args = cascade_inputs([2, 3], 4, 2, 16, 70, 4, prefix_lens=[70, 70])
     _poison(args, case)
@@ -106,8 +107,18 @@ def _decode_args():
     hidden, norm = torch.randn(4, 1, 16), torch.ones(16)
     w, o = torch.randn(8, 16), torch.randn(16, 8)
     mask = torch.ones(4, 1, dtype=torch.bool)
-    return dict(hidden=hidden, norm_weight=norm, eps=1e-6, q_weight=w, k_weight=w, v_weight=w, o_weight=o,
-                cu_group_lens=bridge_ops.cu_group_lens_from_width(4, 2), key_mask=mask, num_heads=2)
+    return dict(
+        hidden=hidden,
+        norm_weight=norm,
+        eps=1e-6,
+        q_weight=w,
+        k_weight=w,
+        v_weight=w,
+        o_weight=o,
+        cu_group_lens=bridge_ops.cu_group_lens_from_width(4, 2),
+        key_mask=mask,
+        num_heads=2,
+    )
 
 
 @compiled
@@ -124,8 +135,17 @@ def test_block_decode_with_an_argument_on_meta_is_an_error(name):
 def test_attention_backward_with_an_argument_on_meta_is_an_error(name):
     q, k, v, cu, mask = make_inputs([3, 2], 4, 2, 8)
     _, lse = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)
-    args = dict(grad_out=torch.randn_like(q), grad_lse=torch.randn_like(lse), q=q, k=k, v=v, lse=lse,
-                cu_group_lens=cu, key_mask=mask, scale=None)
+    args = dict(
+        grad_out=torch.randn_like(q),
+        grad_lse=torch.randn_like(lse),
+        q=q,
+        k=k,
+        v=v,
+        lse=lse,
+        cu_group_lens=cu,
+        key_mask=mask,
+        scale=None,
+    )
     args[name] = args[name].to("meta")
     with pytest.raises(ValueError, match=f"{name} is on meta but q is on cpu"):
         torch.ops.bridge_ops.bridge_attention_backward(*args.values())
@@ -147,8 +167,9 @@ def test_double_backward_raises_instead_of_returning_zeros():
         torch.autograd.grad(grads[0].sum(), q)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((5, 4, 2, 8), dtype=np.float32), [[0.0]], None],
-                         ids=["numpy", "list", "None"])
+@pytest.mark.parametrize(
+    "bad", [np.zeros((5, 4, 2, 8), dtype=np.float32), [[0.0]], None], ids=["numpy", "list", "None"]
+)
 def test_ops_refuse_non_tensors_naming_the_argument(bad):
     q, k, v, cu, mask = make_inputs([3, 2], 4, 2, 8)
     with pytest.raises(TypeError, match="q must be a torch.Tensor, got"):
@@ -213,10 +234,16 @@ BAD_GENERATE_ARGS = {
     "id past the vocabulary": (dict(prompts=torch.tensor([[1, 61]])), ValueError, "token id 61 at position 1"),
     "pad -1": (dict(pad_token_id=-1), ValueError, "pad_token_id -1 is outside the model's vocabulary"),
     "pad 999": (dict(pad_token_id=999), ValueError, "pad_token_id 999 is outside"),
-    "prompt past max positions": (dict(prompts=torch.ones(1, 300, dtype=torch.long)), ValueError,
-                                  "a prompt of 300 tokens plus max_new_tokens=3 passes the model's max_position"),
-    "generation past max positions": (dict(prompts=torch.ones(1, 250, dtype=torch.long), max_new_tokens=8), ValueError,
-                                      "lower max_new_tokens"),
+    "prompt past max positions": (
+        dict(prompts=torch.ones(1, 300, dtype=torch.long)),
+        ValueError,
+        "a prompt of 300 tokens plus max_new_tokens=3 passes the model's max_position",
+    ),
+    "generation past max positions": (
+        dict(prompts=torch.ones(1, 250, dtype=torch.long), max_new_tokens=8),
+        ValueError,
+        "lower max_new_tokens",
+    ),
     "width 2.0": (dict(width=2.0), TypeError, "width must be an integer, got 2.0"),
     "width True": (dict(width=True), TypeError, "width must be an integer, got True"),
     "max_new_tokens 2.5": (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an integer, got 2.5"),
@@ -257,8 +284,9 @@ def _cascade_decode_logits(model, cache, steps=3):
     with torch.no_grad(), cascade_attention(model, cache) as kwargs, bridge_ops.groups(model, sizes=[3, 1, 2]):
         for step in range(steps):
             mask, positions = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), positions + 1
-            logits = model(input_ids=tokens[step], attention_mask=mask, position_ids=positions, use_cache=True,
-                           **kwargs).logits  # kwargs hold the cache's cascade view
+            logits = model(
+                input_ids=tokens[step], attention_mask=mask, position_ids=positions, use_cache=True, **kwargs
+            ).logits  # kwargs hold the cache's cascade view
     return logits
 
 
@@ -338,8 +366,10 @@ def _int_q(tensors):
 
 BAD_SAVES = {
     "missing layer": (dict(edit_tensors=_drop_layer_1), "no tensor layers.1.k_proj.weight"),
-    "misshapen tensor": (dict(edit_tensors=lambda t: t.update({"layers.1.o_proj.weight": torch.zeros(64, 16)})),
-                         r"layers.1.o_proj.weight has shape \[64, 16\], the model needs \[64, 32\]"),
+    "misshapen tensor": (
+        dict(edit_tensors=lambda t: t.update({"layers.1.o_proj.weight": torch.zeros(64, 16)})),
+        r"layers.1.o_proj.weight has shape \[64, 16\], the model needs \[64, 32\]",
+    ),
     "edited d_bridge": (dict(d_bridge=16), "d_bridge 16 \\(saved\\) vs 32 \\(model\\)|the model needs \\[16, 64\\]"),
     "NaN weight": (dict(edit_tensors=_nan_norm), "layers.0.norm.weight holds NaN or infinite values"),
     "integer tensor": (dict(edit_tensors=_int_q), "not a floating-point tensor"),
@@ -499,8 +529,11 @@ def test_resume_refuses_another_config_unless_the_changes_are_allowed(run_dir):
     from hf_models import bridged_model
 
     model = bridged_model()
-    with pytest.raises(ValueError, match=r"another configuration: lr 0.01 \(checkpoint\) vs 0.02 \(now\), seed 0 "
-                                         r"\(checkpoint\) vs 1 \(now\); resume with the same settings"):
+    with pytest.raises(
+        ValueError,
+        match=r"another configuration: lr 0.01 \(checkpoint\) vs 0.02 \(now\), seed 0 "
+        r"\(checkpoint\) vs 1 \(now\); resume with the same settings",
+    ):
         _sft(model, run_dir, steps=3, lr=0.02, seed=1)
     history = _sft(model, run_dir, steps=3, lr=0.02, allow_resume_changes=("lr",))
     assert [h["step"] for h in history] == [3]  # resumed after step 2, at the new learning rate
@@ -524,8 +557,10 @@ def test_resume_into_another_d_bridge_changes_nothing(run_dir):
 
     model = bridged_model(d_bridge=16)
     before = _params(model)
-    with pytest.raises(ValueError, match="q_proj.weight is torch.float32 \\[32, 64\\] in the checkpoint, torch.float32 "
-                                         "\\[16, 64\\] in the model"):
+    with pytest.raises(
+        ValueError,
+        match="q_proj.weight is torch.float32 \\[32, 64\\] in the checkpoint, torch.float32 \\[16, 64\\] in the model",
+    ):
         _sft(model, run_dir, steps=3)
     _assert_same_params(model, before)
 
@@ -545,8 +580,9 @@ def test_grpo_refuses_a_reward_that_is_not_a_finite_number(bad):
         chosen.append(index)
         return bad if len(chosen) == 5 else 1.0  # the second group's second member
 
-    with pytest.raises(ValueError, match=f"reward_fn returned {bad!r} for prompt {{}} \\(response 1\\)".replace(
-            "{}", r"\d")):
+    with pytest.raises(
+        ValueError, match=f"reward_fn returned {bad!r} for prompt {{}} \\(response 1\\)".replace("{}", r"\d")
+    ):
         train_grpo(model, TRAIN_PROMPTS, reward, config, eos_token_id=EOS)
     _assert_same_params(model, before)
 
@@ -574,8 +610,18 @@ def test_a_non_finite_loss_or_gradient_stops_training_before_the_update(poison):
     torch.testing.assert_close(weight.detach(), torch.full((3,), 0.9), atol=1e-3, rtol=0)  # one AdamW step of lr 0.1
 
 
-@pytest.mark.parametrize("field, value", [("log_every", 0), ("steps", 0), ("lr", 0.0), ("lr", NAN),
-                                          ("checkpoint_every", -1), ("max_grad_norm", -1.0), ("steps", 2.5)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("log_every", 0),
+        ("steps", 0),
+        ("lr", 0.0),
+        ("lr", NAN),
+        ("checkpoint_every", -1),
+        ("max_grad_norm", -1.0),
+        ("steps", 2.5),
+    ],
+)
 def test_train_configs_refuse_bad_values(field, value):
     from bridge_ops.train import GRPOConfig, SFTConfig
 
@@ -616,14 +662,17 @@ def test_cli_user_errors_are_one_line_with_status_2(tmp_path, capsys):
         main(["--debug", *args])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["eval", "--model", "m", "--widths", "1,a"], "argument --widths: 'a' is not an integer"),
-    (["eval", "--model", "m", "--widths", "0"], "argument --widths: must be >= 1, got 0"),
-    (["eval", "--model", "m", "--test-problems", "0"], "argument --test-problems: must be >= 1, got 0"),
-    (["tiny-model", "d", "--hidden-size", "0"], "argument --hidden-size: must be >= 1, got 0"),
-    (["tiny-model", "d", "--layers", "0"], "argument --layers: must be >= 1, got 0"),
-    (["train", "grpo", "--model", "m", "--out", "o", "--minibatches", "0"], "argument --minibatches: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--model", "m", "--widths", "1,a"], "argument --widths: 'a' is not an integer"),
+        (["eval", "--model", "m", "--widths", "0"], "argument --widths: must be >= 1, got 0"),
+        (["eval", "--model", "m", "--test-problems", "0"], "argument --test-problems: must be >= 1, got 0"),
+        (["tiny-model", "d", "--hidden-size", "0"], "argument --hidden-size: must be >= 1, got 0"),
+        (["tiny-model", "d", "--layers", "0"], "argument --layers: must be >= 1, got 0"),
+        (["train", "grpo", "--model", "m", "--out", "o", "--minibatches", "0"], "argument --minibatches: must be >= 1"),
+    ],
+)
 def test_cli_bad_numbers_are_argument_errors(args, message, capsys):
     from bridge_ops.cli import main
 
@@ -632,8 +681,19 @@ def test_cli_bad_numbers_are_argument_errors(args, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-PRETRAIN = ["train", "pretrain", "--hidden-size", "32", "--layers", "1", "--batch", "8", "--train-problems", "16",
-            "--no-progress"]
+PRETRAIN = [
+    "train",
+    "pretrain",
+    "--hidden-size",
+    "32",
+    "--layers",
+    "1",
+    "--batch",
+    "8",
+    "--train-problems",
+    "16",
+    "--no-progress",
+]
 
 
 def test_pretrain_checks_its_output_directory_before_training(tmp_path, capsys):

@@ -182,11 +182,23 @@ def test_groups_block_keeps_no_state_between_unrelated_forwards(monkeypatch):
 
     def generation(seed, ids, mask):
         torch.manual_seed(seed)
-        return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=steps,
-                              eos_token_id=eos, pad_token_id=PAD, return_dict_in_generate=True, output_logits=True)
+        return model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=steps,
+            eos_token_id=eos,
+            pad_token_id=PAD,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
 
-    forwards = [lambda: generation(3, *batches[0]), lambda: generation(4, *batches[1]),
-                lambda: model(input_ids=teacher_ids)]
+    forwards = [
+        lambda: generation(3, *batches[0]),
+        lambda: generation(4, *batches[1]),
+        lambda: model(input_ids=teacher_ids),
+    ]
     with torch.no_grad(), bridge_ops.groups(model, width=width, eos_token_id=eos):
         together = [forward() for forward in forwards]
     masks_together = list(masks)
@@ -201,13 +213,18 @@ def test_groups_block_keeps_no_state_between_unrelated_forwards(monkeypatch):
     for (ids, _), prompts, out, alone in zip(batches, (PROMPTS[:2], PROMPTS[1:]), together, apart):
         assert torch.equal(out.sequences, alone.sequences)
         rows = out.sequences[:, ids.shape[1] :].tolist()
-        sequences = [[row[: row.index(eos) + 1] if eos in row else row for row in rows[g * width : (g + 1) * width]]
-                     for g in range(len(prompts))]
+        sequences = [
+            [row[: row.index(eos) + 1] if eos in row else row for row in rows[g * width : (g + 1) * width]]
+            for g in range(len(prompts))
+        ]
         assert any(len(s) < steps for g in sequences for s in g)  # some rows finished while their peers went on
         step_logits = torch.stack(out.logits, dim=1)
         result = bridge_ops.GenerationOutput(
-            sequences, None, 0, 1.0, [[step_logits[g * width + m, : len(s)] for m, s in enumerate(group)]
-                                      for g, group in enumerate(sequences)]
+            sequences,
+            None,
+            0,
+            1.0,
+            [[step_logits[g * width + m, : len(s)] for m, s in enumerate(group)] for g, group in enumerate(sequences)],
         )
         assert_incremental_matches_teacher_forced(model, prompts, [width] * len(prompts), result)
 
@@ -279,8 +296,9 @@ def test_incremental_decoding_equals_teacher_forced_forward(model_type, compact)
     widths = [3, 1, 2]
     eos = eos_after_two_steps(model, PROMPTS, widths, seed=3)
     torch.manual_seed(3)
-    result = bridge_ops.generate(model, PROMPTS, widths, max_new_tokens=8, eos_token_id=eos, top_k=0,
-                                 compact=compact, return_logits=True)
+    result = bridge_ops.generate(
+        model, PROMPTS, widths, max_new_tokens=8, eos_token_id=eos, top_k=0, compact=compact, return_logits=True
+    )
     lengths = [len(s) for g in result.sequences for s in g]
     assert min(lengths) < 8 and max(lengths) == 8, lengths  # some rows finished early, some did not
     assert all(s[-1] == eos for g in result.sequences for s in g if len(s) < 8)
@@ -292,8 +310,9 @@ def test_bridge_really_mixes_members_during_generation():
     (except at the first token, which comes from the shared prompt)."""
     model = bridged_model("llama")
     torch.manual_seed(0)
-    together = bridge_ops.generate(model, [PROMPTS[0]], 3, max_new_tokens=6, eos_token_id=[], top_k=0,
-                                   return_logits=True)
+    together = bridge_ops.generate(
+        model, [PROMPTS[0]], 3, max_new_tokens=6, eos_token_id=[], top_k=0, return_logits=True
+    )
     member = bridge_ops.GenerationOutput([[together.sequences[0][0]]], None, 6, 1.0)
     alone, _ = teacher_forced_logits(model, [PROMPTS[0]], [1], member)
     with_peers = together.logits[0][0]
@@ -325,8 +344,9 @@ def test_prefill_once_equals_expanded_prefill():
     once.batch_select_indices(rows)
     naive = DynamicCache(config=model.config)
     with torch.no_grad(), bridge_ops.groups(model, width=width):
-        logits_naive = model(input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions[rows],
-                             past_key_values=naive).logits
+        logits_naive = model(
+            input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions[rows], past_key_values=naive
+        ).logits
     torch.testing.assert_close(logits_once[rows], logits_naive, rtol=0, atol=1e-5)
     for layer_once, layer_naive in zip(once.layers, naive.layers):
         torch.testing.assert_close(layer_once.keys, layer_naive.keys, rtol=0, atol=1e-5)
@@ -337,10 +357,12 @@ def test_groups_of_different_prompts_do_not_interact():
     # compact=False keeps the batch shape fixed, so that the comparison can be bit-exact: when the other group
     # finishes earlier in one run, compaction changes the batch size and with it the float rounding of the matmuls.
     model = bridged_model("llama")
-    a = bridge_ops.generate(model, [PROMPTS[0], [20, 21, 22]], [3, 2], max_new_tokens=6, do_sample=False,
-                            return_logits=True, compact=False)
-    b = bridge_ops.generate(model, [PROMPTS[0], [30, 31, 32]], [3, 2], max_new_tokens=6, do_sample=False,
-                            return_logits=True, compact=False)
+    a = bridge_ops.generate(
+        model, [PROMPTS[0], [20, 21, 22]], [3, 2], max_new_tokens=6, do_sample=False, return_logits=True, compact=False
+    )
+    b = bridge_ops.generate(
+        model, [PROMPTS[0], [30, 31, 32]], [3, 2], max_new_tokens=6, do_sample=False, return_logits=True, compact=False
+    )
     assert a.sequences[0] == b.sequences[0]
     assert all(torch.equal(x, y) for x, y in zip(a.logits[0], b.logits[0]))
     assert a.sequences[1] != b.sequences[1]
@@ -351,8 +373,16 @@ def test_compaction_does_not_change_surviving_rows():
     widths = [2, 3, 1]
     eos = eos_after_two_steps(model, PROMPTS, widths, seed=5)
     runs = [
-        bridge_ops.generate(model, PROMPTS, widths, max_new_tokens=10, do_sample=False, eos_token_id=eos,
-                            compact=compact, return_logits=True)
+        bridge_ops.generate(
+            model,
+            PROMPTS,
+            widths,
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=eos,
+            compact=compact,
+            return_logits=True,
+        )
         for compact in (True, False)
     ]
     assert runs[0].sequences == runs[1].sequences
@@ -366,21 +396,32 @@ def test_hf_generate_with_num_return_sequences_matches_bridge_ops_generate():
     width, steps = 4, 8
     eos = eos_after_two_steps(model, PROMPTS, [width] * 3, seed=11)
     torch.manual_seed(11)
-    ours = bridge_ops.generate(model, ids, width, max_new_tokens=steps, attention_mask=mask, eos_token_id=eos,
-                               top_k=0, compact=False)
+    ours = bridge_ops.generate(
+        model, ids, width, max_new_tokens=steps, attention_mask=mask, eos_token_id=eos, top_k=0, compact=False
+    )
     torch.manual_seed(11)
-    theirs = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, num_return_sequences=width,
-                            max_new_tokens=steps, top_k=0, eos_token_id=eos, pad_token_id=PAD)
+    theirs = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        num_return_sequences=width,
+        max_new_tokens=steps,
+        top_k=0,
+        eos_token_id=eos,
+        pad_token_id=PAD,
+    )
     generated = theirs[:, ids.shape[1] :].tolist()
     ours_flat = [s for g in ours.sequences for s in g]
     assert any(len(s) < steps for s in ours_flat)
     for mine, hf in zip(ours_flat, generated):
         assert mine == hf[: len(mine)]
     # greedy at width 1
-    greedy_ours = bridge_ops.generate(model, ids, 1, max_new_tokens=steps, attention_mask=mask, do_sample=False,
-                                      eos_token_id=eos)
-    greedy_hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=steps,
-                               eos_token_id=eos, pad_token_id=PAD)[:, ids.shape[1] :].tolist()
+    greedy_ours = bridge_ops.generate(
+        model, ids, 1, max_new_tokens=steps, attention_mask=mask, do_sample=False, eos_token_id=eos
+    )
+    greedy_hf = model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=steps, eos_token_id=eos, pad_token_id=PAD
+    )[:, ids.shape[1] :].tolist()
     for (mine,), hf in zip(greedy_ours.sequences, greedy_hf):
         assert mine == hf[: len(mine)]
 

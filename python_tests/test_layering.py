@@ -19,11 +19,32 @@ import bridge_ops
 
 PACKAGE = pathlib.Path(bridge_ops.__file__).parent
 CORE = [
-    "__init__.py", "_loader.py", "aggregation.py", "block.py", "cache.py", "checks.py", "cupy_backend.py",
-    "dispatch.py", "files.py", "generation.py", "groups.py", "info.py", "ops.py", "reference.py", "version.py", "hf",
+    "__init__.py",
+    "_loader.py",
+    "aggregation.py",
+    "block.py",
+    "cache.py",
+    "checks.py",
+    "cupy_backend.py",
+    "dispatch.py",
+    "files.py",
+    "generation.py",
+    "groups.py",
+    "info.py",
+    "ops.py",
+    "reference.py",
+    "version.py",
+    "hf",
 ]
-RESEARCH = ["bridge_ops.train", "bridge_ops.tasks", "bridge_ops.charlm", "bridge_ops.demo", "bridge_ops.integrations",
-            "bridge_ops.cli", "bridge_ops.argtypes"]
+RESEARCH = [
+    "bridge_ops.train",
+    "bridge_ops.tasks",
+    "bridge_ops.charlm",
+    "bridge_ops.demo",
+    "bridge_ops.integrations",
+    "bridge_ops.cli",
+    "bridge_ops.argtypes",
+]
 CLI = ["bridge_ops.cli"]  # (bridge_ops.argtypes, the argparse types, are shared with train/commands.py)
 
 
@@ -63,9 +84,11 @@ def files(entries: List[str]) -> List[pathlib.Path]:
 
 def core_violations(path: pathlib.Path) -> List[str]:
     # `from a import b` may import the module a.b
-    return [f"{path.relative_to(PACKAGE.parent)}:{line} imports {module}{'.' + name if name else ''}"
-            for module, name, line in imports(path)
-            if within(module, RESEARCH) or within(f"{module}.{name}", RESEARCH)]
+    return [
+        f"{path.relative_to(PACKAGE.parent)}:{line} imports {module}{'.' + name if name else ''}"
+        for module, name, line in imports(path)
+        if within(module, RESEARCH) or within(f"{module}.{name}", RESEARCH)
+    ]
 
 
 def training_violations(path: pathlib.Path) -> List[str]:
@@ -106,13 +129,19 @@ def test_the_checks_catch_violations(tmp_path, monkeypatch):
     (package / "train").mkdir()
     monkeypatch.setattr(f"{__name__}.PACKAGE", package)
     core = package / "hf" / "patch.py"
-    core.write_text("from ..train import Trainer\n\n"
-                    "def f():\n    from bridge_ops import charlm\n    import bridge_ops.cli\n")
+    core.write_text(
+        "from ..train import Trainer\n\ndef f():\n    from bridge_ops import charlm\n    import bridge_ops.cli\n"
+    )
     assert [v.split(" imports ")[1] for v in core_violations(core)] == [
-        "bridge_ops.train.Trainer", "bridge_ops.charlm", "bridge_ops.cli"]
+        "bridge_ops.train.Trainer",
+        "bridge_ops.charlm",
+        "bridge_ops.cli",
+    ]
     training = package / "train" / "commands.py"
-    training.write_text("from ..cli import positive_int\nfrom ..hf.patch import _generic_norm, decoder_layers\n"
-                        "from .sft import _private_of_training\nfrom ..argtypes import positive_float\n")
+    training.write_text(
+        "from ..cli import positive_int\nfrom ..hf.patch import _generic_norm, decoder_layers\n"
+        "from .sft import _private_of_training\nfrom ..argtypes import positive_float\n"
+    )
     assert training_violations(training) == [
         "bridge_ops/train/commands.py:1 imports the CLI (bridge_ops.cli.positive_int)",
         "bridge_ops/train/commands.py:2 imports the private name _generic_norm of bridge_ops.hf.patch",

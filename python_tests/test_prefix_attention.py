@@ -17,8 +17,20 @@ from bridge_ops import reference
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.bridge_ops, "prefix_suffix_attention"), reason="no compiled _C")
 
 
-def cascade_inputs(sizes, q_heads, kv_heads, head_dim, prefix_len, suffix_len, dtype=torch.float32, *,
-                   prefix_lens=None, suffix_lens=None, seed=0, device="cpu"):
+def cascade_inputs(
+    sizes,
+    q_heads,
+    kv_heads,
+    head_dim,
+    prefix_len,
+    suffix_len,
+    dtype=torch.float32,
+    *,
+    prefix_lens=None,
+    suffix_lens=None,
+    seed=0,
+    device="cpu",
+):
     """Arguments of prefix_suffix_attention in call order (q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v,
     cu_group_lens, suffix_lens)."""
     gen = torch.Generator().manual_seed(seed)
@@ -72,8 +84,9 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference_and_stock_attention(case, dtype):
     sizes, q_heads, kv_heads, head_dim, p, t, prefix_lens, suffix_lens = CASES[case]
-    args = cascade_inputs(sizes, q_heads, kv_heads, head_dim, p, t, dtype, prefix_lens=prefix_lens,
-                          suffix_lens=suffix_lens)
+    args = cascade_inputs(
+        sizes, q_heads, kv_heads, head_dim, p, t, dtype, prefix_lens=prefix_lens, suffix_lens=suffix_lens
+    )
     out, lse = bridge_ops.prefix_suffix_attention(*args, return_lse=True)
     oracle, oracle_lse = run_reference(args)
     assert out.shape == args[0].shape and out.dtype == dtype and out.is_contiguous()
@@ -89,8 +102,9 @@ def test_matches_reference_and_stock_attention(case, dtype):
 @pytest.mark.parametrize("case", list(CASES))
 def test_cuda_kernel_matches_reference(case, dtype):
     sizes, q_heads, kv_heads, head_dim, p, t, prefix_lens, suffix_lens = CASES[case]
-    args = cascade_inputs(sizes, q_heads, kv_heads, head_dim, p, t, dtype, prefix_lens=prefix_lens,
-                          suffix_lens=suffix_lens, device="cuda")
+    args = cascade_inputs(
+        sizes, q_heads, kv_heads, head_dim, p, t, dtype, prefix_lens=prefix_lens, suffix_lens=suffix_lens, device="cuda"
+    )
     assert bridge_ops.dispatch.backend_for("cuda", cascade=True).name in ("cuda", "reference")
     out, lse = bridge_ops.prefix_suffix_attention(*args, return_lse=True)
     assert out.is_cuda and lse.is_cuda

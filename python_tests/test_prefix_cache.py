@@ -69,8 +69,9 @@ def test_finished_rows_and_compaction(bridged, cascade_calls):
 
 
 def test_sampling_with_top_p_agrees(cascade_calls):
-    expanded, shared = generate_both(bridged_model("llama", seed=5), seed=7, max_new_tokens=8, eos_token_id=[],
-                                     top_p=0.9, temperature=0.8)
+    expanded, shared = generate_both(
+        bridged_model("llama", seed=5), seed=7, max_new_tokens=8, eos_token_id=[], top_p=0.9, temperature=0.8
+    )
     assert_same_generation(expanded, shared)
 
 
@@ -80,8 +81,10 @@ def test_auto_cache_uses_the_cascade_where_it_can(cascade_calls):
     cascade_calls.clear()
     windowed = tiny_model("mistral", sliding_window=4)
     assert attention.unsupported_reason(windowed) == "a sliding window (4 positions)"
-    expanded, shared = (bridge_ops.generate(windowed, PROMPTS, WIDTHS, max_new_tokens=3, eos_token_id=[], cache=c,
-                                            do_sample=False) for c in ("expanded", "auto"))
+    expanded, shared = (
+        bridge_ops.generate(windowed, PROMPTS, WIDTHS, max_new_tokens=3, eos_token_id=[], cache=c, do_sample=False)
+        for c in ("expanded", "auto")
+    )
     assert not cascade_calls and shared.sequences == expanded.sequences
     assert attention.unsupported_reason(tiny_model("llama")) is None
 
@@ -114,8 +117,9 @@ def prompt_forward(model, cache, steps=3):
             tokens = torch.randint(3, 60, (rows.numel(), 1), generator=gen)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
-            logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           use_cache=True).logits
+            logits = model(
+                input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            ).logits
     return logits
 
 
@@ -184,7 +188,6 @@ def test_wrong_batches_and_unsupported_operations_are_refused():
         shared.reorder_cache(torch.arange(6))
     shared.reset()
     assert shared.get_seq_length() == 0 and shared.layers[0].prefix_keys is None
-
 
 
 def test_the_cascade_view_needs_the_prompts_stored():

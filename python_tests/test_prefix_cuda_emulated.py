@@ -18,13 +18,19 @@ emulator_launcher = pytest.importorskip("emulator_launcher")
 kernels = emulator_launcher.cupy_backend.kernels
 
 # Template arguments <T, A> of the cascade kernels: the cupy backend's C++ storage type, the accumulation type.
-KERNEL_TYPES = {dtype: f"{c_type}, {'double' if dtype == torch.float64 else 'float'}"
-                for dtype, c_type in emulator_launcher.cupy_backend.C_TYPES.items()}
+KERNEL_TYPES = {
+    dtype: f"{c_type}, {'double' if dtype == torch.float64 else 'float'}"
+    for dtype, c_type in emulator_launcher.cupy_backend.C_TYPES.items()
+}
 
 
 class KeyView(ctypes.Structure):  # kernels::KeyView<T> of prefix_attention.cuh
-    _fields_ = [("ptr", ctypes.c_void_p), ("sn", ctypes.c_longlong), ("sh", ctypes.c_longlong),
-                ("sl", ctypes.c_longlong)]
+    _fields_ = [
+        ("ptr", ctypes.c_void_p),
+        ("sn", ctypes.c_longlong),
+        ("sh", ctypes.c_longlong),
+        ("sl", ctypes.c_longlong),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +60,43 @@ def emulated_cascade(emu, q, pk, pv, plens, sk, sv, cu, slens, scale=None):
     out, lse = torch.empty(batch, q_heads, dim, dtype=q.dtype), torch.empty(batch, q_heads, dtype=acc)
     q_strides = [ctypes.c_longlong(s) for s in q.stride()[:2]]
     if plan.prefix_blocks:
-        launch(emu, "cascade_prefix_chunks", q.dtype, plan.prefix_blocks, plan.prefix_smem_bytes, q, *q_strides,
-               key_view(pk), key_view(pv), plens, cu, ws_o, ws_lse, shape, scale)
-    launch(emu, "cascade_suffix_merge", q.dtype, plan.merge_blocks, 0, q, *q_strides, key_view(sk), key_view(sv), slens,
-           plens, cu, ws_o, ws_lse, out, lse, shape, scale)
+        launch(
+            emu,
+            "cascade_prefix_chunks",
+            q.dtype,
+            plan.prefix_blocks,
+            plan.prefix_smem_bytes,
+            q,
+            *q_strides,
+            key_view(pk),
+            key_view(pv),
+            plens,
+            cu,
+            ws_o,
+            ws_lse,
+            shape,
+            scale,
+        )
+    launch(
+        emu,
+        "cascade_suffix_merge",
+        q.dtype,
+        plan.merge_blocks,
+        0,
+        q,
+        *q_strides,
+        key_view(sk),
+        key_view(sv),
+        slens,
+        plens,
+        cu,
+        ws_o,
+        ws_lse,
+        out,
+        lse,
+        shape,
+        scale,
+    )
     return out, lse
 
 
@@ -65,8 +104,9 @@ def emulated_cascade(emu, q, pk, pv, plens, sk, sv, cu, slens, scale=None):
 @pytest.mark.parametrize("case", list(CASES))
 def test_emulated_cascade_matches_reference(emu, case, dtype):
     sizes, q_heads, kv_heads, head_dim, p, t, prefix_lens, suffix_lens = CASES[case]
-    args = cascade_inputs(sizes, q_heads, kv_heads, head_dim, p, t, dtype, prefix_lens=prefix_lens,
-                          suffix_lens=suffix_lens)
+    args = cascade_inputs(
+        sizes, q_heads, kv_heads, head_dim, p, t, dtype, prefix_lens=prefix_lens, suffix_lens=suffix_lens
+    )
     out, lse = emulated_cascade(emu, *args)
     oracle, oracle_lse = run_reference(args)
     low, low_lse = run_reference(args, dtype, upcast=False)

@@ -90,8 +90,9 @@ def test_subset_sum_enumerates_every_solution():
     for p in problems:
         numbers = [int(x) for x in p.prompt.split(":")[0].split(",")]
         target = int(p.prompt.split(":")[1].rstrip("="))
-        brute = {",".join(map(str, c)) for r in range(1, 7) for c in itertools.combinations(numbers, r)
-                 if sum(c) == target}
+        brute = {
+            ",".join(map(str, c)) for r in range(1, 7) for c in itertools.combinations(numbers, r) if sum(c) == target
+        }
         assert set(p.solutions) == brute and len(brute) >= task.min_solutions and p.answer in brute
         assert all(task.reward(s, p) == 1.0 for s in p.solutions)
     test = task.problems("test", 300, seed=0)

@@ -40,8 +40,10 @@ def test_group_advantages_by_hand():
     s = math.sqrt(3) / 4
     expected = torch.tensor([1.0, -1.0, 0.0, 0.0, -0.25 / s, -0.25 / s, -0.25 / s, 0.75 / s])
     torch.testing.assert_close(adv, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(group_advantages(rewards, [2, 2, 4], scale_rewards=False),
-                               torch.tensor([0.5, -0.5, 0.0, 0.0, -0.25, -0.25, -0.25, 0.75]))
+    torch.testing.assert_close(
+        group_advantages(rewards, [2, 2, 4], scale_rewards=False),
+        torch.tensor([0.5, -0.5, 0.0, 0.0, -0.25, -0.25, -0.25, 0.75]),
+    )
     with pytest.raises(ValueError, match="rewards"):
         group_advantages(rewards, [2, 2])
 
@@ -79,8 +81,9 @@ def test_grpo_loss_kl_and_global_token_count():
 def test_token_log_probs_match_generation(bridged):
     model = bridged_model() if bridged else tiny_model()
     torch.manual_seed(3)
-    result = bridge_ops.generate(model, PROMPTS[:3], [3, 1, 2], 6, eos_token_id=EOS, pad_token_id=PAD,
-                                 return_log_probs=True)
+    result = bridge_ops.generate(
+        model, PROMPTS[:3], [3, 1, 2], 6, eos_token_id=EOS, pad_token_id=PAD, return_log_probs=True
+    )
     batch = grouped_batch(PROMPTS[:3], result.sequences, PAD)
     with torch.no_grad():
         per_token = token_log_probs(model, batch)
@@ -119,8 +122,12 @@ def test_sft_with_frozen_base_changes_only_bridge_weights():
     model = bridge_ops.apply_bridge(tiny_model(), d_bridge=16, num_heads=2)
     before = _named_state(model)
     groups = [(PROMPTS[0], [[3, 4, EOS], [3, 5, EOS]]), (PROMPTS[1], [[6, EOS], [6, EOS], [7, EOS]])]
-    history = train_sft(model, groups, SFTConfig(steps=3, lr=1e-2, groups_per_step=2, progress=False),
-                        trainable=select_trainable(model, "bridge"))
+    history = train_sft(
+        model,
+        groups,
+        SFTConfig(steps=3, lr=1e-2, groups_per_step=2, progress=False),
+        trainable=select_trainable(model, "bridge"),
+    )
     assert history[-1]["loss"] < history[0]["loss"]
     after = _named_state(model)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -129,8 +136,16 @@ def test_sft_with_frozen_base_changes_only_bridge_weights():
 
 
 def _grpo_config(**kw):
-    settings = dict(steps=4, lr=1e-2, width=3, prompts_per_step=2, max_new_tokens=4, progress=False,
-                    loss=GRPOLossConfig(beta=0.1), minibatches=2)
+    settings = dict(
+        steps=4,
+        lr=1e-2,
+        width=3,
+        prompts_per_step=2,
+        max_new_tokens=4,
+        progress=False,
+        loss=GRPOLossConfig(beta=0.1),
+        minibatches=2,
+    )
     settings.update(kw)
     return GRPOConfig(**settings)
 
@@ -158,8 +173,16 @@ def test_grpo_rejects_bad_sizes():
 
 
 def test_collect_correct_groups_keeps_prompts_with_two_correct():
-    groups = collect_warmup_groups(bridged_model(), PROMPTS, 6, "correct", reward_fn=reward_even_first,
-                                   max_new_tokens=3, eos_token_id=EOS, pad_token_id=PAD)
+    groups = collect_warmup_groups(
+        bridged_model(),
+        PROMPTS,
+        6,
+        "correct",
+        reward_fn=reward_even_first,
+        max_new_tokens=3,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
     assert groups
     for prompt, responses, masks in groups:
         assert prompt in PROMPTS and len(responses) >= 2 and masks is None
@@ -235,17 +258,39 @@ def test_evaluate_widths_counts_by_hand(monkeypatch):
 
     monkeypatch.setattr(data_module, "generate", fake_generate)
     answers = ["4", "4"]
-    results = evaluate_widths(tiny_model(), PROMPTS[:2], lambda i, r: float(str(r[0]) == answers[i]),
-                              lambda r: str(r[0]), answers, (1, 2, 3))
+    results = evaluate_widths(
+        tiny_model(), PROMPTS[:2], lambda i, r: float(str(r[0]) == answers[i]), lambda r: str(r[0]), answers, (1, 2, 3)
+    )
     by_width = {r["width"]: r for r in results}
-    assert by_width[1] == {"width": 1, "peers": "group", "mean_accuracy": 1.0, "all_correct": 1.0,
-                           "any_correct": 1.0, "majority_accuracy": 1.0, "distinct_correct": 1.0}
+    assert by_width[1] == {
+        "width": 1,
+        "peers": "group",
+        "mean_accuracy": 1.0,
+        "all_correct": 1.0,
+        "any_correct": 1.0,
+        "majority_accuracy": 1.0,
+        "distinct_correct": 1.0,
+    }
     # width 2: prompt 0 gets 4, 5 (tie: the first answer wins the vote), prompt 1 gets 4, 4
-    assert by_width[2] == {"width": 2, "peers": "group", "mean_accuracy": 0.75, "all_correct": 0.5,
-                           "any_correct": 1.0, "majority_accuracy": 1.0, "distinct_correct": 1.0}
+    assert by_width[2] == {
+        "width": 2,
+        "peers": "group",
+        "mean_accuracy": 0.75,
+        "all_correct": 0.5,
+        "any_correct": 1.0,
+        "majority_accuracy": 1.0,
+        "distinct_correct": 1.0,
+    }
     # width 3: prompt 0 votes 5 (two of three)
-    assert by_width[3] == {"width": 3, "peers": "group", "mean_accuracy": 4 / 6, "all_correct": 0.5,
-                           "any_correct": 1.0, "majority_accuracy": 0.5, "distinct_correct": 1.0}
+    assert by_width[3] == {
+        "width": 3,
+        "peers": "group",
+        "mean_accuracy": 4 / 6,
+        "all_correct": 0.5,
+        "any_correct": 1.0,
+        "majority_accuracy": 0.5,
+        "distinct_correct": 1.0,
+    }
 
 
 def test_train_method_depends_on_its_seed_not_on_the_global_rng():
@@ -316,8 +361,12 @@ def test_sft_warns_about_identical_rows_and_trains_only_loss_tokens():
     model = bridge_ops.apply_bridge(tiny_model(), d_bridge=16, num_heads=2)
     same = [(PROMPTS[0], [[3, 4, EOS], [3, 4, EOS]])]
     with pytest.warns(UserWarning, match="1 of 1 SFT groups have identical rows"):
-        train_sft(model, same, SFTConfig(steps=1, groups_per_step=1, progress=False),
-                  trainable=select_trainable(model, "bridge"))
+        train_sft(
+            model,
+            same,
+            SFTConfig(steps=1, groups_per_step=1, progress=False),
+            trainable=select_trainable(model, "bridge"),
+        )
     # a loss mask with nothing on the first response token: its logit row gets no gradient
     masked = [bridge_ops.train.Group(PROMPTS[0], [[3, 4, EOS], [5, 6, EOS]], [[False, True, True]] * 2)]
     batch = grouped_batch([masked[0].prompt], [masked[0].responses], PAD, [masked[0].loss_masks])
@@ -376,13 +425,13 @@ def test_group_reward_and_several_groups_per_prompt():
         return [float(firsts.count(f) == 1) for f in firsts]
 
     config = _grpo_config(steps=2, groups_per_prompt=2, loss=GRPOLossConfig(), minibatches=1)
-    history = train_grpo(bridged_model(), PROMPTS, bridge_ops.train.GroupReward(distinct_first), config,
-                         eos_token_id=EOS)
+    history = train_grpo(
+        bridged_model(), PROMPTS, bridge_ops.train.GroupReward(distinct_first), config, eos_token_id=EOS
+    )
     assert calls == [3] * (2 * 2 * 2)  # steps x prompts x groups, each scored as one group of width 3
     assert all(0.0 <= h["zero_advantage"] <= 1.0 and math.isfinite(h["loss"]) for h in history)
     with pytest.raises(ValueError, match="rewards for"):
-        train_grpo(bridged_model(), PROMPTS, bridge_ops.train.GroupReward(lambda i, r: [1.0]), config,
-                   eos_token_id=EOS)
+        train_grpo(bridged_model(), PROMPTS, bridge_ops.train.GroupReward(lambda i, r: [1.0]), config, eos_token_id=EOS)
 
 
 def test_rollout_copies_and_solo_peers():

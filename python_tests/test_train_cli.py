@@ -17,15 +17,50 @@ TINY = ["--no-progress", "--train-problems", "16"]
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "base"
-    assert main(["train", "pretrain", "--out", str(out), "--steps", "3", "--hidden-size", "32", "--layers", "1",
-                 "--batch", "16", "--no-progress", "--train-problems", "64"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "pretrain",
+                "--out",
+                str(out),
+                "--steps",
+                "3",
+                "--hidden-size",
+                "32",
+                "--layers",
+                "1",
+                "--batch",
+                "16",
+                "--no-progress",
+                "--train-problems",
+                "64",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_grpo_then_resume_then_eval(base_dir, tmp_path, capsys):
     out = tmp_path / "rl"
-    grpo = ["train", "grpo", "--model", str(base_dir), "--bridge", "8", "--bridge-heads", "2", "--width", "2",
-            "--prompts-per-step", "2", "--out", str(out), *TINY]
+    grpo = [
+        "train",
+        "grpo",
+        "--model",
+        str(base_dir),
+        "--bridge",
+        "8",
+        "--bridge-heads",
+        "2",
+        "--width",
+        "2",
+        "--prompts-per-step",
+        "2",
+        "--out",
+        str(out),
+        *TINY,
+    ]
     assert main([*grpo, "--steps", "2"]) == 0
     for name in ("model.safetensors", "bridge.safetensors", "tokenizer.json", "checkpoint.pt", "metrics.jsonl"):
         assert (out / name).exists(), name
@@ -33,8 +68,25 @@ def test_grpo_then_resume_then_eval(base_dir, tmp_path, capsys):
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     result = tmp_path / "eval.json"
-    assert main(["eval", "--model", str(out), "--widths", "1,2", "--test-problems", "4", "--json", str(result),
-                 "--no-progress", "--peers", "both"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(out),
+                "--widths",
+                "1,2",
+                "--test-problems",
+                "4",
+                "--json",
+                str(result),
+                "--no-progress",
+                "--peers",
+                "both",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(result.read_text())
     assert [(r["width"], r["peers"]) for r in rows] == [(1, "group"), (2, "group"), (1, "solo"), (2, "solo")]
     assert "mean_acc" in capsys.readouterr().out
@@ -42,14 +94,46 @@ def test_grpo_then_resume_then_eval(base_dir, tmp_path, capsys):
 
 def test_repair_warmup_needs_a_task_with_a_chain(base_dir, tmp_path):
     with pytest.raises(SystemExit, match="chain"):
-        main(["train", "sft", "--model", str(base_dir), "--bridge", "8", "--warmup", "repair", "--out",
-              str(tmp_path / "warm"), "--steps", "1", *TINY])
+        main(
+            [
+                "train",
+                "sft",
+                "--model",
+                str(base_dir),
+                "--bridge",
+                "8",
+                "--warmup",
+                "repair",
+                "--out",
+                str(tmp_path / "warm"),
+                "--steps",
+                "1",
+                *TINY,
+            ]
+        )
 
 
 def test_sft_refuses_a_model_without_correct_samples(base_dir, tmp_path):
     with pytest.raises(SystemExit, match="too weak"):
-        main(["train", "sft", "--model", str(base_dir), "--bridge", "8", "--bridge-heads", "2", "--width", "2",
-              "--out", str(tmp_path / "warm"), "--steps", "1", *TINY])
+        main(
+            [
+                "train",
+                "sft",
+                "--model",
+                str(base_dir),
+                "--bridge",
+                "8",
+                "--bridge-heads",
+                "2",
+                "--width",
+                "2",
+                "--out",
+                str(tmp_path / "warm"),
+                "--steps",
+                "1",
+                *TINY,
+            ]
+        )
 
 
 def _experiment(name):
@@ -67,7 +151,9 @@ def test_interdependence_experiment_smoke(tmp_path):
     methods = {"grpo", "pmatch-correct", "pmatch-repair", "bridge-repair"}
     assert {r["method"] for r in rows} == methods
     assert {(r["method"], r["peers"]) for r in rows if r["method"] == "bridge-repair"} == {
-        ("bridge-repair", "group"), ("bridge-repair", "solo")}
+        ("bridge-repair", "group"),
+        ("bridge-repair", "solo"),
+    }
     assert all(0.0 <= float(r["mean_accuracy"]) <= 1.0 for r in rows)
     assert (tmp_path / "consensus" / "accuracy_vs_width.png").stat().st_size > 10_000
     assert (tmp_path / "coordination" / "distinct_vs_bound.png").stat().st_size > 10_000

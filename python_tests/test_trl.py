@@ -30,10 +30,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("trl"))
-    trainer = make_trainer(directory, eval_prompts=["8+1=", "2+9="], per_device_train_batch_size=2 * WIDTH,
-                           gradient_accumulation_steps=2, steps_per_generation=4, num_iterations=2, max_steps=4,
-                           beta=0.1, save_strategy="steps", save_steps=4, eval_strategy="steps", eval_steps=4,
-                           per_device_eval_batch_size=2 * WIDTH)
+    trainer = make_trainer(
+        directory,
+        eval_prompts=["8+1=", "2+9="],
+        per_device_train_batch_size=2 * WIDTH,
+        gradient_accumulation_steps=2,
+        steps_per_generation=4,
+        num_iterations=2,
+        max_steps=4,
+        beta=0.1,
+        save_strategy="steps",
+        save_steps=4,
+        eval_strategy="steps",
+        eval_steps=4,
+        per_device_eval_batch_size=2 * WIDTH,
+    )
     initial = [p.detach().clone() for p in bridge_ops.bridge_parameters(trainer.model)]
     trainer.train()
     trainer.initial_bridge = initial
@@ -45,8 +56,9 @@ def trl_log_probs(trainer, batch):
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     with torch.no_grad(), trainer._whole_groups(WIDTH):
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask,
-                                                                 batch["completion_ids"].shape[1])
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, ids, mask, batch["completion_ids"].shape[1]
+        )
     return logps
 
 
@@ -79,10 +91,14 @@ def test_trl_log_probs_equal_token_log_probs_and_stay_within_groups(run):
     batch = run.micro_batches[0]
     logps = trl_log_probs(run, batch)
     pad = run.processing_class.pad_token_id
-    prompts = [[t for t, m in zip(ids, mask) if m] for ids, mask in
-               zip(batch["prompt_ids"][::WIDTH].tolist(), batch["prompt_mask"][::WIDTH].tolist())]
-    completions = [[t for t, m in zip(ids, mask) if m] for ids, mask in
-                   zip(batch["completion_ids"].tolist(), batch["completion_mask"].tolist())]
+    prompts = [
+        [t for t, m in zip(ids, mask) if m]
+        for ids, mask in zip(batch["prompt_ids"][::WIDTH].tolist(), batch["prompt_mask"][::WIDTH].tolist())
+    ]
+    completions = [
+        [t for t, m in zip(ids, mask) if m]
+        for ids, mask in zip(batch["completion_ids"].tolist(), batch["completion_mask"].tolist())
+    ]
     grouped = grouped_batch(prompts, [completions[g : g + WIDTH] for g in range(0, len(completions), WIDTH)], pad)
     with torch.no_grad():
         ours = token_log_probs(run.model, grouped, temperature=run.temperature)
@@ -125,25 +141,38 @@ def test_a_generation_batch_that_splits_a_group_is_refused(run):
     shuffled = shuffle_groups(batch, 3)
     assert shuffled["n"] is batch["n"] and shuffled["z"] is None
     assert shuffled["y"] == [str(i) for i in shuffled["x"].tolist()]
-    assert all(shuffled["x"][g : g + 3].tolist() == list(range(shuffled["x"][g], shuffled["x"][g] + 3))
-               for g in range(0, 12, 3))
+    assert all(
+        shuffled["x"][g : g + 3].tolist() == list(range(shuffled["x"][g], shuffled["x"][g] + 3))
+        for g in range(0, 12, 3)
+    )
 
 
-@pytest.mark.parametrize("setting, message", [
-    (dict(use_vllm=True), "use_vllm=True: vLLM has no Bridge layer"),
-    (dict(use_transformers_continuous_batching=True), "packed \\[1, T\\] forwards"),
-    (dict(per_device_train_batch_size=6, steps_per_generation=2),  # TRL accepts: 12 rows per generation batch
-     "per_device_train_batch_size=6 is not a multiple of num_generations=4"),
-    (dict(mask_truncated_completions=True), "mask_truncated_completions=True"),
-    (dict(generation_kwargs={"use_cache": False}), "use_cache=False"),
-    (dict(generation_kwargs={"num_beams": 2}), "beam search"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (dict(use_vllm=True), "use_vllm=True: vLLM has no Bridge layer"),
+        (dict(use_transformers_continuous_batching=True), "packed \\[1, T\\] forwards"),
+        (
+            dict(per_device_train_batch_size=6, steps_per_generation=2),  # TRL accepts: 12 rows per generation batch
+            "per_device_train_batch_size=6 is not a multiple of num_generations=4",
+        ),
+        (dict(mask_truncated_completions=True), "mask_truncated_completions=True"),
+        (dict(generation_kwargs={"use_cache": False}), "use_cache=False"),
+        (dict(generation_kwargs={"num_beams": 2}), "beam search"),
+    ],
+)
 def test_unsupported_settings_are_refused(tmp_path, setting, message):
     from trl import GRPOConfig
 
     model, tokenizer = bridged_tiny_model(str(tmp_path))
-    settings = dict(output_dir=str(tmp_path), num_generations=WIDTH, per_device_train_batch_size=WIDTH,
-                    report_to="none", bf16=False, use_cpu=True)
+    settings = dict(
+        output_dir=str(tmp_path),
+        num_generations=WIDTH,
+        per_device_train_batch_size=WIDTH,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+    )
     args = GRPOConfig(**{**settings, **setting})
     with pytest.raises(ValueError, match=message):
         BridgeGRPOTrainer(model=model, reward_funcs=reward, args=args, processing_class=tokenizer)
@@ -153,11 +182,22 @@ def test_unsupported_arguments_and_models_are_refused(tmp_path):
     from trl import GRPOConfig
 
     model, tokenizer = bridged_tiny_model(str(tmp_path))
-    args = GRPOConfig(output_dir=str(tmp_path), num_generations=WIDTH, per_device_train_batch_size=WIDTH,
-                      per_device_eval_batch_size=6, report_to="none", bf16=False, use_cpu=True)
-    for kwargs, message in [(dict(tools=[len]), "tool-call loop"), (dict(rollout_func=len), "rollout_func"),
-                            (dict(environment_factory=dict), "environment_factory"), (dict(peft_config=1), "PEFT"),
-                            (dict(eval_dataset=[]), "per_device_eval_batch_size=6 is not a multiple")]:
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        num_generations=WIDTH,
+        per_device_train_batch_size=WIDTH,
+        per_device_eval_batch_size=6,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+    )
+    for kwargs, message in [
+        (dict(tools=[len]), "tool-call loop"),
+        (dict(rollout_func=len), "rollout_func"),
+        (dict(environment_factory=dict), "environment_factory"),
+        (dict(peft_config=1), "PEFT"),
+        (dict(eval_dataset=[]), "per_device_eval_batch_size=6 is not a multiple"),
+    ]:
         with pytest.raises(ValueError, match=message):
             BridgeGRPOTrainer(model=model, reward_funcs=reward, args=args, processing_class=tokenizer, **kwargs)
     bridge_ops.remove_bridge(model)
@@ -172,9 +212,22 @@ def test_two_ranks_keep_groups_whole(tmp_path):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     path = str(tmp_path / "summary")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           os.path.join(HERE, "trl_worker.py"), path], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            os.path.join(HERE, "trl_worker.py"),
+            path,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = []
     for rank in range(2):
@@ -184,7 +237,6 @@ def test_two_ranks_keep_groups_whole(tmp_path):
         assert summary["world_size"] == 2 and summary["training_forwards"] == 2 and summary["rollout_forwards"] > 1
         assert len(summary["prompts"]) == 2 * WIDTH
     assert not set(ranks[0]["prompts"]) & set(ranks[1]["prompts"])  # each prompt's group lives on one rank
-
 
 
 def test_example_runs(tmp_path, monkeypatch):

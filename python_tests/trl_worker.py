@@ -91,9 +91,12 @@ class Recorder:
             for batch, cu, _ in forward["calls"]:
                 assert batch == rows and cu == list(range(0, rows + 1, width)), (batch, cu)
         calls = [len(f["calls"]) for f in self.forwards]
-        return {"forwards": len(self.forwards), "rollout_forwards": sum(f["cached"] for f in self.forwards),
-                "recomputed_forwards": sum(n == 2 * layers for n in calls),
-                "training_forwards": sum(any(grad for *_, grad in f["calls"]) for f in self.forwards)}
+        return {
+            "forwards": len(self.forwards),
+            "rollout_forwards": sum(f["cached"] for f in self.forwards),
+            "recomputed_forwards": sum(n == 2 * layers for n in calls),
+            "training_forwards": sum(any(grad for *_, grad in f["calls"]) for f in self.forwards),
+        }
 
 
 def make_trainer(directory: str, eval_prompts=None, **config):
@@ -119,17 +122,39 @@ def make_trainer(directory: str, eval_prompts=None, **config):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             if not trainer.first_gradients:
                 blocks = bridge_ops.hf.bridge_blocks(trainer.accelerator.unwrap_model(trainer.model))
-                trainer.first_gradients.update({f"{i}.{n}": p.grad.abs().sum().item() for i, block in enumerate(blocks)
-                                                for n, p in block.named_parameters()})
+                trainer.first_gradients.update(
+                    {
+                        f"{i}.{n}": p.grad.abs().sum().item()
+                        for i, block in enumerate(blocks)
+                        for n, p in block.named_parameters()
+                    }
+                )
 
     model, tokenizer = bridged_tiny_model(os.path.join(directory, "base"))
-    settings = dict(output_dir=os.path.join(directory, "out"), num_generations=WIDTH, max_completion_length=10,
-                    learning_rate=1e-2, max_steps=2, logging_steps=1, save_strategy="no", report_to="none",
-                    bf16=False, use_cpu=True, seed=0, dataloader_num_workers=0)
+    settings = dict(
+        output_dir=os.path.join(directory, "out"),
+        num_generations=WIDTH,
+        max_completion_length=10,
+        learning_rate=1e-2,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
     eval_dataset = None if eval_prompts is None else Dataset.from_dict({"prompt": eval_prompts})
-    trainer = Instrumented(model=model, reward_funcs=reward, args=GRPOConfig(**{**settings, **config}),
-                           train_dataset=Dataset.from_dict({"prompt": PROMPTS}), eval_dataset=eval_dataset,
-                           processing_class=tokenizer, callbacks=[FirstGradients()])
+    trainer = Instrumented(
+        model=model,
+        reward_funcs=reward,
+        args=GRPOConfig(**{**settings, **config}),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=[FirstGradients()],
+    )
     trainer.generation_batches, trainer.micro_batches, trainer.first_gradients = [], [], {}
     trainer.recorders = [Recorder(model, tokenizer)]
     if trainer.ref_model is not None:
@@ -142,12 +167,16 @@ def main(path: str) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     directory = os.path.join(os.path.dirname(path), f"rank{rank}")
-    trainer = make_trainer(directory, per_device_train_batch_size=WIDTH, steps_per_generation=2, max_steps=2,
-                           ddp_backend="gloo")
+    trainer = make_trainer(
+        directory, per_device_train_batch_size=WIDTH, steps_per_generation=2, max_steps=2, ddp_backend="gloo"
+    )
     trainer.train()
     summary = trainer.recorders[0].check_whole_groups(WIDTH, layers=2)
-    prompts = [trainer.recorders[0].prompt_of(row) for batch in trainer.generation_batches
-               for row in batch["prompt_ids"].tolist()]
+    prompts = [
+        trainer.recorders[0].prompt_of(row)
+        for batch in trainer.generation_batches
+        for row in batch["prompt_ids"].tolist()
+    ]
     summary.update(world_size=trainer.accelerator.num_processes, prompts=prompts)
     with open(f"{path}.rank{rank}.json", "w") as f:
         json.dump(summary, f)

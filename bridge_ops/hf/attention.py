@@ -44,19 +44,31 @@ def _attention(
 
     cache = kwargs.pop(CACHE_KWARG, None)
     if cache is None:  # a forward without the cascade's kwargs
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     layer = cache.layers[module.layer_idx]
     if query.shape[2] != 1:
         raise NotImplementedError(f"bridge_ops: the cascade attention decodes one token per row, got {query.shape[2]}")
     window = kwargs.get("sliding_window")
     if window is not None and layer.get_seq_length() > window:
-        raise NotImplementedError(f"bridge_ops: the cascade attention has no sliding window (window {window} < "
-                                  f"{layer.get_seq_length()} cached positions)")
+        raise NotImplementedError(
+            f"bridge_ops: the cascade attention has no sliding window (window {window} < "
+            f"{layer.get_seq_length()} cached positions)"
+        )
     if kwargs.get("softcap") is not None or getattr(module, "sinks", None) is not None:
         raise NotImplementedError("bridge_ops: the cascade attention supports neither softcapping nor sinks")
-    out = prefix_suffix_attention(query[:, :, 0], layer.prefix_keys, layer.prefix_values, cache.prefix_lens, key,
-                                  value, cache.cu_group_lens, None, scaling)
+    out = prefix_suffix_attention(
+        query[:, :, 0],
+        layer.prefix_keys,
+        layer.prefix_values,
+        cache.prefix_lens,
+        key,
+        value,
+        cache.cu_group_lens,
+        None,
+        scaling,
+    )
     return out.unsqueeze(1), None
 
 

@@ -95,8 +95,9 @@ def residual_norm(model: nn.Module, layer: nn.Module) -> nn.Module:
 
 def new_bridge_block(model: nn.Module, layer: nn.Module, cfg: BridgeConfig) -> BridgeBlock:
     """The BridgeBlock `apply_bridge` adds to `layer` (on the current default device, in float32)."""
-    return BridgeBlock(model.config.hidden_size, cfg.d_bridge, cfg.num_heads, norm=residual_norm(model, layer),
-                       init_std=cfg.init_std)
+    return BridgeBlock(
+        model.config.hidden_size, cfg.d_bridge, cfg.num_heads, norm=residual_norm(model, layer), init_std=cfg.init_std
+    )
 
 
 # ---- residual blocks on decoder layers: the instance patching Bridge and the P-Match baseline share ----------------
@@ -163,8 +164,10 @@ def remove_residual_blocks(model: nn.Module, name: str) -> nn.Module:
     for layer in layers:
         wrapper = getattr(vars(layer).get("forward"), "__func__", None)
         if not (isinstance(wrapper, _ResidualForward) and wrapper.name == name):
-            raise ValueError(f"bridge_ops: the `{name}` blocks of this model are wrapped by other blocks added after "
-                             "them: remove those first")
+            raise ValueError(
+                f"bridge_ops: the `{name}` blocks of this model are wrapped by other blocks added after "
+                "them: remove those first"
+            )
     for layer in layers:
         base = vars(layer).pop(_base_forward_attr(name))
         if getattr(base, "__self__", None) is layer and getattr(base, "__func__", None) is type(layer).forward:
@@ -224,8 +227,9 @@ def apply_bridge(
         num_heads=num_heads if num_heads is not None else defaults.num_heads,
         init_std=init_std if init_std is not None else defaults.init_std,
     )
-    blocks = add_residual_blocks(model, "bridge", lambda layer: new_bridge_block(model, layer, cfg),
-                                 _bridge_residual, take=_take_groups)
+    blocks = add_residual_blocks(
+        model, "bridge", lambda layer: new_bridge_block(model, layer, cfg), _bridge_residual, take=_take_groups
+    )
     cfg = BridgeConfig(cfg.d_bridge, blocks[0].num_heads, blocks[0].init_std)
     model.config.bridge = asdict(cfg)
     setattr(model, ACTIVE_BLOCK, None)
@@ -265,4 +269,3 @@ def parameter_share(model: nn.Module) -> Dict[str, float]:
 def bridge_parameters(model: nn.Module):
     """The Bridge parameters only (e.g. for an optimizer that trains Bridge with the base frozen)."""
     return [p for block in bridge_blocks(model) for p in block.parameters()]
-

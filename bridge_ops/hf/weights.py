@@ -58,8 +58,11 @@ def save_bridge(model: nn.Module, directory: str) -> None:
     weights = os.path.join(directory, WEIGHTS_NAME)
     atomic_write(weights, lambda tmp: save_file(tensors, tmp))
     config = dict(_shape_of(model), **model.config.bridge)
-    config.update(model_type=getattr(model.config, "model_type", None), bridge_ops_version=__version__,
-                  sha256={WEIGHTS_NAME: sha256_of(weights)})
+    config.update(
+        model_type=getattr(model.config, "model_type", None),
+        bridge_ops_version=__version__,
+        sha256={WEIGHTS_NAME: sha256_of(weights)},
+    )
     write_json(os.path.join(directory, CONFIG_NAME), config)
 
 
@@ -117,19 +120,27 @@ def _target_blocks(model: nn.Module, config: dict) -> List[nn.Module]:
 
 def _problems(model: nn.Module, config: dict, tensors: Dict[str, torch.Tensor], allow_other_model_type: bool):
     """Everything that keeps the saved Bridge from loading into `model`, as readable strings (none: it fits)."""
-    shape = _shape_of(model) if is_bridged(model) else {"hidden_size": model.config.hidden_size,
-                                                         "num_layers": len(decoder_layers(model))}
+    shape = (
+        _shape_of(model)
+        if is_bridged(model)
+        else {"hidden_size": model.config.hidden_size, "num_layers": len(decoder_layers(model))}
+    )
     problems = [f"{k} {config[k]} (saved) vs {v} (model)" for k, v in shape.items() if config.get(k, v) != v]
     saved_type, model_type = config.get("model_type"), getattr(model.config, "model_type", None)
     if saved_type is not None and saved_type != model_type and not allow_other_model_type:
-        problems.append(f"model_type {saved_type!r} (saved) vs {model_type!r} (model); pass "
-                        "allow_other_model_type=True to load it anyway")
+        problems.append(
+            f"model_type {saved_type!r} (saved) vs {model_type!r} (model); pass "
+            "allow_other_model_type=True to load it anyway"
+        )
     if type(config.get("d_bridge")) is not int:
         problems.append(f"d_bridge must be an integer, got {config.get('d_bridge')!r}")
     if problems:
         return problems
-    expected = {f"layers.{i}.{name}": t for i, block in enumerate(_target_blocks(model, config))
-                for name, t in block.state_dict().items()}
+    expected = {
+        f"layers.{i}.{name}": t
+        for i, block in enumerate(_target_blocks(model, config))
+        for name, t in block.state_dict().items()
+    }
     missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
     problems += [f"no tensor {name}" for name in missing] + [f"unexpected tensor {name}" for name in unexpected]
     for name in sorted(expected.keys() & tensors.keys()):
@@ -156,8 +167,9 @@ def load_bridge(model: nn.Module, directory: str, *, allow_other_model_type: boo
     problems = _problems(model, config, tensors, allow_other_model_type)
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ValueError(f"bridge_ops: the Bridge weights in {directory} do not fit this model: "
-                         f"{'; '.join(problems[:5])}{more}")
+        raise ValueError(
+            f"bridge_ops: the Bridge weights in {directory} do not fit this model: {'; '.join(problems[:5])}{more}"
+        )
     if not is_bridged(model):
         apply_bridge(model, config["d_bridge"], config.get("num_heads"), init_std=config.get("init_std"))
     with torch.no_grad():

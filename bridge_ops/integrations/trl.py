@@ -66,24 +66,38 @@ def _refusals(model: nn.Module, args: GRPOConfig, kwargs: dict) -> List[str]:
     generation = args.generation_kwargs or {}
     checks = [
         (args.use_vllm, "use_vllm=True: vLLM has no Bridge layer and does not keep a prompt's samples in one batch"),
-        (args.use_transformers_continuous_batching,
-         "use_transformers_continuous_batching=True: packed [1, T] forwards have no batch axis for Bridge"),
-        (kwargs.get("tools") or kwargs.get("environment_factory") is not None,
-         "tools / environment_factory: the tool-call loop generates again for the rows that called a tool only"),
-        (kwargs.get("rollout_func") is not None,
-         "rollout_func: a custom rollout samples outside the groups, so training would not see what sampling saw"),
+        (
+            args.use_transformers_continuous_batching,
+            "use_transformers_continuous_batching=True: packed [1, T] forwards have no batch axis for Bridge",
+        ),
+        (
+            kwargs.get("tools") or kwargs.get("environment_factory") is not None,
+            "tools / environment_factory: the tool-call loop generates again for the rows that called a tool only",
+        ),
+        (
+            kwargs.get("rollout_func") is not None,
+            "rollout_func: a custom rollout samples outside the groups, so training would not see what sampling saw",
+        ),
         (kwargs.get("peft_config") is not None or is_peft_model(model), "PEFT models: not supported yet"),
-        (args.per_device_train_batch_size % width != 0,
-         f"per_device_train_batch_size={args.per_device_train_batch_size} is not a multiple of num_generations="
-         f"{width}: micro-batches would split a prompt's group"),
-        (kwargs.get("eval_dataset") is not None and args.per_device_eval_batch_size % eval_width != 0,
-         f"per_device_eval_batch_size={args.per_device_eval_batch_size} is not a multiple of num_generations_eval="
-         f"{eval_width}: evaluation batches would split a prompt's group"),
-        (args.mask_truncated_completions,
-         "mask_truncated_completions=True: it hides a truncated completion from its peers in the training forward, "
-         "although they saw it at rollout"),
-        (generation.get("use_cache") is False,
-         "generation_kwargs use_cache=False: finished rows are hidden from their peers along the KV cache"),
+        (
+            args.per_device_train_batch_size % width != 0,
+            f"per_device_train_batch_size={args.per_device_train_batch_size} is not a multiple of num_generations="
+            f"{width}: micro-batches would split a prompt's group",
+        ),
+        (
+            kwargs.get("eval_dataset") is not None and args.per_device_eval_batch_size % eval_width != 0,
+            f"per_device_eval_batch_size={args.per_device_eval_batch_size} is not a multiple of num_generations_eval="
+            f"{eval_width}: evaluation batches would split a prompt's group",
+        ),
+        (
+            args.mask_truncated_completions,
+            "mask_truncated_completions=True: it hides a truncated completion from its peers in the training forward, "
+            "although they saw it at rollout",
+        ),
+        (
+            generation.get("use_cache") is False,
+            "generation_kwargs use_cache=False: finished rows are hidden from their peers along the KV cache",
+        ),
         ((generation.get("num_beams") or 1) > 1, "generation_kwargs num_beams > 1: beam search reorders rows"),
     ]
     return [reason for failed, reason in checks if failed]
@@ -108,8 +122,9 @@ class BridgeGRPOTrainer(GRPOTrainer):
             raise ValueError("bridge_ops: BridgeGRPOTrainer cannot train with\n- " + "\n- ".join(refused))
         super().__init__(model, reward_funcs, args, **kwargs)
         if isinstance(self.processing_class, ProcessorMixin):
-            raise ValueError("bridge_ops: BridgeGRPOTrainer supports text-only models (a tokenizer as "
-                             "processing_class)")
+            raise ValueError(
+                "bridge_ops: BridgeGRPOTrainer supports text-only models (a tokenizer as processing_class)"
+            )
         if self.ref_model is not None:
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
                 raise ValueError(

@@ -1,8 +1,8 @@
 """Verifiable tasks generated from seeds (nothing is downloaded).
 
-    ArithmeticTask     `7+3-5=` -> `5`: one short answer
-    ScratchpadSumTask  `37+85+12+64=` -> `122,134,198>198`: aligned running sums, then the answer (consensus)
-    SubsetSumTask      `135789:17=` -> `179`: several correct answers, all enumerated (coordination)
+ArithmeticTask     `7+3-5=` -> `5`: one short answer
+ScratchpadSumTask  `37+85+12+64=` -> `122,134,198>198`: aligned running sums, then the answer (consensus)
+SubsetSumTask      `135789:17=` -> `179`: several correct answers, all enumerated (coordination)
 """
 
 from .arithmetic import ArithmeticTask

@@ -60,4 +60,3 @@ class ArithmeticTask(GeneratedTask):
         if text.startswith("-"):
             return text if text[1:].isdigit() else None
         return text if text.isdigit() else None
-

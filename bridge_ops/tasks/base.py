@@ -50,8 +50,10 @@ class GeneratedTask:
             raise ValueError(f"bridge_ops: split must be 'train' or 'test', got {split!r}")
         available = (self.split_sizes() or {}).get(split)
         if available is not None and count > available:
-            raise ValueError(f"bridge_ops: the {split} split of {self} has {available} distinct problems, fewer "
-                             f"than the {count} asked for")
+            raise ValueError(
+                f"bridge_ops: the {split} split of {self} has {available} distinct problems, fewer "
+                f"than the {count} asked for"
+            )
         rng, seen, out = random.Random(f"{self.name}-{split}-{seed}"), set(), []
         attempts = 0
         while len(out) < count:

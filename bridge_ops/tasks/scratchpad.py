@@ -44,8 +44,12 @@ class ScratchpadSumTask(GeneratedTask):
     alphabet = "0123456789+=,>" + FILLER
 
     def __post_init__(self):
-        if (self.terms < 2 or not 0 <= self.min_operand <= self.max_operand or self.max_filler < 0
-                or not 0.0 <= self.slip_rate < 1.0):
+        if (
+            self.terms < 2
+            or not 0 <= self.min_operand <= self.max_operand
+            or self.max_filler < 0
+            or not 0.0 <= self.slip_rate < 1.0
+        ):
             raise ValueError(f"bridge_ops: invalid ScratchpadSumTask settings: {self}")
 
     @property

@@ -20,8 +20,10 @@ from ..tasks import TASKS
 from .sft import WARMUP_MODES
 
 # the sizes of the README and the experiments (single-digit operands; scratchpad chains pretrained with slips)
-TASK_DEFAULTS = {"arithmetic": {"max_operand": 9},
-                 "scratchpad-sum": {"min_operand": 1, "max_operand": 9, "slip_rate": 0.15}}
+TASK_DEFAULTS = {
+    "arithmetic": {"max_operand": 9},
+    "scratchpad-sum": {"min_operand": 1, "max_operand": 9, "slip_rate": 0.15},
+}
 
 
 def _task(args):
@@ -70,10 +72,17 @@ def _pretrain(args, dist) -> int:
     task = _task(args)
     tokenizer = char_tokenizer(task.alphabet)
     train = task_data(task, tokenizer, "train", args.train_problems, args.data_seed)
-    spec = BaseSpec(hidden_size=args.hidden_size, num_layers=args.layers, steps=args.steps, lr=args.lr,
-                    batch=args.batch, seed=args.seed)
-    model = pretrain_base(train, spec, progress=not args.no_progress, out_dir=args.out,
-                          checkpoint_every=args.checkpoint_every)
+    spec = BaseSpec(
+        hidden_size=args.hidden_size,
+        num_layers=args.layers,
+        steps=args.steps,
+        lr=args.lr,
+        batch=args.batch,
+        seed=args.seed,
+    )
+    model = pretrain_base(
+        train, spec, progress=not args.no_progress, out_dir=args.out, checkpoint_every=args.checkpoint_every
+    )
     _save(model, tokenizer, args.out, dist)
     return 0
 
@@ -86,20 +95,41 @@ def _sft(args, dist) -> int:
     model, tokenizer = _load(args, args.bridge)
     train = task_data(_task(args), tokenizer, "train", args.train_problems, args.data_seed)
     if args.warmup == "repair" and not hasattr(train.task, "repair"):
-        raise SystemExit(f"bridge-ops: the repair warm-up needs a task with a reasoning chain to keep; {args.task} "
-                         "has none (use --task scratchpad-sum, or --warmup correct|distinct)")
-    groups = collect_warmup_groups(model, train.prompts, args.width, args.warmup, reward_fn=train.reward,
-                                   repair_fn=train.repair, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                                   eos_token_id=tokenizer.eos_token_id)
+        raise SystemExit(
+            f"bridge-ops: the repair warm-up needs a task with a reasoning chain to keep; {args.task} "
+            "has none (use --task scratchpad-sum, or --warmup correct|distinct)"
+        )
+    groups = collect_warmup_groups(
+        model,
+        train.prompts,
+        args.width,
+        args.warmup,
+        reward_fn=train.reward,
+        repair_fn=train.repair,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     if not groups:
-        raise SystemExit(f"bridge-ops: no prompt got >= 2 correct answers in {args.width} samples; the model is too "
-                         "weak for a warm-up (pretrain longer, or raise --width / --train-problems)")
+        raise SystemExit(
+            f"bridge-ops: no prompt got >= 2 correct answers in {args.width} samples; the model is too "
+            "weak for a warm-up (pretrain longer, or raise --width / --train-problems)"
+        )
     if dist.is_main:
-        print(f"warm-up data ({args.warmup}): {len(groups)} prompts with >= 2 correct of {args.width} samples "
-              f"({sum(len(g[1]) for g in groups)} responses)")
-    config = SFTConfig(steps=args.steps, lr=args.lr, groups_per_step=args.groups_per_step, seed=args.seed,
-                       out_dir=args.out, checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
-                       added_lr_mult=args.added_lr_mult)
+        print(
+            f"warm-up data ({args.warmup}): {len(groups)} prompts with >= 2 correct of {args.width} samples "
+            f"({sum(len(g[1]) for g in groups)} responses)"
+        )
+    config = SFTConfig(
+        steps=args.steps,
+        lr=args.lr,
+        groups_per_step=args.groups_per_step,
+        seed=args.seed,
+        out_dir=args.out,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress,
+        added_lr_mult=args.added_lr_mult,
+    )
     train_sft(model, groups, config, trainable=select_trainable(model, args.trainable), dist=dist)
     _save(model, tokenizer, args.out, dist)
     return 0
@@ -114,14 +144,30 @@ def _grpo(args, dist) -> int:
     model, tokenizer = _load(args, args.bridge)
     train = task_data(_task(args), tokenizer, "train", args.train_problems, args.data_seed)
     config = GRPOConfig(
-        steps=args.steps, lr=args.lr, width=args.width, prompts_per_step=args.prompts_per_step,
-        groups_per_prompt=args.groups_per_prompt, added_lr_mult=args.added_lr_mult,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, minibatches=args.minibatches,
-        loss=GRPOLossConfig(beta=args.beta), seed=args.seed, out_dir=args.out,
-        checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
+        steps=args.steps,
+        lr=args.lr,
+        width=args.width,
+        prompts_per_step=args.prompts_per_step,
+        groups_per_prompt=args.groups_per_prompt,
+        added_lr_mult=args.added_lr_mult,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        minibatches=args.minibatches,
+        loss=GRPOLossConfig(beta=args.beta),
+        seed=args.seed,
+        out_dir=args.out,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress,
     )
-    train_grpo(model, train.prompts, train.reward, config, trainable=select_trainable(model, args.trainable),
-               eos_token_id=tokenizer.eos_token_id, dist=dist)
+    train_grpo(
+        model,
+        train.prompts,
+        train.reward,
+        config,
+        trainable=select_trainable(model, args.trainable),
+        eos_token_id=tokenizer.eos_token_id,
+        dist=dist,
+    )
     _save(model, tokenizer, args.out, dist)
     return 0
 
@@ -144,13 +190,26 @@ def run_eval(args) -> int:
     test = task_data(_task(args), tokenizer, "test", args.test_problems, args.data_seed)
     results = []
     for peers in ("group", "solo") if args.peers == "both" else (args.peers,):
-        results += evaluate_widths(model, test.prompts, test.reward, test.extract_answer, test.answers, args.widths,
-                                   peers=peers, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   seed=args.seed, eos_token_id=tokenizer.eos_token_id, progress=not args.no_progress)
+        results += evaluate_widths(
+            model,
+            test.prompts,
+            test.reward,
+            test.extract_answer,
+            test.answers,
+            args.widths,
+            peers=peers,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            eos_token_id=tokenizer.eos_token_id,
+            progress=not args.no_progress,
+        )
     print("width  peers  mean_acc  majority  all_correct  any_correct")
     for r in results:
-        print(f"{r['width']:>5}  {r['peers']:>5}  {r['mean_accuracy']:8.3f}  {r['majority_accuracy']:8.3f}  "
-              f"{r['all_correct']:11.3f}  {r['any_correct']:11.3f}")
+        print(
+            f"{r['width']:>5}  {r['peers']:>5}  {r['mean_accuracy']:8.3f}  {r['majority_accuracy']:8.3f}  "
+            f"{r['all_correct']:11.3f}  {r['any_correct']:11.3f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -188,28 +247,54 @@ def add_commands(commands) -> None:
     pre.add_argument("--batch", type=positive_int, default=128)
 
     for name, steps, lr, trainable, width in (("sft", 150, 1e-3, "bridge", 8), ("grpo", 150, 1e-4, "all", 4)):
-        stage = stages.add_parser(name, help={"sft": "SFT warm-up on groups of the model's own correct samples",
-                                              "grpo": "GRPO with rollouts at width N"}[name])
+        stage = stages.add_parser(
+            name,
+            help={
+                "sft": "SFT warm-up on groups of the model's own correct samples",
+                "grpo": "GRPO with rollouts at width N",
+            }[name],
+        )
         _common(stage)
         _training(stage, steps, lr)
         stage.add_argument("--width", type=positive_int, default=width, help="samples per prompt")
-        stage.add_argument("--bridge", type=non_negative_int, default=0, metavar="D_BRIDGE",
-                           help="add fresh Bridge blocks of this inner width (when the model has none)")
+        stage.add_argument(
+            "--bridge",
+            type=non_negative_int,
+            default=0,
+            metavar="D_BRIDGE",
+            help="add fresh Bridge blocks of this inner width (when the model has none)",
+        )
         stage.add_argument("--bridge-heads", type=positive_int, default=None)
-        stage.add_argument("--bridge-init-std", type=positive_float, default=None,
-                           help="std of the fresh blocks' Q/K/V projections (default hidden_size ** -0.5)")
+        stage.add_argument(
+            "--bridge-init-std",
+            type=positive_float,
+            default=None,
+            help="std of the fresh blocks' Q/K/V projections (default hidden_size ** -0.5)",
+        )
         stage.add_argument("--trainable", default=trainable, choices=["all", "bridge"])
-        stage.add_argument("--added-lr-mult", type=positive_float, default=1.0,
-                           help="learning-rate multiplier of the Bridge parameters when other parameters train too")
+        stage.add_argument(
+            "--added-lr-mult",
+            type=positive_float,
+            default=1.0,
+            help="learning-rate multiplier of the Bridge parameters when other parameters train too",
+        )
     sft = stages.choices["sft"]
     sft.add_argument("--groups-per-step", type=positive_int, default=16)
-    sft.add_argument("--warmup", default="correct", choices=list(WARMUP_MODES),
-                     help="warm-up data: correct samples (the paper), distinct correct samples, or each sample's own "
-                          "chain with the correct answer (repair: teaches a row to take the answer from its peers)")
+    sft.add_argument(
+        "--warmup",
+        default="correct",
+        choices=list(WARMUP_MODES),
+        help="warm-up data: correct samples (the paper), distinct correct samples, or each sample's own "
+        "chain with the correct answer (repair: teaches a row to take the answer from its peers)",
+    )
     grpo = stages.choices["grpo"]
     grpo.add_argument("--prompts-per-step", type=positive_int, default=16)
-    grpo.add_argument("--groups-per-prompt", type=positive_int, default=1,
-                      help="Bridge groups per prompt; advantages over all their responses")
+    grpo.add_argument(
+        "--groups-per-prompt",
+        type=positive_int,
+        default=1,
+        help="Bridge groups per prompt; advantages over all their responses",
+    )
     grpo.add_argument("--temperature", type=float, default=1.0)
     grpo.add_argument("--minibatches", type=positive_int, default=1)
     grpo.add_argument("--beta", type=float, default=0.0, help="KL weight to the starting model")
@@ -220,8 +305,12 @@ def add_commands(commands) -> None:
     ev.add_argument("--widths", type=int_list, default=[1, 2, 4, 8, 16], help="comma-separated, e.g. 1,2,4")
     ev.add_argument("--test-problems", type=positive_int, default=300)
     ev.add_argument("--temperature", type=float, default=1.0)
-    ev.add_argument("--peers", default="group", choices=["group", "solo", "both"],
-                    help="samples read each other (group), each sample alone (solo: the same checkpoint without "
-                         "interdependence), or both")
+    ev.add_argument(
+        "--peers",
+        default="group",
+        choices=["group", "solo", "both"],
+        help="samples read each other (group), each sample alone (solo: the same checkpoint without "
+        "interdependence), or both",
+    )
     ev.add_argument("--json", default=None, help="also write the results to this file")
     ev.set_defaults(run=run_eval)

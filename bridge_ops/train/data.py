@@ -61,9 +61,15 @@ class GroupedBatch:
         return self.input_ids[:, self.prompt_length :]
 
     def to(self, device) -> "GroupedBatch":
-        return GroupedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
-                            self.key_mask.to(device), self.response_mask.to(device), self.loss_mask.to(device),
-                            self.widths)
+        return GroupedBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.position_ids.to(device),
+            self.key_mask.to(device),
+            self.response_mask.to(device),
+            self.loss_mask.to(device),
+            self.widths,
+        )
 
     def solo(self) -> "GroupedBatch":
         """The same rows with every row its own group (Bridge sees only the row itself)."""
@@ -119,8 +125,12 @@ def token_log_probs(model: nn.Module, batch: GroupedBatch, temperature: float = 
     teacher-forced forward with the batch's groups; 0 where response_mask is False. Differentiable."""
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     start = batch.prompt_length - 1
-    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                  logits_to_keep=batch.input_ids.shape[1] - start)
+    kwargs = dict(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=batch.input_ids.shape[1] - start,
+    )
     if is_bridged(inner):
         with groups(inner, cu_group_lens=batch.cu_group_lens, key_mask=batch.key_mask):
             logits = model(**kwargs).logits
@@ -167,8 +177,15 @@ def rollout(
     generators = [torch.Generator(device=device).manual_seed(seed_of(*parts)) for parts in seeds]
     group_width = width if peers == "group" else 1
     repeat = copies * (width // group_width)
-    result = generate(model, [prompts[i] for i in indices for _ in range(repeat)], group_width, max_new_tokens,
-                      temperature=temperature, generators=generators, eos_token_id=eos_token_id,
-                      pad_token_id=pad_token_id)
+    result = generate(
+        model,
+        [prompts[i] for i in indices for _ in range(repeat)],
+        group_width,
+        max_new_tokens,
+        temperature=temperature,
+        generators=generators,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
     rows = [sample for group in result.sequences for sample in group]
     return [rows[g * width : (g + 1) * width] for g in range(len(indices) * copies)]

@@ -36,8 +36,12 @@ def _next_token_log_probs(model: nn.Module, batch: GroupedBatch) -> torch.Tensor
     """float32 [R, T, V]: log-softmax of the logits that predict each response token."""
     start = batch.prompt_length - 1
     with groups(model, cu_group_lens=batch.cu_group_lens, key_mask=batch.key_mask):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids, logits_to_keep=batch.input_ids.shape[1] - start).logits
+        logits = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            logits_to_keep=batch.input_ids.shape[1] - start,
+        ).logits
     return torch.log_softmax(logits[:, :-1].float(), dim=-1)
 
 
@@ -51,15 +55,20 @@ def peer_kl(model: nn.Module, batch: GroupedBatch) -> Dict[str, float]:
     kl = (with_peers.exp() * (with_peers - solo)).sum(-1)
     changed = with_peers.argmax(-1) != solo.argmax(-1)
     tokens = int(mask.sum())
-    return {"kl": float(kl[mask].mean()) if tokens else 0.0,
-            "argmax_changed": float(changed[mask].float().mean()) if tokens else 0.0, "tokens": tokens}
+    return {
+        "kl": float(kl[mask].mean()) if tokens else 0.0,
+        "argmax_changed": float(changed[mask].float().mean()) if tokens else 0.0,
+        "tokens": tokens,
+    }
 
 
 @torch.no_grad()
 def answer_loss(model: nn.Module, batch: GroupedBatch) -> Dict[str, float]:
     """{"with_peers", "solo"}: mean NLL per loss-masked token, teacher-forced with the batch's groups and alone."""
-    return {name: float(sft_loss(token_log_probs(model, b), b.loss_mask))
-            for name, b in (("with_peers", batch), ("solo", batch.solo()))}
+    return {
+        name: float(sft_loss(token_log_probs(model, b), b.loss_mask))
+        for name, b in (("with_peers", batch), ("solo", batch.solo()))
+    }
 
 
 @contextlib.contextmanager
@@ -68,6 +77,7 @@ def _bridge_inputs(model: nn.Module) -> Iterator[List[tuple]]:
     records: List[tuple] = []
     blocks = bridge_blocks(model)
     for block in blocks:
+
         def residual(hidden, cu_group_lens, key_mask=None, _block=block, _original=block.residual):
             records.append((_block, hidden, cu_group_lens, key_mask))
             return _original(hidden, cu_group_lens, key_mask)
@@ -110,8 +120,11 @@ def attention_stats(model: nn.Module, batch: GroupedBatch) -> Dict[str, float]:
         own = torch.exp(scale * (q.float() * k.float()).sum(-1) - lse)
         entropy.append(((lse - expected) / n.log()[..., None])[selected])
         self_weight.append((own * n[..., None])[selected])
-    return {"entropy_ratio": float(torch.cat(entropy).mean()),
-            "self_weight_ratio": float(torch.cat(self_weight).mean()), "queries": int(selected.sum())}
+    return {
+        "entropy_ratio": float(torch.cat(entropy).mean()),
+        "self_weight_ratio": float(torch.cat(self_weight).mean()),
+        "queries": int(selected.sum()),
+    }
 
 
 def bridge_gradient_norms(model: nn.Module, batch: GroupedBatch) -> Dict[str, float]:
@@ -169,26 +182,30 @@ def distinct_answers(
     for start in range(0, len(prompts), prompts_per_batch):
         indices = list(range(start, min(start + prompts_per_batch, len(prompts))))
         kwargs = dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-        grouped = rollout(model, prompts, indices, width, max_new_tokens, (seed, "peers"), copies=groups_per_prompt,
-                          **kwargs)
+        grouped = rollout(
+            model, prompts, indices, width, max_new_tokens, (seed, "peers"), copies=groups_per_prompt, **kwargs
+        )
         solo = rollout(model, prompts, indices, solo_samples, max_new_tokens, (seed, "solo"), peers="solo", **kwargs)
         for p, i in enumerate(indices):
             groups_of_i = grouped[p * groups_per_prompt : (p + 1) * groups_per_prompt]
             correct = [[extract_answer(r) for r in g if reward_fn(i, r) > 0] for g in groups_of_i]
             solo_correct = [extract_answer(r) for r in solo[p] if reward_fn(i, r) > 0]
             pooled = [a for g in correct for a in g]
-            out.append({
-                "distinct": sum(len(set(g)) for g in correct) / groups_per_prompt,
-                "bound": independence_bound(Counter(solo_correct), solo_samples, width),
-                "marginal_bound": independence_bound(Counter(pooled), width * groups_per_prompt, width),
-                "valid": len(pooled) / (width * groups_per_prompt),
-                "valid_solo": len(solo_correct) / solo_samples,
-            })
+            out.append(
+                {
+                    "distinct": sum(len(set(g)) for g in correct) / groups_per_prompt,
+                    "bound": independence_bound(Counter(solo_correct), solo_samples, width),
+                    "marginal_bound": independence_bound(Counter(pooled), width * groups_per_prompt, width),
+                    "valid": len(pooled) / (width * groups_per_prompt),
+                    "valid_solo": len(solo_correct) / solo_samples,
+                }
+            )
     return out
 
 
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = 10000, confidence: float = 0.95,
-                     seed: int = 0) -> Dict[str, float]:
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], resamples: int = 10000, confidence: float = 0.95, seed: int = 0
+) -> Dict[str, float]:
     """Mean of a - b over paired items (e.g. problems) and its percentile bootstrap interval."""
     if len(a) != len(b) or not a:
         raise ValueError(f"bridge_ops: paired_bootstrap needs two equally long non-empty lists, got {len(a)}, {len(b)}")

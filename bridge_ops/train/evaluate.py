@@ -60,8 +60,18 @@ def evaluate_widths(
         chunk = max(1, rows_per_batch // width)
         for start in range(0, len(prompts), chunk):
             indices = range(start, min(start + chunk, len(prompts)))
-            samples = rollout(model, prompts, indices, width, max_new_tokens, (seed, width), peers=peers,
-                              temperature=temperature, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+            samples = rollout(
+                model,
+                prompts,
+                indices,
+                width,
+                max_new_tokens,
+                (seed, width),
+                peers=peers,
+                temperature=temperature,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+            )
             for i, group in zip(indices, samples):
                 problems.append(_score(i, group, reward_fn, extract_answer, answers[i]))
             if bar is not None:
@@ -89,5 +99,9 @@ def _score(index, group, reward_fn, extract_answer, answer) -> Dict[str, object]
     extracted = [extract_answer(r) for r in group]
     vote = majority_vote(extracted)
     vote_correct = vote is not None and (vote == answer or any(ok for ok, a in zip(correct, extracted) if a == vote))
-    return {"correct": correct, "answers": extracted, "vote_correct": vote_correct,
-            "distinct_correct": len({a for ok, a in zip(correct, extracted) if ok})}
+    return {
+        "correct": correct,
+        "answers": extracted,
+        "vote_correct": vote_correct,
+        "distinct_correct": len({a for ok, a in zip(correct, extracted) if ok}),
+    }

@@ -54,8 +54,11 @@ def score_groups(reward_fn: RewardFn, indices: Sequence[int], groups: Sequence[L
     if isinstance(reward_fn, GroupReward):
         rewards = [r for i, group in zip(indices, groups) for r in reward_fn(i, group)]
     else:
-        rewards = [checked_reward(reward_fn(i, response), i, member)
-                   for i, group in zip(indices, groups) for member, response in enumerate(group)]
+        rewards = [
+            checked_reward(reward_fn(i, response), i, member)
+            for i, group in zip(indices, groups)
+            for member, response in enumerate(group)
+        ]
     return torch.tensor(rewards, dtype=torch.float32)
 
 
@@ -95,8 +98,10 @@ def train_grpo(
     if config.prompts_per_step > len(prompts):
         raise ValueError(f"bridge_ops: prompts_per_step={config.prompts_per_step} > {len(prompts)} prompts")
     if config.prompts_per_step % (dist.world_size * config.minibatches):
-        raise ValueError(f"bridge_ops: prompts_per_step={config.prompts_per_step} must be a multiple of ranks x "
-                         f"minibatches = {dist.world_size} x {config.minibatches}")
+        raise ValueError(
+            f"bridge_ops: prompts_per_step={config.prompts_per_step} must be a multiple of ranks x "
+            f"minibatches = {dist.world_size} x {config.minibatches}"
+        )
     if config.groups_per_prompt < 1:
         raise ValueError(f"bridge_ops: groups_per_prompt must be >= 1, got {config.groups_per_prompt}")
     trainable = trainable if trainable is not None else {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -114,8 +119,18 @@ def train_grpo(
         shares = [dist.shard(chosen[m * per_minibatch : (m + 1) * per_minibatch]) for m in range(config.minibatches)]
         indices = [i for share in shares for i in share]
         model.eval()
-        responses = rollout(model, prompts, indices, config.width, config.max_new_tokens, (config.seed, step),
-                            copies=k, temperature=config.temperature, eos_token_id=eos_token_id, pad_token_id=pad)
+        responses = rollout(
+            model,
+            prompts,
+            indices,
+            config.width,
+            config.max_new_tokens,
+            (config.seed, step),
+            copies=k,
+            temperature=config.temperature,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad,
+        )
         rewards = score_groups(reward_fn, [i for i in indices for _ in range(k)], responses)
         per_prompt = [sum(len(g) for g in responses[p * k : (p + 1) * k]) for p in range(len(indices))]
         advantages = group_advantages(rewards, per_prompt, config.scale_rewards).split(per_prompt)
@@ -123,8 +138,9 @@ def train_grpo(
         stats: Dict[str, float] = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0}
         for m, share in enumerate(shares):
             part = slice(m * len(share), (m + 1) * len(share))
-            batch = grouped_batch([prompts[i] for i in share for _ in range(k)],
-                                  responses[part.start * k : part.stop * k], pad)
+            batch = grouped_batch(
+                [prompts[i] for i in share for _ in range(k)], responses[part.start * k : part.stop * k], pad
+            )
             adv = torch.cat(advantages[part])
             with torch.no_grad():  # the sampling policy and the reference, with the rollout's groups
                 old = token_log_probs(model, batch, config.temperature)
@@ -138,8 +154,11 @@ def train_grpo(
                 stats[key] += out[key].item() / config.minibatches
         rows = float(rewards.numel())
         # each rank's loss is its share of the global loss; clip fraction and KL are per-rank means
-        stats = {"loss": dist.sum(stats["loss"]), "clip_fraction": dist.sum(stats["clip_fraction"]) / dist.world_size,
-                 "kl": dist.sum(stats["kl"]) / dist.world_size}
+        stats = {
+            "loss": dist.sum(stats["loss"]),
+            "clip_fraction": dist.sum(stats["clip_fraction"]) / dist.world_size,
+            "kl": dist.sum(stats["kl"]) / dist.world_size,
+        }
         stats["reward"] = dist.sum(rewards.sum().item()) / dist.sum(rows)
         by_prompt = rewards.split(per_prompt)
         stats["solved"] = dist.sum(sum(float(g.max() > 0) for g in by_prompt)) / dist.sum(len(by_prompt))

@@ -25,8 +25,10 @@ def checked_reward(reward, index: int, member: int) -> float:
     if isinstance(reward, torch.Tensor) and reward.numel() == 1:
         reward = reward.item()
     if isinstance(reward, bool) or not isinstance(reward, numbers.Real) or not math.isfinite(reward):
-        raise ValueError(f"bridge_ops: reward_fn returned {reward!r} for prompt {index} (response {member}); "
-                         "it must return a finite number for every response")
+        raise ValueError(
+            f"bridge_ops: reward_fn returned {reward!r} for prompt {index} (response {member}); "
+            "it must return a finite number for every response"
+        )
     return float(reward)
 
 

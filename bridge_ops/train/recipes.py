@@ -34,8 +34,10 @@ def parse_method(method: str) -> Tuple[str, Optional[str]]:
     """`bridge-repair` -> ("bridge", "repair"); `grpo` -> ("grpo", None)."""
     block, _, warmup = method.partition("-")
     if block not in BLOCKS or (warmup and (warmup not in WARMUP_MODES or block == "grpo")):
-        raise ValueError(f"bridge_ops: a method is one of {BLOCKS} (grpo alone, or pmatch/bridge followed by "
-                         f"-<warm-up>, warm-up one of {WARMUP_MODES}), got {method!r}")
+        raise ValueError(
+            f"bridge_ops: a method is one of {BLOCKS} (grpo alone, or pmatch/bridge followed by "
+            f"-<warm-up>, warm-up one of {WARMUP_MODES}), got {method!r}"
+        )
     return block, warmup or None
 
 
@@ -66,25 +68,40 @@ class MethodSpec:
     warmup_prompts: int = 1024
     warmup_min_correct: int = 2
     warmup: SFTConfig = field(default_factory=lambda: SFTConfig(steps=300, lr=3e-3, groups_per_step=16))
-    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=150, lr=1e-4, width=4, prompts_per_step=16,
-                                                               max_new_tokens=6))
+    grpo: GRPOConfig = field(
+        default_factory=lambda: GRPOConfig(steps=150, lr=1e-4, width=4, prompts_per_step=16, max_new_tokens=6)
+    )
     seed: int = 0
 
 
-def pretrain_base(train: TaskData, spec: Optional[BaseSpec] = None, progress: bool = True,
-                  out_dir: Optional[str] = None, checkpoint_every: int = 0) -> nn.Module:
+def pretrain_base(
+    train: TaskData,
+    spec: Optional[BaseSpec] = None,
+    progress: bool = True,
+    out_dir: Optional[str] = None,
+    checkpoint_every: int = 0,
+) -> nn.Module:
     """A tiny causal LM trained from scratch on `train`'s reference responses (all parameters); with `out_dir`, it
     checkpoints there and resumes from there like SFT and GRPO. `spec` defaults to BaseSpec()."""
     spec = spec if spec is not None else BaseSpec()
     heads = spec.num_heads or max(1, spec.hidden_size // 32)
     kv_heads = spec.num_kv_heads or max(1, heads // 2)
-    model = tiny_causal_lm(train.tokenizer, spec.model_type, spec.hidden_size, spec.num_layers, heads, kv_heads,
-                           seed=spec.seed)
-    config = SFTConfig(steps=spec.steps, lr=spec.lr, groups_per_step=spec.batch, seed=spec.seed, progress=progress,
-                       max_grad_norm=1.0, schedule=spec.schedule, warmup_steps=min(100, spec.steps // 10),
-                       out_dir=out_dir, checkpoint_every=checkpoint_every)
-    train_sft(model, train.reference_groups(), config, trainable=select_trainable(model, "all"),
-              description="pretrain")
+    model = tiny_causal_lm(
+        train.tokenizer, spec.model_type, spec.hidden_size, spec.num_layers, heads, kv_heads, seed=spec.seed
+    )
+    config = SFTConfig(
+        steps=spec.steps,
+        lr=spec.lr,
+        groups_per_step=spec.batch,
+        seed=spec.seed,
+        progress=progress,
+        max_grad_norm=1.0,
+        schedule=spec.schedule,
+        warmup_steps=min(100, spec.steps // 10),
+        out_dir=out_dir,
+        checkpoint_every=checkpoint_every,
+    )
+    train_sft(model, train.reference_groups(), config, trainable=select_trainable(model, "all"), description="pretrain")
     return model.eval()
 
 
@@ -101,15 +118,27 @@ def add_block(model: nn.Module, block: str, spec: MethodSpec) -> None:
 def warmup_groups(base: nn.Module, mode: str, train: TaskData, spec: MethodSpec):
     """The warm-up data of `mode`, sampled from the base model."""
     return collect_warmup_groups(
-        base, train.prompts[: spec.warmup_prompts], spec.warmup_samples, mode, reward_fn=train.reward,
-        repair_fn=train.repair, min_correct=spec.warmup_min_correct, max_new_tokens=spec.grpo.max_new_tokens,
-        seed=spec.seed, eos_token_id=train.tokenizer.eos_token_id,
+        base,
+        train.prompts[: spec.warmup_prompts],
+        spec.warmup_samples,
+        mode,
+        reward_fn=train.reward,
+        repair_fn=train.repair,
+        min_correct=spec.warmup_min_correct,
+        max_new_tokens=spec.grpo.max_new_tokens,
+        seed=spec.seed,
+        eos_token_id=train.tokenizer.eos_token_id,
     )
 
 
 def train_method(
-    base: nn.Module, method: str, train: TaskData, spec: Optional[MethodSpec] = None, progress: bool = True,
-    reward_fn: Optional[RewardFn] = None, on_stage: Optional[Callable[[str, nn.Module], None]] = None,
+    base: nn.Module,
+    method: str,
+    train: TaskData,
+    spec: Optional[MethodSpec] = None,
+    progress: bool = True,
+    reward_fn: Optional[RewardFn] = None,
+    on_stage: Optional[Callable[[str, nn.Module], None]] = None,
 ) -> Tuple[nn.Module, Dict[str, List[dict]]]:
     """A trained copy of `base` for `method` (see `parse_method`); returns (model, {stage: metrics}).
 
@@ -126,18 +155,29 @@ def train_method(
         log["share"] = [parameter_share(model)]
     if warmup:
         groups = warmup_groups(base, warmup, train, spec)
-        log["warmup_groups"] = [{"groups": len(groups), "responses": sum(len(g[1]) for g in groups),
-                                 "identical": identical_groups(groups)}]
+        log["warmup_groups"] = [
+            {"groups": len(groups), "responses": sum(len(g[1]) for g in groups), "identical": identical_groups(groups)}
+        ]
         if groups:
-            log["warmup"] = train_sft(model, groups, replace(spec.warmup, seed=spec.seed, progress=progress),
-                                      trainable=select_trainable(model, block), description=f"{block} warm-up")
+            log["warmup"] = train_sft(
+                model,
+                groups,
+                replace(spec.warmup, seed=spec.seed, progress=progress),
+                trainable=select_trainable(model, block),
+                description=f"{block} warm-up",
+            )
         if on_stage is not None:
             on_stage("warm-up", model)
     if block != "grpo":
         log["output_norm"] = [{"stage": "warm-up" if warmup else "start", "norm": output_norm(model)}]
-    log["grpo"] = train_grpo(model, train.prompts, reward_fn or train.reward,
-                             replace(spec.grpo, seed=spec.seed, progress=progress),
-                             trainable=select_trainable(model, "all"), eos_token_id=train.tokenizer.eos_token_id)
+    log["grpo"] = train_grpo(
+        model,
+        train.prompts,
+        reward_fn or train.reward,
+        replace(spec.grpo, seed=spec.seed, progress=progress),
+        trainable=select_trainable(model, "all"),
+        eos_token_id=train.tokenizer.eos_token_id,
+    )
     if block != "grpo":
         log["output_norm"].append({"stage": "grpo", "norm": output_norm(model)})
     return model.eval(), log

@@ -77,14 +77,18 @@ def train_sft(
     if not groups:
         raise ValueError("bridge_ops: no SFT groups")
     if config.groups_per_step % dist.world_size:
-        raise ValueError(f"bridge_ops: groups_per_step={config.groups_per_step} must be a multiple of "
-                         f"{dist.world_size} ranks")
+        raise ValueError(
+            f"bridge_ops: groups_per_step={config.groups_per_step} must be a multiple of {dist.world_size} ranks"
+        )
     groups = [Group(*g) for g in groups]
     same = identical_groups(groups)
     if same and is_bridged(model):
-        warnings.warn(f"bridge_ops: {same} of {len(groups)} SFT groups have identical rows; Bridge over identical rows "
-                      "returns v whatever its attention, so its Q/K projections get no gradient from them (use the "
-                      "'repair' or 'distinct' warm-up)", stacklevel=2)
+        warnings.warn(
+            f"bridge_ops: {same} of {len(groups)} SFT groups have identical rows; Bridge over identical rows "
+            "returns v whatever its attention, so its Q/K projections get no gradient from them (use the "
+            "'repair' or 'distinct' warm-up)",
+            stacklevel=2,
+        )
     trainable = trainable if trainable is not None else {n: p for n, p in model.named_parameters() if p.requires_grad}
     pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id
     ddp_model = dist.wrap(model)
@@ -93,8 +97,7 @@ def train_sft(
     def step_fn(step: int, optimizer_step) -> Dict[str, float]:
         chosen = step_rng(config.seed, step).sample(range(len(groups)), count)
         mine = [groups[i] for i in dist.shard(chosen)]
-        batch = grouped_batch([g.prompt for g in mine], [g.responses for g in mine], pad,
-                              [g.loss_masks for g in mine])
+        batch = grouped_batch([g.prompt for g in mine], [g.responses for g in mine], pad, [g.loss_masks for g in mine])
         total_tokens = dist.sum(batch.loss_mask.sum().item())
         loss = sft_loss(token_log_probs(ddp_model, batch), batch.loss_mask, total_tokens)
         (loss * dist.world_size).backward()
@@ -133,8 +136,17 @@ def collect_warmup_groups(
     out: List[Group] = []
     for start in range(0, len(prompts), batch_prompts):
         indices = list(range(start, min(start + batch_prompts, len(prompts))))
-        samples = rollout(model, prompts, indices, width, max_new_tokens, (seed, 0), temperature=temperature,
-                          eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        samples = rollout(
+            model,
+            prompts,
+            indices,
+            width,
+            max_new_tokens,
+            (seed, 0),
+            temperature=temperature,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
         for i, responses in zip(indices, samples):
             group = _warmup_group(list(prompts[i]), i, responses, mode, reward_fn, repair_fn)
             if group is not None and group[1] >= min_correct:

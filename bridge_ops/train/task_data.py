@@ -62,8 +62,10 @@ class TaskData:
 
     def reference_groups(self):
         """(prompt ids, [reference response ids + EOS, ...]) per problem: the supervised data of pretraining."""
-        return [(prompt, [self.encode(r) for r in self.task.references(p)])
-                for prompt, p in zip(self.prompts, self.problems)]
+        return [
+            (prompt, [self.encode(r) for r in self.task.references(p)])
+            for prompt, p in zip(self.prompts, self.problems)
+        ]
 
 
 def task_data(task, tokenizer, split: str, count: int, seed: int = 0, skip: int = 0) -> TaskData:

@@ -109,14 +109,22 @@ class Trainer:
     parameter of the model is frozen by the caller. Resumes from `out_dir/checkpoint.pt` when it exists.
     """
 
-    def __init__(self, model: nn.Module, trainable: Dict[str, nn.Parameter], config: TrainConfig, step_fn: StepFn,
-                 dist: DistContext = DistContext(), description: str = "train"):
+    def __init__(
+        self,
+        model: nn.Module,
+        trainable: Dict[str, nn.Parameter],
+        config: TrainConfig,
+        step_fn: StepFn,
+        dist: DistContext = DistContext(),
+        description: str = "train",
+    ):
         if not trainable:
             raise ValueError("bridge_ops: nothing to train (no trainable parameters)")
         self.model, self.trainable, self.config, self.step_fn = model, trainable, config, step_fn
         self.dist, self.description = dist, description
-        self.optimizer = torch.optim.AdamW(parameter_groups(trainable, config.lr, config.added_lr_mult),
-                                           weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(trainable, config.lr, config.added_lr_mult), weight_decay=config.weight_decay
+        )
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.step = 0
         self.history: List[Dict[str, float]] = []
@@ -143,14 +151,16 @@ class Trainer:
         for name in sorted(self.trainable.keys() & saved.keys()):
             p, t = self.trainable[name], saved[name]
             if t.shape != p.shape or t.dtype != p.dtype:
-                problems.append(f"{name} is {t.dtype} {list(t.shape)} in the checkpoint, {p.dtype} {list(p.shape)} "
-                                "in the model")
+                problems.append(
+                    f"{name} is {t.dtype} {list(t.shape)} in the checkpoint, {p.dtype} {list(p.shape)} in the model"
+                )
             elif not bool(torch.isfinite(t).all()):
                 problems.append(f"{name} holds NaN or infinite values")
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-            raise ValueError(f"bridge_ops: the checkpoint does not fit the trainable parameters: "
-                             f"{'; '.join(problems[:5])}{more}")
+            raise ValueError(
+                f"bridge_ops: the checkpoint does not fit the trainable parameters: {'; '.join(problems[:5])}{more}"
+            )
         self.optimizer.load_state_dict(state["optimizer"])  # checks the parameter groups before changing anything
         for group in self.optimizer.param_groups:  # the config's values (changed only where allow_resume_changes)
             group.update(lr=self.config.lr, weight_decay=self.config.weight_decay)
@@ -167,31 +177,46 @@ class Trainer:
         os.makedirs(self.config.out_dir, exist_ok=True)
         path = os.path.join(self.config.out_dir, CHECKPOINT)
         atomic_write(path, lambda tmp: torch.save(self.state_dict(), tmp))
-        write_json(os.path.join(self.config.out_dir, MANIFEST),
-                   {"file": CHECKPOINT, "sha256": sha256_of(path), "step": self.step, "run": self.run,
-                    "config": _comparable(self.config)})
+        write_json(
+            os.path.join(self.config.out_dir, MANIFEST),
+            {
+                "file": CHECKPOINT,
+                "sha256": sha256_of(path),
+                "step": self.step,
+                "run": self.run,
+                "config": _comparable(self.config),
+            },
+        )
 
     def _check_manifest(self, path: str) -> None:
         """The checkpoint at `path` is intact and was written by a run of this kind with this config."""
         manifest_path = os.path.join(self.config.out_dir, MANIFEST)
         if not os.path.exists(manifest_path):
-            raise ValueError(f"bridge_ops: {path} has no {MANIFEST} beside it (an older bridge_ops wrote it, or the "
-                             "manifest was deleted): its integrity and configuration cannot be checked; move it away "
-                             "to start over")
+            raise ValueError(
+                f"bridge_ops: {path} has no {MANIFEST} beside it (an older bridge_ops wrote it, or the "
+                "manifest was deleted): its integrity and configuration cannot be checked; move it away "
+                "to start over"
+            )
         manifest = read_json(manifest_path)
         verify_sha256(path, manifest.get("sha256"), manifest_path)
         if manifest.get("run") != self.run:
-            raise ValueError(f"bridge_ops: {self.config.out_dir} holds the checkpoint of a {manifest.get('run')} run, "
-                             f"not of this {self.run} run: use another output directory")
+            raise ValueError(
+                f"bridge_ops: {self.config.out_dir} holds the checkpoint of a {manifest.get('run')} run, "
+                f"not of this {self.run} run: use another output directory"
+            )
         saved, current = _flat(manifest.get("config", {})), _flat(_comparable(self.config))
         ignored = set(RESUMABLE) | set(self.config.allow_resume_changes)
-        changed = [f"{k} {saved.get(k, '(absent)')!r} (checkpoint) vs {current.get(k, '(absent)')!r} (now)"
-                   for k in sorted(saved.keys() | current.keys())
-                   if k not in ignored and k.split(".")[0] not in ignored and saved.get(k) != current.get(k)]
+        changed = [
+            f"{k} {saved.get(k, '(absent)')!r} (checkpoint) vs {current.get(k, '(absent)')!r} (now)"
+            for k in sorted(saved.keys() | current.keys())
+            if k not in ignored and k.split(".")[0] not in ignored and saved.get(k) != current.get(k)
+        ]
         if changed:
-            raise ValueError(f"bridge_ops: the checkpoint in {self.config.out_dir} was written with another "
-                             f"configuration: {', '.join(changed)}; resume with the same settings, use another "
-                             "output directory, or name the fields in allow_resume_changes to resume anyway")
+            raise ValueError(
+                f"bridge_ops: the checkpoint in {self.config.out_dir} was written with another "
+                f"configuration: {', '.join(changed)}; resume with the same settings, use another "
+                "output directory, or name the fields in allow_resume_changes to resume anyway"
+            )
 
     def maybe_resume(self) -> bool:
         path = os.path.join(self.config.out_dir or "", CHECKPOINT)
@@ -217,7 +242,8 @@ class Trainer:
             raise FloatingPointError(
                 f"bridge_ops: step {self.step + 1}: {what} is not finite; training stopped before the update (the "
                 f"weights are those of step {self.step}, the last checkpoint is intact): check the rewards, the data "
-                "and the learning rate")
+                "and the learning rate"
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
