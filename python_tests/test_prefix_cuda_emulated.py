@@ -141,13 +141,13 @@ def test_emulated_merge_states(emu, dtype):
     assert torch.equal(out[1], torch.zeros_like(out[1])) and lse[1] == float("-inf")
 
 
-def test_emulated_cascade_propagates_nan_and_takes_plus_inf_lse_as_empty(lib):
+def test_emulated_cascade_propagates_nan_and_takes_plus_inf_lse_as_empty(emu):
     """A NaN prefix key (in the second chunk) and a NaN query poison their rows as in the reference; merge_states takes
     a lse of +inf as an empty side (issue 13)."""
     args = cascade_inputs([2, 3], 4, 2, 16, 70, 4, prefix_lens=[70, 70])
     args[1][0, 0, 40, 3] = float("nan")
     args[0][3, 2, 0] = float("nan")
-    out, _ = emulated_cascade(lib, *args)
+    out, _ = emulated_cascade(emu, *args)
     ref_out, _ = reference.prefix_suffix_attention(*args)
     nan = torch.isnan(ref_out)
     assert nan.any() and torch.equal(torch.isnan(out), nan)
@@ -156,5 +156,5 @@ def test_emulated_cascade_propagates_nan_and_takes_plus_inf_lse_as_empty(lib):
     lse_a, lse_b = torch.tensor([float("inf"), 0.5]), torch.tensor([1.5, float("inf")])
     o_a[0], o_b[1] = float("nan"), float("nan")
     merged, lse = torch.empty_like(o_a), torch.empty_like(lse_a)
-    launch(lib, "merge_states", torch.float32, 2, 0, o_a, lse_a, o_b, lse_b, merged, lse, ctypes.c_int(40))
+    launch(emu, "merge_states", torch.float32, 2, 0, o_a, lse_a, o_b, lse_b, merged, lse, ctypes.c_int(40))
     assert torch.equal(merged, torch.stack([o_b[0], o_a[1]])) and lse.tolist() == [1.5, 0.5]
