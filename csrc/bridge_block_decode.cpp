@@ -24,8 +24,8 @@ void check_device(const at::Tensor& t, const char* name, const at::Tensor& hidde
 void check_weight(const at::Tensor& w, const char* name, int64_t rows, int64_t cols, const at::Tensor& hidden) {
   BRIDGE_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, name, " must have shape [", rows, ", ", cols,
                "], got ", w.sizes());
-  BRIDGE_CHECK(w.scalar_type() == hidden.scalar_type(), name, " must have the dtype of hidden (",
-               hidden.scalar_type(), "), got ", w.scalar_type());
+  BRIDGE_CHECK(w.scalar_type() == hidden.scalar_type(), name, " must have the dtype of hidden (", hidden.scalar_type(),
+               "), got ", w.scalar_type());
   check_device(w, name, hidden);
 }
 

@@ -124,7 +124,7 @@ BRIDGE_OPS_INLINE void attend(Scratch<acc_t>& w, int64_t m, int64_t d, const Key
     acc_t* o = w.acc.data() + i * d;
     if (w.sum[i] == acc_t(0)) {
       fill_zero(o, d);  // no key: max_score[i] is still -inf
-    } else {  // a NaN or +inf score made the sum NaN: out and lse become NaN, as in the reference and SDPA
+    } else {            // a NaN or +inf score made the sum NaN: out and lse become NaN, as in the reference and SDPA
       const acc_t inv = acc_t(1) / w.sum[i];
       for (int64_t e = 0; e < d; ++e) o[e] *= inv;
       w.max_score[i] += std::log(w.sum[i]);
