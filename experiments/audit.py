@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         progress=progress,
     )
     spec = MethodSpec(init_std=0.02)  # the first recipe's fixed initialization
-    spec.warmup.lr = 1e-3  # and its warm-up learning rate
+    spec.warmup.lr, spec.grpo.lr = 1e-3, 1e-4  # and its learning rates
     spec.warmup_prompts = 16 if smoke else 1024
     spec.warmup.steps = spec.grpo.steps = 2 if smoke else 150
     spec.grpo.prompts_per_step = 4 if smoke else 16

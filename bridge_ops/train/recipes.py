@@ -69,7 +69,7 @@ class MethodSpec:
     warmup_min_correct: int = 2
     warmup: SFTConfig = field(default_factory=lambda: SFTConfig(steps=300, lr=3e-3, groups_per_step=16))
     grpo: GRPOConfig = field(
-        default_factory=lambda: GRPOConfig(steps=150, lr=1e-4, width=4, prompts_per_step=16, max_new_tokens=6)
+        default_factory=lambda: GRPOConfig(steps=150, lr=3e-5, width=4, prompts_per_step=16, max_new_tokens=6)
     )
     seed: int = 0
 
