@@ -98,6 +98,7 @@ COORDINATION = {
         width=2,
         groups=2,
         solo_samples=4,
+        lr_mult=10.0,
     ),
     "default": dict(
         task=dict(),
@@ -115,6 +116,7 @@ COORDINATION = {
         width=4,
         groups=4,
         solo_samples=16,
+        lr_mult=10.0,  # the added blocks' GRPO learning-rate multiplier (consensus grid: 10-30 best)
     ),
 }
 CONSENSUS_METHODS = ("grpo", "pmatch-correct", "pmatch-repair", "bridge-repair")
@@ -591,7 +593,7 @@ def coordination(size: dict, out: str, progress: bool, log) -> str:
     records = {("base", 0): measure(base, 0)}
     for method in ("grpo", "bridge-distinct"):
         for seed in size["seeds"]:
-            spec = method_spec(size, seed, 1.0, width=width)
+            spec = method_spec(size, seed, size["lr_mult"], width=width)
             model, _ = train_method(base, method, train, spec, progress=progress, reward_fn=train.distinct_reward())
             records[(method, seed)] = measure(model, seed)
             r = records[(method, seed)]
@@ -602,7 +604,8 @@ def coordination(size: dict, out: str, progress: bool, log) -> str:
     rows = [{"method": m, "seed": s, "problem": i, **x} for (m, s), r in records.items() for i, x in enumerate(r)]
     write_csv(os.path.join(out, "results.csv"), rows)
     lines = [
-        f"N = {width}; {size['groups']} groups with peers and {size['solo_samples']} solo samples per problem, "
+        f"N = {width}; GRPO with the group reward, added-block lr multiplier x{size['lr_mult']:g}; "
+        f"{size['groups']} groups with peers and {size['solo_samples']} solo samples per problem, "
         f"{size['test']} test problems; differences per problem with 95% bootstrap intervals.",
         "",
         "| model | seed | valid (peers) | valid (solo) | distinct correct per group | independence bound (solo) "
