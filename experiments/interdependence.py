@@ -11,22 +11,34 @@ A. consensus: ScratchpadSumTask (`3+7+2+9=` -> `10,12,21>21`, running sums at al
        bridge-repair   Bridge warmed up on repair data (each sample keeps its own chain and gets the correct answer;
                        the loss covers the whole response of rows whose chain was right and only the answer of the
                        others), then GRPO with k groups per prompt
-   The added blocks' learning-rate multiplier is tuned on seed 0 per method (validation problems, N = 8). Every
+   Tuned on seed 0 per method (validation problems, N = 8): what the warm-up trains (the added blocks, as in the
+   paper, or every parameter with the added blocks at 10x) and the added blocks' GRPO lr multiplier. Every
    method is evaluated at widths 1..16; the Bridge checkpoints also solo (each sample alone), and with diagnostics
    (KL with peers || solo, attention entropy, answer loss with peers vs solo). Decisive comparisons, paired by problem
    with 95% bootstrap intervals: the same Bridge checkpoint with peers vs solo at N = 8, and Bridge vs the best
    P-Match at each width. Ablation: the same Bridge recipe on chains misaligned by random-length filler.
-B. coordination: SubsetSumTask (several correct answers, all enumerated). Bridge warmed up on groups of distinct
-   correct samples, then GRPO with a group reward (a correct answer earns 1 / the number of peers giving it).
-   Measured at N = 4: distinct correct answers per group against the independence bound of the same checkpoint's
-   solo samples, and against the bound of its own with-peers answer frequencies (coordination proper). Control: the
-   same pipeline without Bridge (grpo with the same group reward), whose groups are independent by construction.
+B. coordination: SubsetSumTask (several correct answers, all enumerated) with draws: a response starts with two
+   random letters, which the base samples independently per row (without them the rows of a group are identical
+   until they sample different tokens, and Bridge, permutation-equivariant, cannot make identical rows differ).
+   Methods: grpo (the group reward below, no added block), pmatch-ranked and bridge-ranked (the ranked warm-up: a
+   prompt's distinct correct answers reassigned so the row with the k-th smallest draw gives the k-th answer, a
+   protocol only rows that read each other can follow; the warm-up trains every parameter, the added blocks at
+   10x; then GRPO with the group reward: a correct answer earns 1 /
+   the number of peers giving it). Measured at N = 4: distinct correct answers per group against the independence
+   bound of the same checkpoint's solo samples, against the bound of its own with-peers answer frequencies
+   (coordination proper), and against the independent methods.
+
+Every training run is a job; the jobs run in three phases (bases; the learning-rate grid and the coordination
+runs; the consensus runs with the chosen grid points and the ablation) on `--jobs` processes of one torch thread
+each (default 2, one per core of the 2-core CPU the default size is sized for). Each job seeds itself, so the
+results do not depend on the number of processes.
 
 Writes OUT/<part>/: results.csv (every method, seed, width, peers), grid.csv, per-problem comparisons, summary.md
 (the README's tables), and PNG plots; OUT/summary.md joins both parts.
 """
 
 import argparse
+import copy
 import csv
 import dataclasses
 import json
@@ -54,6 +66,8 @@ CONSENSUS = {
         grpo_steps=2,
         prompts_per_step=4,
         lr_mults=[1.0, 10.0],
+        warmup_trains=["added", "all"],
+        warmup_all=(3e-4, 10.0),
         seeds=[0],
         widths=[1, 2],
         solo_width=2,
@@ -73,7 +87,9 @@ CONSENSUS = {
         warmup_steps=300,
         grpo_steps=100,
         prompts_per_step=16,
-        lr_mults=[1.0, 10.0, 30.0],
+        lr_mults=[30.0, 100.0],  # (an earlier run: x1 < x10 < x30 for every method)
+        warmup_trains=["added", "all"],  # the paper's warm-up of the added blocks, or of every parameter
+        warmup_all=(3e-4, 10.0),  # lr and added-block multiplier of an every-parameter warm-up
         seeds=[0, 1, 2],
         widths=[1, 2, 4, 8, 16],
         solo_width=8,
@@ -83,7 +99,7 @@ CONSENSUS = {
 }
 COORDINATION = {
     "smoke": dict(
-        task=dict(numbers=5, max_number=9),
+        task=dict(numbers=5, max_number=9, draw_length=2),
         hidden=32,
         layers=2,
         base_steps=3,
@@ -92,6 +108,8 @@ COORDINATION = {
         test=8,
         warmup_prompts=16,
         warmup_steps=2,
+        warmup_trains="all",
+        warmup_all=(3e-4, 10.0),
         grpo_steps=2,
         prompts_per_step=4,
         seeds=[0],
@@ -101,25 +119,28 @@ COORDINATION = {
         lr_mult=10.0,
     ),
     "default": dict(
-        task=dict(),
+        task=dict(draw_length=2),
         hidden=96,
         layers=4,
         base_steps=1500,
         base_batch=64,
         train=5000,
         test=500,
-        warmup_prompts=768,
-        warmup_steps=300,
+        warmup_prompts=5000,  # every train problem: the ranked protocol overfits 768 (held-out NLL above the base's)
+        warmup_steps=1000,
+        warmup_trains="all",  # Bridge alone learned no protocol (held-out first-answer NLL: peers = solo)
+        warmup_all=(3e-4, 10.0),
         grpo_steps=100,
         prompts_per_step=16,
         seeds=[0, 1, 2],
         width=4,
         groups=4,
         solo_samples=16,
-        lr_mult=10.0,  # the added blocks' GRPO learning-rate multiplier (consensus grid: 10-30 best)
+        lr_mult=10.0,  # the added blocks' GRPO learning-rate multiplier
     ),
 }
 CONSENSUS_METHODS = ("grpo", "pmatch-correct", "pmatch-repair", "bridge-repair")
+COORDINATION_METHODS = ("grpo", "pmatch-ranked", "bridge-ranked")
 MAX_NEW_TOKENS = 16
 
 
@@ -146,12 +167,17 @@ def cached_base(train, size: dict, directory: str, progress: bool):
     return model, seconds
 
 
-def method_spec(size: dict, seed: int, lr_mult: float = 1.0, width: int = 4, groups_per_prompt: int = 1):
+def method_spec(
+    size: dict, seed: int, lr_mult: float = 1.0, width: int = 4, groups_per_prompt: int = 1, trains: str = "added"
+):
     from bridge_ops.train.recipes import MethodSpec
 
     spec = MethodSpec(seed=seed)
     spec.warmup_prompts = size["warmup_prompts"]
     spec.warmup.steps = size["warmup_steps"]
+    if trains == "all":  # the warm-up trains every parameter at size["warmup_all"] = (lr, added-block multiplier)
+        spec.warmup_trains = "all"
+        spec.warmup.lr, spec.warmup.added_lr_mult = size["warmup_all"]
     spec.grpo.steps, spec.grpo.prompts_per_step = size["grpo_steps"], size["prompts_per_step"]
     spec.grpo.width, spec.grpo.groups_per_prompt = width, groups_per_prompt
     spec.grpo.max_new_tokens, spec.grpo.added_lr_mult = MAX_NEW_TOKENS, lr_mult
@@ -206,34 +232,142 @@ def mean_std(values: List[float], scale: float = 100.0) -> str:
     return f"{scale * statistics.mean(values):.1f} ± {scale * std:.1f}"
 
 
-# ---- A. consensus ---------------------------------------------------------------------------------------------------
-def consensus(size: dict, out: str, progress: bool, log) -> str:
+# ---- jobs: every training run is one job, run on --jobs processes -------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What every job of one run needs: the sizes of both parts and where the run writes (picklable)."""
+
+    size: str
+    out: str
+    progress: bool
+
+    @property
+    def consensus(self) -> dict:
+        return CONSENSUS[self.size]
+
+    @property
+    def coordination(self) -> dict:
+        return COORDINATION[self.size]
+
+
+def consensus_data(setting: Setting, misaligned: bool = False):
+    """(task data of train, test, validation problems, base directory) of the consensus part or its ablation."""
     from bridge_ops.charlm import char_tokenizer
     from bridge_ops.tasks import ScratchpadSumTask
-    from bridge_ops.train import (
-        answer_loss,
-        attention_stats,
-        collect_warmup_groups,
-        grouped_batch,
-        peer_kl,
-        rollout,
-        task_data,
-    )
-    from bridge_ops.train.recipes import output_norm, train_method
+    from bridge_ops.train import task_data
 
-    os.makedirs(out, exist_ok=True)
-    task = ScratchpadSumTask(**size["task"])
+    size = setting.consensus
+    task = ScratchpadSumTask(**size["task"], max_filler=size["filler"] if misaligned else 0)
     tok = char_tokenizer(task.alphabet)
     train = task_data(task, tok, "train", size["train"])
     test = task_data(task, tok, "test", size["test"])
     val = task_data(task, tok, "test", size["val"], skip=size["test"])
-    base, pretrain_seconds = cached_base(train, size, os.path.join(out, "base"), progress)
-    eos, widths, solo_width = tok.eos_token_id, size["widths"], size["solo_width"]
-    log(f"[consensus] base ready ({pretrain_seconds:.0f} s of pretraining)")
+    directory = os.path.join(setting.out, "consensus", "base-misaligned" if misaligned else "base")
+    return train, test, val, directory
 
-    # diagnostics data: repair groups from the base's samples of test problems (teacher-forced answer loss)
+
+def coordination_data(setting: Setting):
+    from bridge_ops.charlm import char_tokenizer
+    from bridge_ops.tasks import SubsetSumTask
+    from bridge_ops.train import task_data
+
+    size = setting.coordination
+    task = SubsetSumTask(**size["task"])
+    tok = char_tokenizer(task.alphabet)
+    train = task_data(task, tok, "train", size["train"])
+    test = task_data(task, tok, "test", size["test"])
+    return train, test, os.path.join(setting.out, "coordination", "base")
+
+
+def job_base(setting: Setting, which: str) -> dict:
+    """Pretrains (or loads from the cache) the base of `which`: 'aligned', 'misaligned' or 'subset'."""
+    if which == "subset":
+        train, _, directory = coordination_data(setting)
+        size = setting.coordination
+    else:
+        train, _, _, directory = consensus_data(setting, misaligned=which == "misaligned")
+        size = setting.consensus
+    _, seconds = cached_base(train, size, directory, setting.progress)
+    return {"job": "base", "which": which, "seconds": seconds}
+
+
+def model_file(setting: Setting, method: str, choice: tuple) -> str:
+    trains, mult = choice
+    return os.path.join(setting.out, "consensus", "models", f"{method}-{trains}-x{mult:g}.pt")
+
+
+def train_consensus(setting: Setting, method: str, seed: int, choice: tuple, misaligned: bool = False):
+    """(model, training info, data) of one consensus run, from the cached base; choice: (what the warm-up trains,
+    the added blocks' GRPO learning-rate multiplier)."""
+    from bridge_ops.train.recipes import output_norm, train_method
+
+    train, test, val, directory = consensus_data(setting, misaligned)
+    base, _ = cached_base(train, setting.consensus, directory, False)
+    block = method.split("-")[0]
+    trains, mult = choice
+    spec = method_spec(setting.consensus, seed, mult, 4, 2 if block == "bridge" else 1, trains)
+    start = time.perf_counter()
+    model, train_log = train_method(base, method, train, spec, progress=setting.progress)
+    grpo_log = train_log["grpo"]
+    info = {
+        "method": method,
+        "seed": seed,
+        "warmup_trains": trains,
+        "lr_mult": mult,
+        "train_seconds": time.perf_counter() - start,
+        "warmup_groups": train_log.get("warmup_groups", [{}])[0].get("groups", 0),
+        "zero_advantage": statistics.mean(h["zero_advantage"] for h in grpo_log),
+        "reward_first": statistics.mean(h["reward"] for h in grpo_log[:10]),
+        "reward_last": statistics.mean(h["reward"] for h in grpo_log[-10:]),
+        "output_norm": output_norm(model) if block != "grpo" else 0.0,
+    }
+    return model, info, (train, test, val, base)
+
+
+def job_grid(setting: Setting, method: str, trains: str, mult: float) -> dict:
+    """One point of the grid (seed 0; what the warm-up trains x the added blocks' GRPO lr multiplier): validation
+    accuracy at N = solo_width; the model is kept on disk for the evaluation of seed 0 when its point wins."""
+    choice = (trains, mult)
+    model, info, (_, _, val, _) = train_consensus(setting, method, 0, choice)
+    accuracy = evaluate(model, val, [setting.consensus["solo_width"]], seed=1000, details=False)[0]["mean_accuracy"]
+    os.makedirs(os.path.dirname(model_file(setting, method, choice)), exist_ok=True)
+    torch.save({"state": model.state_dict(), "info": info}, model_file(setting, method, choice))
+    return {"job": "grid", **info, "val_accuracy": accuracy}
+
+
+def job_consensus(setting: Setting, method: str, seed: int, choice: tuple) -> dict:
+    """One method and seed at widths 1..16 (a Bridge checkpoint also solo, with its diagnostics)."""
+    size = setting.consensus
+    saved = model_file(setting, method, choice)
+    if seed == 0 and os.path.exists(saved):  # the grid's run of this point
+        from bridge_ops.train.recipes import add_block
+
+        train, test, val, directory = consensus_data(setting)
+        base, _ = cached_base(train, size, directory, False)
+        model = copy.deepcopy(base)
+        add_block(model, method.split("-")[0], method_spec(size, seed))
+        checkpoint = torch.load(saved, weights_only=True)
+        model.load_state_dict(checkpoint["state"])
+        model.eval()
+        info = checkpoint["info"]
+    else:
+        model, info, (train, test, val, base) = train_consensus(setting, method, seed, choice)
+    results = evaluate(model, test, size["widths"], seed)
+    record = {"job": "consensus", "method": method, "seed": seed, "info": info, "group": results}
+    if method.startswith("bridge"):
+        record["solo"] = evaluate(model, test, [size["solo_width"]], seed, peers="solo")
+        record["diagnostics"] = bridge_diagnostics(model, base, test, size, seed)
+    return record
+
+
+def bridge_diagnostics(model, base, test, size: dict, seed: int) -> Dict[str, float]:
+    """KL(peers || solo), attention statistics and teacher-forced answer loss with peers vs solo on repair groups
+    drawn from the base's samples of test problems."""
+    from bridge_ops.train import answer_loss, attention_stats, collect_warmup_groups, grouped_batch, peer_kl, rollout
+
+    eos, pad, solo_width = test.tokenizer.eos_token_id, test.tokenizer.pad_token_id, size["solo_width"]
     diag = test.prompts[: size["diagnostics_problems"]]
-    repair_groups = collect_warmup_groups(
+    repair = collect_warmup_groups(
         base,
         diag,
         8,
@@ -244,123 +378,139 @@ def consensus(size: dict, out: str, progress: bool, log) -> str:
         seed=99,
         eos_token_id=eos,
     )
-    repair_batch = None
-    if repair_groups:  # (none when the base writes no answer at all, as at the smoke size)
-        repair_batch = grouped_batch(
-            [g.prompt for g in repair_groups],
-            [g.responses for g in repair_groups],
-            tok.pad_token_id,
-            [g.loss_masks for g in repair_groups],
+    samples = rollout(
+        model, diag, range(len(diag)), solo_width, MAX_NEW_TOKENS, (seed, "diagnostics"), eos_token_id=eos
+    )
+    batch = grouped_batch(diag, samples, pad)
+    kl, attention = peer_kl(model, batch), attention_stats(model, batch)
+    loss = {"with_peers": math.nan, "solo": math.nan}  # (no repair group when the base writes no answer: smoke size)
+    if repair:
+        loss = answer_loss(
+            model,
+            grouped_batch(
+                [g.prompt for g in repair], [g.responses for g in repair], pad, [g.loss_masks for g in repair]
+            ),
         )
+    return {
+        "seed": seed,
+        "kl_peers_solo": kl["kl"],
+        "argmax_changed": kl["argmax_changed"],
+        "entropy_ratio": attention["entropy_ratio"],
+        "self_weight_ratio": attention["self_weight_ratio"],
+        "answer_nll_peers": loss["with_peers"],
+        "answer_nll_solo": loss["solo"],
+    }
 
-    def bridge_diagnostics(model, seed) -> Dict[str, float]:
-        samples = rollout(
-            model, diag, range(len(diag)), solo_width, MAX_NEW_TOKENS, (seed, "diagnostics"), eos_token_id=eos
+
+def job_ablation(setting: Setting, seed: int, choice: tuple) -> dict:
+    """The Bridge recipe on chains misaligned by filler: N = 1, N = solo_width with peers and solo."""
+    size = setting.consensus
+    model, _, (_, test, _, _) = train_consensus(setting, "bridge-repair", seed, choice, misaligned=True)
+    peers = evaluate(model, test, [1, size["solo_width"]], seed)
+    solo = evaluate(model, test, [size["solo_width"]], seed, peers="solo")[0]
+    return {"job": "ablation", "seed": seed, "n1": peers[0], "peers": peers[1], "solo": solo}
+
+
+def job_base_evaluation(setting: Setting) -> dict:
+    train, test, _, directory = consensus_data(setting)
+    base, _ = cached_base(train, setting.consensus, directory, False)
+    return {"job": "base-evaluation", "results": evaluate(base, test, [1, setting.consensus["solo_width"]], 0)}
+
+
+def job_coordination(setting: Setting, method: str, seed: int) -> dict:
+    """One coordination run (method 'base': the base itself) and its distinct answers against the bounds."""
+    from bridge_ops.train import distinct_answers
+    from bridge_ops.train.recipes import train_method
+
+    size = setting.coordination
+    train, test, directory = coordination_data(setting)
+    model, _ = cached_base(train, size, directory, False)
+    start = time.perf_counter()
+    if method != "base":
+        spec = method_spec(size, seed, size["lr_mult"], size["width"], trains=size["warmup_trains"])
+        model, _ = train_method(
+            model, method, train, spec, progress=setting.progress, reward_fn=train.distinct_reward()
         )
-        batch = grouped_batch([diag[i] for i in range(len(diag))], samples, tok.pad_token_id)
-        kl, attention = peer_kl(model, batch), attention_stats(model, batch)
-        loss = answer_loss(model, repair_batch) if repair_batch else {"with_peers": math.nan, "solo": math.nan}
-        return {
-            "kl_peers_solo": kl["kl"],
-            "argmax_changed": kl["argmax_changed"],
-            "entropy_ratio": attention["entropy_ratio"],
-            "self_weight_ratio": attention["self_weight_ratio"],
-            "answer_nll_peers": loss["with_peers"],
-            "answer_nll_solo": loss["solo"],
-        }
+    seconds = time.perf_counter() - start
+    per_problem_results = distinct_answers(
+        model,
+        test.prompts,
+        test.reward,
+        test.extract_answer,
+        size["width"],
+        groups_per_prompt=size["groups"],
+        solo_samples=size["solo_samples"],
+        max_new_tokens=MAX_NEW_TOKENS,
+        seed=seed,
+        eos_token_id=test.tokenizer.eos_token_id,
+    )
+    return {"job": "coordination", "method": method, "seed": seed, "seconds": seconds, "results": per_problem_results}
 
-    rows, diagnostics_rows, grid_rows, evaluations = [], [], [], {}
-    trained: Dict[tuple, object] = {}
 
-    def run(method, seed, mult):
-        block = method.split("-")[0]
-        spec = method_spec(size, seed, mult, width=4, groups_per_prompt=2 if block == "bridge" else 1)
-        start = time.perf_counter()
-        model, train_log = train_method(base, method, train, spec, progress=progress)
-        seconds = time.perf_counter() - start
-        grpo_log = train_log["grpo"]
-        info = {
-            "method": method,
-            "seed": seed,
-            "lr_mult": mult,
-            "train_seconds": seconds,
-            "warmup_groups": train_log.get("warmup_groups", [{}])[0].get("groups", 0),
-            "zero_advantage": statistics.mean(h["zero_advantage"] for h in grpo_log),
-            "reward_first": statistics.mean(h["reward"] for h in grpo_log[:10]),
-            "reward_last": statistics.mean(h["reward"] for h in grpo_log[-10:]),
-            "output_norm": output_norm(model) if block != "grpo" else 0.0,
-        }
-        return model, info
+def _call(job):
+    function, args = job
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    result = function(*args)
+    return {**result, "job_seconds": time.perf_counter() - start}
 
-    # 1. tune the added blocks' learning-rate multiplier on seed 0 (validation problems, N = solo_width)
-    best_mult = {"grpo": 1.0}
-    for method in CONSENSUS_METHODS[1:]:
-        scores = {}
-        for mult in size["lr_mults"]:
-            model, info = run(method, 0, mult)
-            accuracy = evaluate(model, val, [solo_width], seed=1000, details=False)[0]["mean_accuracy"]
-            grid_rows.append({**info, "val_accuracy": accuracy})
-            scores[mult] = accuracy
-            trained[(method, 0, mult)] = (model, info)
-            log(f"[consensus] grid {method} x{mult:g}: val accuracy at N={solo_width} {100 * accuracy:.1f}")
-        best_mult[method] = max(scores, key=scores.get)
+
+def run_jobs(jobs: List[tuple], processes: int, log) -> List[dict]:
+    """Runs (function, args) jobs on `processes` processes (1 torch thread each; 1: in this process) and returns
+    their results in the jobs' order. Each job seeds itself, so results do not depend on `processes`."""
+    describe = [
+        f"{function.__name__[4:]}{tuple(a for a in args if not isinstance(a, Setting))}" for function, args in jobs
+    ]
+    if processes <= 1:
+        results = []
+        for job, name in zip(jobs, describe):
+            results.append(_call(job))
+            log(f"done {name} ({results[-1]['job_seconds']:.0f} s)")
+        return results
+    import multiprocessing
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)  # spawned workers import this module by name
+    try:
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            results = [None] * len(jobs)
+            for index, result in pool.imap_unordered(_indexed_call, list(enumerate(jobs))):
+                results[index] = result
+                log(f"done {describe[index]} ({result['job_seconds']:.0f} s)")
+            pool.close()  # (a clean exit: the context manager alone terminates the workers)
+            pool.join()
+    finally:
+        sys.path.remove(here)
+    return results
+
+
+def _indexed_call(indexed_job):
+    index, job = indexed_job
+    return index, _call(job)
+
+
+# ---- A. consensus ---------------------------------------------------------------------------------------------------
+def consensus_report(setting: Setting, grid: List[dict], runs: List[dict], ablation: List[dict], base_eval, seconds):
+    """Writes the consensus part's CSV files, plot and summary.md from the jobs' results; returns the summary."""
+    size, out = setting.consensus, os.path.join(setting.out, "consensus")
+    best = best_choices(grid)
+    grid_rows = [{k: v for k, v in r.items() if k not in ("job", "job_seconds")} for r in grid]
+    evaluations, rows, train_info, diagnostics_rows = {}, [], [], []
+    for r in runs:
+        method, seed = r["method"], r["seed"]
+        train_info.append(r["info"])
+        evaluations[(method, seed, "group")] = {e["width"]: e for e in r["group"]}
+        results = r["group"] + r.get("solo", [])
+        if "solo" in r:
+            evaluations[(method, seed, "solo")] = {e["width"]: e for e in r["solo"]}
+            diagnostics_rows.append({"method": method, **r["diagnostics"]})
+        rows += [{k: v for k, v in e.items() if k != "problems"} | {"method": method, "seed": seed} for e in results]
     write_csv(os.path.join(out, "grid.csv"), grid_rows)
-
-    # 2. every method and seed at widths 1..16 (Bridge also solo, with diagnostics)
-    train_info = []
-    for method in CONSENSUS_METHODS:
-        for seed in size["seeds"]:
-            mult = best_mult[method]
-            model, info = trained.pop((method, seed, mult), None) or run(method, seed, mult)
-            train_info.append(info)
-            results = evaluate(model, test, widths, seed)
-            evaluations[(method, seed, "group")] = {r["width"]: r for r in results}
-            if method.startswith("bridge"):
-                solo = evaluate(model, test, [solo_width], seed, peers="solo")
-                evaluations[(method, seed, "solo")] = {r["width"]: r for r in solo}
-                results = results + solo
-                diagnostics_rows.append({"method": method, "seed": seed, **bridge_diagnostics(model, seed)})
-            rows += [
-                {k: v for k, v in r.items() if k != "problems"} | {"method": method, "seed": seed} for r in results
-            ]
-            by_width = " ".join(
-                f"N={r['width']}{'s' if r['peers'] == 'solo' else ''}:{100 * r['mean_accuracy']:.1f}" for r in results
-            )
-            log(f"[consensus] {method} seed {seed} (x{mult:g}, {info['train_seconds']:.0f} s): {by_width}")
-        trained.clear()
-
-    # 3. ablation: the Bridge recipe on misaligned chains
-    ablation = []
-    misaligned = ScratchpadSumTask(**size["task"], max_filler=size["filler"])
-    m_tok = char_tokenizer(misaligned.alphabet)
-    m_train = task_data(misaligned, m_tok, "train", size["train"])
-    m_test = task_data(misaligned, m_tok, "test", size["test"])
-    m_base, m_seconds = cached_base(m_train, size, os.path.join(out, "base-misaligned"), progress)
-    for seed in size["seeds"]:
-        spec = method_spec(size, seed, best_mult["bridge-repair"], width=4, groups_per_prompt=2)
-        model, _ = train_method(m_base, "bridge-repair", m_train, spec, progress=progress)
-        peers = evaluate(model, m_test, [1, solo_width], seed)
-        solo = evaluate(model, m_test, [solo_width], seed, peers="solo")[0]
-        ablation.append({"seed": seed, "n1": peers[0], "peers": peers[1], "solo": solo})
-        log(
-            f"[consensus] misaligned seed {seed}: N=1 {100 * peers[0]['mean_accuracy']:.1f}, N={solo_width} peers "
-            f"{100 * peers[1]['mean_accuracy']:.1f}, solo {100 * solo['mean_accuracy']:.1f}"
-        )
-
     write_csv(os.path.join(out, "results.csv"), rows)
     write_csv(os.path.join(out, "training.csv"), train_info)
     write_csv(os.path.join(out, "diagnostics.csv"), diagnostics_rows)
-    base_eval = evaluate(base, test, [1, solo_width], 0)
     summary = consensus_summary(
-        size,
-        evaluations,
-        best_mult,
-        grid_rows,
-        train_info,
-        diagnostics_rows,
-        ablation,
-        base_eval,
-        pretrain_seconds + m_seconds,
+        size, evaluations, best, grid_rows, train_info, diagnostics_rows, ablation, base_eval, seconds
     )
     consensus_plot(size, evaluations, os.path.join(out, "accuracy_vs_width.png"))
     with open(os.path.join(out, "summary.md"), "w") as f:
@@ -368,10 +518,21 @@ def consensus(size: dict, out: str, progress: bool, log) -> str:
     return summary
 
 
+def best_choices(grid: List[dict]) -> Dict[str, tuple]:
+    """Per method, the grid point (what the warm-up trains, lr multiplier) with the best validation accuracy (the
+    first in grid order among ties); grpo has no added block and no warm-up: ("added", 1)."""
+    best = {"grpo": ("added", 1.0)}
+    for method in CONSENSUS_METHODS[1:]:
+        points = [r for r in grid if r["method"] == method]
+        winner = max(points, key=lambda r: r["val_accuracy"])
+        best[method] = (winner["warmup_trains"], winner["lr_mult"])
+    return best
+
+
 def consensus_summary(
     size,
     evaluations,
-    best_mult,
+    best,
     grid_rows,
     train_info,
     diagnostics_rows,
@@ -453,34 +614,37 @@ def consensus_summary(
     lines.append("")
 
     lines += [
-        "**Learning-rate multiplier of the added blocks** (seed 0, validation accuracy at "
-        f"N={solo_width}; chosen: the best)",
+        "**Grid: what the warm-up trains x the added blocks' GRPO learning-rate multiplier** (seed 0, validation "
+        f"accuracy at N={solo_width}; chosen: the best, *)",
         "",
-        "| method | " + " | ".join(f"x{m:g}" for m in size["lr_mults"]) + " |",
-        "|---" * (len(size["lr_mults"]) + 1) + "|",
+        "| method | warm-up trains | " + " | ".join(f"x{m:g}" for m in size["lr_mults"]) + " |",
+        "|---" * (len(size["lr_mults"]) + 2) + "|",
     ]
     for method in CONSENSUS_METHODS[1:]:
-        cells = [
-            f"{100 * r['val_accuracy']:.1f}" + (" *" if m == best_mult[method] else "")
-            for m in size["lr_mults"]
-            for r in grid_rows
-            if r["method"] == method and r["lr_mult"] == m
-        ]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        for trains in size["warmup_trains"]:
+            cells = [
+                f"{100 * r['val_accuracy']:.1f}" + (" *" if (trains, m) == best[method] else "")
+                for m in size["lr_mults"]
+                for r in grid_rows
+                if r["method"] == method and r["lr_mult"] == m and r["warmup_trains"] == trains
+            ]
+            lines.append(f"| {method} | {trains} | " + " | ".join(cells) + " |")
     lines.append("")
 
     lines += [
         "**Training**, mean over seeds",
         "",
-        "| method | seconds | warm-up groups | GRPO reward first -> last 10 steps | groups with zero advantage "
-        "| added-block output norm |",
-        "|---|---|---|---|---|---|",
+        "| method | warm-up trains, GRPO multiplier | seconds | warm-up groups | GRPO reward first -> last 10 steps "
+        "| groups with zero advantage | added-block output norm |",
+        "|---|---|---|---|---|---|---|",
     ]
     for method in CONSENSUS_METHODS:
         infos = [i for i in train_info if i["method"] == method]
         avg = {k: statistics.mean(i[k] for i in infos) for k in infos[0] if isinstance(infos[0][k], (int, float))}
+        trains, mult = best[method]
         lines.append(
-            f"| {method} | {avg['train_seconds']:.0f} | {avg['warmup_groups']:.0f} | "
+            f"| {method} | {trains if method != 'grpo' else '-'}, x{mult:g} | {avg['train_seconds']:.0f} | "
+            f"{avg['warmup_groups']:.0f} | "
             f"{avg['reward_first']:.2f} -> {avg['reward_last']:.2f} | {100 * avg['zero_advantage']:.0f}% | "
             f"{avg['output_norm']:.2f} |"
         )
@@ -560,52 +724,20 @@ def consensus_plot(size, evaluations, path) -> None:
 
 
 # ---- B. coordination ------------------------------------------------------------------------------------------------
-def coordination(size: dict, out: str, progress: bool, log) -> str:
-    from bridge_ops.charlm import char_tokenizer
-    from bridge_ops.tasks import SubsetSumTask
-    from bridge_ops.train import distinct_answers, paired_bootstrap, task_data
-    from bridge_ops.train.recipes import train_method
+def coordination_report(setting: Setting, runs: List[dict]) -> str:
+    """Writes the coordination part's results.csv, plot and summary.md from the jobs' results; returns the summary."""
+    from bridge_ops.train import paired_bootstrap
 
-    os.makedirs(out, exist_ok=True)
-    task = SubsetSumTask(**size["task"])
-    tok = char_tokenizer(task.alphabet)
-    train = task_data(task, tok, "train", size["train"])
-    test = task_data(task, tok, "test", size["test"])
-    base, pretrain_seconds = cached_base(train, size, os.path.join(out, "base"), progress)
-    log(f"[coordination] base ready ({pretrain_seconds:.0f} s of pretraining)")
-    width = size["width"]
-
-    def measure(model, seed):
-        return distinct_answers(
-            model,
-            test.prompts,
-            test.reward,
-            test.extract_answer,
-            width,
-            groups_per_prompt=size["groups"],
-            solo_samples=size["solo_samples"],
-            max_new_tokens=MAX_NEW_TOKENS,
-            seed=seed,
-            eos_token_id=tok.eos_token_id,
-        )
-
-    records = {("base", 0): measure(base, 0)}
-    for method in ("grpo", "bridge-distinct"):
-        for seed in size["seeds"]:
-            spec = method_spec(size, seed, size["lr_mult"], width=width)
-            model, _ = train_method(base, method, train, spec, progress=progress, reward_fn=train.distinct_reward())
-            records[(method, seed)] = measure(model, seed)
-            r = records[(method, seed)]
-            log(
-                f"[coordination] {method} seed {seed}: distinct {statistics.mean(x['distinct'] for x in r):.3f}, "
-                f"bound {statistics.mean(x['bound'] for x in r):.3f}"
-            )
+    size, out = setting.coordination, os.path.join(setting.out, "coordination")
+    records = {(r["method"], r["seed"]): r["results"] for r in runs}
     rows = [{"method": m, "seed": s, "problem": i, **x} for (m, s), r in records.items() for i, x in enumerate(r)]
     write_csv(os.path.join(out, "results.csv"), rows)
     lines = [
-        f"N = {width}; GRPO with the group reward, added-block lr multiplier x{size['lr_mult']:g}; "
-        f"{size['groups']} groups with peers and {size['solo_samples']} solo samples per problem, "
-        f"{size['test']} test problems; differences per problem with 95% bootstrap intervals.",
+        f"N = {size['width']}; responses start with a draw of {size['task']['draw_length']} random letters; the "
+        f"ranked warm-up trains {size['warmup_trains']} parameters; GRPO "
+        f"with the group reward, added-block lr multiplier x{size['lr_mult']:g}; {size['groups']} groups with peers "
+        f"and {size['solo_samples']} solo samples per problem, {size['test']} test problems; differences per problem "
+        "with 95% bootstrap intervals.",
         "",
         "| model | seed | valid (peers) | valid (solo) | distinct correct per group | independence bound (solo) "
         "| minus bound | marginal bound (peers' own frequencies) | minus marginal bound |",
@@ -624,32 +756,68 @@ def coordination(size: dict, out: str, progress: bool, log) -> str:
             f"{statistics.mean(col('marginal_bound')):.3f} | "
             f"{interval(paired_bootstrap(col('distinct'), col('marginal_bound')), 1.0, 3)} |"
         )
+    lines += ["", coordination_comparison(size, records)]
     summary = "\n".join(lines + [""])
-    coordination_plot(records, width, os.path.join(out, "distinct_vs_bound.png"))
+    coordination_plot(records, size["width"], os.path.join(out, "distinct_vs_bound.png"))
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(summary)
     return summary
 
 
+def coordination_comparison(size: dict, records: dict) -> str:
+    """Bridge against the independent methods: distinct correct answers per group, per-problem means over seeds."""
+    from bridge_ops.train import paired_bootstrap
+
+    def averaged(method, key="distinct"):
+        return mean_over([[x[key] for x in records[(method, s)]] for s in size["seeds"]])
+
+    lines = [
+        "**Bridge against independent samplers** (distinct correct answers per group, per-problem means over "
+        "seeds, 95% bootstrap interval)",
+        "",
+        "| comparison | difference |",
+        "|---|---|",
+    ]
+    bridge = averaged("bridge-ranked")
+    lines.append(
+        f"| bridge-ranked minus its own independence bound | "
+        f"{interval(paired_bootstrap(bridge, averaged('bridge-ranked', 'bound')), 1.0, 3)} |"
+    )
+    for method in COORDINATION_METHODS:
+        if method != "bridge-ranked":
+            lines.append(
+                f"| bridge-ranked minus {method} | {interval(paired_bootstrap(bridge, averaged(method)), 1.0, 3)} |"
+            )
+    return "\n".join(lines)
+
+
 def coordination_plot(records, width, path) -> None:
+    """Per model and seed: distinct correct answers per group minus each bound, with 95% bootstrap intervals (a bar
+    above zero: more distinct answers than independent draws give)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from bridge_ops.train import paired_bootstrap
+
     labels = [f"{m}\nseed {s}" for m, s in records]
-    keys = (
-        ("distinct", "distinct correct per group (peers)"),
-        ("bound", "independence bound (solo)"),
-        ("marginal_bound", "bound of the peers' own frequencies"),
-    )
+    keys = (("bound", "minus the independence bound (solo)"), ("marginal_bound", "minus the own-frequency bound"))
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4))
     for k, (key, label) in enumerate(keys):
-        values = [statistics.mean(x[key] for x in r) for r in records.values()]
-        ax.bar([i + (k - 1) * 0.27 for i in range(len(labels))], values, width=0.27, label=label)
+        cis = [paired_bootstrap([x["distinct"] for x in r], [x[key] for x in r]) for r in records.values()]
+        ax.bar(
+            [i + (k - 0.5) * 0.38 for i in range(len(labels))],
+            [c["mean"] for c in cis],
+            width=0.38,
+            yerr=[[c["mean"] - c["low"] for c in cis], [c["high"] - c["mean"] for c in cis]],
+            capsize=3,
+            label=label,
+        )
+    ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
-    ax.set_ylabel(f"distinct correct answers among N={width}")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(f"distinct correct answers among N={width}\n(difference, 95% CI)")
+    ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -661,30 +829,69 @@ def main(argv=None) -> int:
     parser.add_argument("--size", choices=["smoke", "default"], default="default")
     parser.add_argument("--part", choices=["consensus", "coordination", "all"], default="all")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes, 1 torch thread each (default 2)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setting = Setting(args.size, args.out, progress=not args.no_progress and args.jobs == 1)
+    consensus, coordination = args.part in ("consensus", "all"), args.part in ("coordination", "all")
     started = time.perf_counter()
 
     def log(message: str) -> None:
         print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {message}", flush=True)
 
+    # phase 1: the bases the other jobs start from (the misaligned one only feeds phase 3, so it runs in phase 2)
+    bases = run_jobs(
+        [(job_base, (setting, w)) for w, wanted in (("aligned", consensus), ("subset", coordination)) if wanted],
+        args.jobs,
+        log,
+    )
+    # phase 2: the learning-rate grid of the consensus part, every coordination run
+    size = setting.consensus
+    phase2 = []
+    if consensus:
+        phase2 += [
+            (job_grid, (setting, m, t, x))
+            for m in CONSENSUS_METHODS[1:]
+            for t in size["warmup_trains"]
+            for x in size["lr_mults"]
+        ]
+        phase2 += [(job_base, (setting, "misaligned")), (job_base_evaluation, (setting,))]
+    if coordination:
+        phase2 += [(job_coordination, (setting, "base", 0))]
+        phase2 += [
+            (job_coordination, (setting, m, s)) for m in COORDINATION_METHODS for s in setting.coordination["seeds"]
+        ]
+    done = run_jobs(phase2, args.jobs, log)
+    # phase 3: every consensus method and seed at its chosen grid point, and the misaligned ablation
     parts = []
-    if args.part in ("consensus", "all"):
-        summary = consensus(CONSENSUS[args.size], os.path.join(args.out, "consensus"), not args.no_progress, log)
-        parts.append(f"## A. Consensus (scratchpad sums)\n\n{summary}")
-    if args.part in ("coordination", "all"):
-        summary = coordination(
-            COORDINATION[args.size], os.path.join(args.out, "coordination"), not args.no_progress, log
+    if consensus:
+        grid = [r for r in done if r["job"] == "grid"]
+        best = best_choices(grid)
+        phase3 = [(job_consensus, (setting, m, s, best[m])) for m in CONSENSUS_METHODS for s in size["seeds"]]
+        phase3 += [(job_ablation, (setting, s, best["bridge-repair"])) for s in size["seeds"]]
+        finished = run_jobs(phase3, args.jobs, log)
+        pretraining = sum(r["seconds"] for r in bases + done if r["job"] == "base" and r["which"] != "subset")
+        summary = consensus_report(
+            setting,
+            grid,
+            [r for r in finished if r["job"] == "consensus"],
+            [r for r in finished if r["job"] == "ablation"],
+            next(r["results"] for r in done if r["job"] == "base-evaluation"),
+            pretraining,
         )
+        parts.append(f"## A. Consensus (scratchpad sums)\n\n{summary}")
+    if coordination:
+        summary = coordination_report(setting, [r for r in done if r["job"] == "coordination"])
         parts.append(f"## B. Coordination (subset sum)\n\n{summary}")
     total = time.perf_counter() - started
     command = "python experiments/interdependence.py" + ("" if args.size == "default" else f" --size {args.size}")
     if args.part != "all":
         command += f" --part {args.part}"
-    header = f"`{command}`: {total / 60:.1f} min, torch {torch.__version__}, {torch.get_num_threads()} threads\n\n"
+    header = (
+        f"`{command}`: {total / 60:.1f} min on {args.jobs} process(es) of 1 torch thread, torch {torch.__version__}\n\n"
+    )
     with open(os.path.join(args.out, "summary.md" if args.part == "all" else f"summary-{args.part}.md"), "w") as f:
         f.write(header + "\n".join(parts))
     print(header + "\n".join(parts))

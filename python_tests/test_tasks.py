@@ -108,3 +108,44 @@ def test_subset_sum_rewards_only_ascending_valid_subsets():
         assert task.reward(",".join(reversed(first)), problem) == 0.0  # not ascending
     assert all(task.extract_answer(text) is None for text in ("3,3", "03,5", ""))
     assert task.reward("1,2,3,4,5,6,7", problem) == 0.0
+
+
+def test_subset_sum_draws_prefix_every_reference_and_are_stripped_from_the_answer():
+    task = SubsetSumTask(draw_length=2)
+    assert set(task.alphabet) == set("0123456789,:=" + task.draw_letters) and "a" not in SubsetSumTask().alphabet
+    problems = task.problems("train", 300, seed=0)
+    draws = []
+    for p in problems:
+        for reference, solution in zip(task.references(p), p.solutions):
+            assert reference[2:] == solution and task.split_draw(reference) == (reference[:2], solution)
+            assert task.reward(reference, p) == 1.0 and task.extract_answer(reference) == solution
+            draws.append(reference[:2])
+    assert task.references(problems[0]) == task.references(problems[0])  # seeded by the problem
+    counts = [sum(d[0] == c for d in draws) for c in task.draw_letters]
+    assert min(counts) > 0.5 * len(draws) / 16 and max(counts) < 1.5 * len(draws) / 16  # about uniform
+    p = problems[0]
+    assert task.reward(p.solutions[0], p) == 0.0  # no draw: not an answer of this format
+    assert task.extract_answer("z1" + p.solutions[0]) is None and task.extract_answer("ab") is None
+    with pytest.raises(ValueError, match="draw_length"):
+        SubsetSumTask(draw_length=-1)
+
+
+def test_subset_sum_rank_pairs_sorted_draws_with_sorted_answers():
+    task = SubsetSumTask(draw_length=2)
+    # answers sort as text ("11,12" < "2,5,14" < "7,14"); a repeated draw or answer is one row; bad rows dropped
+    ranked = task.rank(["kc7,14", "ab11,12", "kd7,14", "pa2,5,14", "zz1", "kc2,5,14", "bb5,3"])
+    assert ranked == ["ab11,12", "kc2,5,14", "kd7,14"]
+    assert task.rank(["ab7,14", "ac7,14"]) == ["ab7,14"]  # one answer: one row
+    with pytest.raises(ValueError, match="draw_length"):
+        SubsetSumTask().rank(["7,14"])
+
+
+def test_task_data_rank_encodes_the_ranked_group_and_names_tasks_without_draws():
+    task = SubsetSumTask(draw_length=2)
+    tok = char_tokenizer(task.alphabet)
+    data = task_data(task, tok, "test", 2)
+    rows = [data.encode(text) for text in ("kc7,14", "ab11,12")]
+    assert [data.text(r) for r in data.rank(0, rows)] == ["ab11,12", "kc7,14"]
+    plain = task_data(ArithmeticTask(max_operand=9), char_tokenizer(ArithmeticTask.alphabet), "test", 2)
+    with pytest.raises(ValueError, match="ranked warm-up needs a task with draws"):
+        plain.rank(0, rows)

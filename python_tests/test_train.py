@@ -314,6 +314,36 @@ def test_train_method_depends_on_its_seed_not_on_the_global_rng():
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("trains", ["added", "all"])
+def test_warmup_trains_the_added_blocks_or_every_parameter(trains):
+    from bridge_ops.charlm import char_tokenizer, tiny_causal_lm
+    from bridge_ops.tasks import ArithmeticTask
+    from bridge_ops.train import task_data
+    from bridge_ops.train.recipes import MethodSpec, train_method
+
+    task = ArithmeticTask(max_operand=9)
+    tok = char_tokenizer(task.alphabet)
+    train = task_data(task, tok, "train", 16)
+    train.reward = lambda index, response: 1.0  # every sample is "correct": the warm-up has data
+    base = tiny_causal_lm(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+    spec = MethodSpec(d_bridge=8, warmup_prompts=8, warmup_trains=trains)
+    spec.warmup.steps, spec.warmup.groups_per_step = 2, 4
+    spec.grpo.steps, spec.grpo.prompts_per_step, spec.grpo.width = 1, 4, 2
+    after_warmup = {}
+
+    def on_stage(stage, model):
+        after_warmup.update({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    train_method(base, "bridge-distinct", train, spec, progress=False, on_stage=on_stage)
+    moved = {n for n, p in base.named_parameters() if not torch.equal(p, after_warmup[n])}
+    assert bool(moved) == (trains == "all")
+    assert any(
+        not torch.equal(p, torch.zeros_like(p)) for n, p in after_warmup.items() if "o_proj" in n and "bridge" in n
+    )
+    with pytest.raises(ValueError, match="warmup_trains"):
+        train_method(base, "bridge-distinct", train, MethodSpec(warmup_trains="base"), progress=False)
+
+
 # ---- warm-up modes, loss masks, learning-rate groups, group rewards ---------------------------------------------
 def test_grouped_batch_loss_masks_select_the_loss_tokens():
     responses = [[[3, 4, EOS], [5, 6, 7, EOS]], [[8, EOS]]]
@@ -353,6 +383,19 @@ def test_distinct_warmup_removes_duplicates_and_repair_keeps_wrong_rows_with_ans
             assert all(mask) == (response[0] % 2 == 0)
     with pytest.raises(ValueError, match="repair_fn"):
         collect_warmup_groups(model, PROMPTS, 2, "repair")
+
+    seen = []
+
+    def rank(index, responses):  # keeps the responses whose first token is even, in reverse order
+        seen.append(responses)
+        return [r for r in reversed(responses) if r[0] % 2 == 0]
+
+    ranked = collect_warmup_groups(model, PROMPTS, 8, "ranked", reward_fn=lambda i, r: 1.0, rank_fn=rank, **kwargs)
+    assert len(seen) == len(PROMPTS) and all(len({tuple(r) for r in group}) == len(group) for group in seen)
+    kept = [d for d in distinct if any(r[0] % 2 == 0 for r in d.responses)]
+    assert [g.responses for g in ranked] == [[r for r in reversed(d.responses) if r[0] % 2 == 0] for d in kept]
+    with pytest.raises(ValueError, match="reward_fn and rank_fn"):
+        collect_warmup_groups(model, PROMPTS, 2, "ranked", reward_fn=reward_even_first)
     with pytest.raises(ValueError, match="warm-up mode"):
         collect_warmup_groups(model, PROMPTS, 2, "best", reward_fn=reward_even_first)
 

@@ -92,8 +92,9 @@ def test_grpo_then_resume_then_eval(base_dir, tmp_path, capsys):
     assert "mean_acc" in capsys.readouterr().out
 
 
-def test_repair_warmup_needs_a_task_with_a_chain(base_dir, tmp_path):
-    with pytest.raises(SystemExit, match="chain"):
+@pytest.mark.parametrize("warmup, message", [("repair", "chain"), ("ranked", "random draw")])
+def test_repair_and_ranked_warmups_need_a_task_that_has_them(base_dir, tmp_path, warmup, message):
+    with pytest.raises(SystemExit, match=message):
         main(
             [
                 "train",
@@ -103,7 +104,7 @@ def test_repair_warmup_needs_a_task_with_a_chain(base_dir, tmp_path):
                 "--bridge",
                 "8",
                 "--warmup",
-                "repair",
+                warmup,
                 "--out",
                 str(tmp_path / "warm"),
                 "--steps",
@@ -160,7 +161,7 @@ def test_interdependence_experiment_smoke(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "with peers vs the same checkpoint solo" in summary and "independence bound" in summary
     coordination = list(csv.DictReader(open(tmp_path / "coordination" / "results.csv")))
-    assert {r["method"] for r in coordination} == {"base", "grpo", "bridge-distinct"}
+    assert {r["method"] for r in coordination} == {"base", "grpo", "pmatch-ranked", "bridge-ranked"}
 
 
 def test_audit_smoke(tmp_path):

@@ -2,7 +2,8 @@
 
 ArithmeticTask     `7+3-5=` -> `5`: one short answer
 ScratchpadSumTask  `37+85+12+64=` -> `122,134,198>198`: aligned running sums, then the answer (consensus)
-SubsetSumTask      `135789:17=` -> `179`: several correct answers, all enumerated (coordination)
+SubsetSumTask      `2,5,7,9,11,14:21=` -> `7,14`: several correct answers, all enumerated (coordination); with
+                   draws, `kc7,14`: random letters first, which break the symmetry between a group's rows
 """
 
 from .arithmetic import ArithmeticTask

@@ -6,12 +6,23 @@
 Every problem has at least `min_solutions` correct answers, and `Problem.solutions` lists all of them, so a group's
 number of *distinct* correct answers can be compared with what independent samples would reach (the independence
 bound of `bridge_ops.train.diagnostics`).
+
+`draw_length > 0` breaks the symmetry between a group's rows. The N rows of a group share one prompt, and Bridge is
+permutation-equivariant, so rows with the same prefix always have the same next-token distribution: no exchange
+between peers can make two such rows choose different answers. With draws, a response starts with `draw_length`
+random letters (drawn uniformly in the references, so a pretrained base samples them uniformly and independently)
+before the answer:
+
+    response kc7,14          (draw "kc", answer "7,14")
+
+After the draw the rows differ, and a row that sees its peers' draws can take a share of the answers that depends on
+them (`rank`: the row with the k-th smallest draw takes the k-th answer), which a row that sees only itself cannot.
 """
 
 import itertools
 import random
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from .base import GeneratedTask, Problem
 
@@ -25,15 +36,22 @@ class SubsetSumTask(GeneratedTask):
     max_number: int = 15
     max_subset: int = 4
     min_solutions: int = 2
+    draw_length: int = 0  # random letters before the answer (0: none)
     name: str = "subset-sum"
 
-    alphabet = "0123456789,:="
+    draw_letters = "abcdefghijklmnop"
 
     def __post_init__(self):
         if not 2 <= self.numbers <= self.max_number or not 2 <= self.max_subset <= self.numbers:
             raise ValueError(f"bridge_ops: invalid SubsetSumTask settings: {self}")
         if self.min_solutions < 1:
             raise ValueError(f"bridge_ops: min_solutions must be >= 1, got {self.min_solutions}")
+        if self.draw_length < 0:
+            raise ValueError(f"bridge_ops: draw_length must be >= 0, got {self.draw_length}")
+
+    @property
+    def alphabet(self) -> str:
+        return "0123456789,:=" + (self.draw_letters if self.draw_length else "")
 
     @staticmethod
     def solutions_of(numbers: List[int], target: int) -> List[str]:
@@ -56,14 +74,44 @@ class SubsetSumTask(GeneratedTask):
                 return Problem(prompt, solutions[0], tuple(solutions))
 
     def references(self, problem: Problem) -> List[str]:
-        """Every solution: pretraining shows the whole answer set of a problem."""
-        return list(problem.solutions)
+        """Every solution (pretraining shows the whole answer set of a problem), each after a draw of letters chosen
+        uniformly by a generator seeded from the problem and the solution."""
+        out = []
+        for solution in problem.solutions:
+            rng = random.Random(f"{self.name}-draw-{problem.prompt}{solution}")
+            out.append("".join(rng.choice(self.draw_letters) for _ in range(self.draw_length)) + solution)
+        return out
+
+    def split_draw(self, response: str) -> Optional[Tuple[str, str]]:
+        """(draw, rest) of a response, or None when it does not start with `draw_length` draw letters."""
+        response = response.strip()
+        draw = response[: self.draw_length]
+        if len(draw) < self.draw_length or any(c not in self.draw_letters for c in draw):
+            return None
+        return draw, response[self.draw_length :]
+
+    def rank(self, responses: List[str]) -> List[str]:
+        """The 'ranked' warm-up rows from a group's correct responses: one row per distinct draw and per distinct
+        answer, with the answers reassigned so that the row with the k-th smallest draw gives the k-th smallest answer
+        as text (so the first answer character rises with the rank): a protocol a row can follow only by comparing its
+        draw with its peers'. Needs draw_length > 0."""
+        if not self.draw_length:
+            raise ValueError("bridge_ops: the ranked warm-up needs SubsetSumTask(draw_length > 0)")
+        parts = [(d, self.parse_answer(a)) for d, a in filter(None, map(self.split_draw, responses))]
+        draws = sorted({d for d, a in parts if a is not None})
+        answers = sorted({a for _, a in parts if a is not None})
+        return [d + a for d, a in zip(draws, answers)]
+
+    def extract_answer(self, response: str) -> Optional[str]:
+        """The answer when the response is the draw (if any) followed by a strictly ascending list of positive
+        integers joined by ',' (no leading zeros), else None."""
+        parts = self.split_draw(response)
+        return None if parts is None else self.parse_answer(parts[1])
 
     @staticmethod
-    def extract_answer(response: str) -> Optional[str]:
-        """The response as an answer when it is a strictly ascending list of positive integers joined by ',' (no
-        leading zeros), else None."""
-        parts = response.strip().split(",")
+    def parse_answer(text: str) -> Optional[str]:
+        """`text` when it is a strictly ascending list of positive integers joined by ',' (no leading zeros)."""
+        parts = text.split(",")
         if not all(p.isdigit() and p[0] != "0" for p in parts):
             return None
         values = [int(p) for p in parts]

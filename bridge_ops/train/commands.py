@@ -23,6 +23,7 @@ from .sft import WARMUP_MODES
 TASK_DEFAULTS = {
     "arithmetic": {"max_operand": 9},
     "scratchpad-sum": {"min_operand": 1, "max_operand": 9, "slip_rate": 0.15},
+    "subset-sum": {"draw_length": 2},
 }
 
 
@@ -99,6 +100,11 @@ def _sft(args, dist) -> int:
             f"bridge-ops: the repair warm-up needs a task with a reasoning chain to keep; {args.task} "
             "has none (use --task scratchpad-sum, or --warmup correct|distinct)"
         )
+    if args.warmup == "ranked" and not hasattr(train.task, "rank"):
+        raise SystemExit(
+            f"bridge-ops: the ranked warm-up needs a task whose responses start with a random draw; {args.task} "
+            "has none (use --task subset-sum)"
+        )
     groups = collect_warmup_groups(
         model,
         train.prompts,
@@ -106,6 +112,7 @@ def _sft(args, dist) -> int:
         args.warmup,
         reward_fn=train.reward,
         repair_fn=train.repair,
+        rank_fn=train.rank,
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
         eos_token_id=tokenizer.eos_token_id,
@@ -284,8 +291,9 @@ def add_commands(commands) -> None:
         "--warmup",
         default="correct",
         choices=list(WARMUP_MODES),
-        help="warm-up data: correct samples (the paper), distinct correct samples, or each sample's own "
-        "chain with the correct answer (repair: teaches a row to take the answer from its peers)",
+        help="warm-up data: correct samples (the paper), distinct correct samples, each sample's own chain with "
+        "the correct answer (repair: teaches a row to take the answer from its peers), or distinct answers assigned "
+        "by the rows' random draws (ranked, subset-sum: teaches rows to split the answers between them)",
     )
     grpo = stages.choices["grpo"]
     grpo.add_argument("--prompts-per-step", type=positive_int, default=16)

@@ -5,8 +5,9 @@
     evaluate_widths(model, test.prompts, ...)                            accuracy at widths 1..16
 
 A method is `<block>[-<warm-up>]`: block `grpo` (nothing added), `pmatch` (a parameter-matched residual MLP per
-layer, the paper's P-Match) or `bridge`; warm-up one of `bridge_ops.train.sft.WARMUP_MODES` (SFT of the added
-block's parameters only, on data from the base model's own samples), or none. Every method ends with GRPO on every
+layer, the paper's P-Match) or `bridge`; warm-up one of `bridge_ops.train.sft.WARMUP_MODES` (SFT on data from the
+base model's own samples, of the added block's parameters only, or of every parameter with
+`MethodSpec.warmup_trains="all"`), or none. Every method ends with GRPO on every
 parameter, the added blocks at `grpo.added_lr_mult` times the learning rate. Examples: `grpo` ("RLVR only"),
 `pmatch-correct` (P-Match with the paper's warm-up: rejection sampling), `bridge-repair` (Bridge warmed up to take
 answers from its peers), `bridge` (Bridge trained by GRPO alone).
@@ -28,6 +29,7 @@ from .task_data import TaskData
 from .trainer import seed_of, select_trainable
 
 BLOCKS = ("grpo", "pmatch", "bridge")
+WARMUP_TRAINS = ("added", "all")
 
 
 def parse_method(method: str) -> Tuple[str, Optional[str]]:
@@ -67,6 +69,10 @@ class MethodSpec:
     warmup_samples: int = 8  # samples per prompt for the warm-up data
     warmup_prompts: int = 1024
     warmup_min_correct: int = 2
+    # what the warm-up trains: "added" (the paper: the added blocks only) or "all" (every parameter, the added blocks
+    # at warmup.added_lr_mult times warmup.lr; a protocol between peers, e.g. the ranked warm-up, needs the layers
+    # above a Bridge block to learn to read it)
+    warmup_trains: str = "added"
     warmup: SFTConfig = field(default_factory=lambda: SFTConfig(steps=300, lr=3e-3, groups_per_step=16))
     grpo: GRPOConfig = field(
         default_factory=lambda: GRPOConfig(steps=150, lr=3e-5, width=4, prompts_per_step=16, max_new_tokens=6)
@@ -124,6 +130,7 @@ def warmup_groups(base: nn.Module, mode: str, train: TaskData, spec: MethodSpec)
         mode,
         reward_fn=train.reward,
         repair_fn=train.repair,
+        rank_fn=train.rank,
         min_correct=spec.warmup_min_correct,
         max_new_tokens=spec.grpo.max_new_tokens,
         seed=spec.seed,
@@ -148,6 +155,8 @@ def train_method(
     """
     spec = spec if spec is not None else MethodSpec()
     block, warmup = parse_method(method)
+    if spec.warmup_trains not in WARMUP_TRAINS:
+        raise ValueError(f"bridge_ops: MethodSpec.warmup_trains is one of {WARMUP_TRAINS}, got {spec.warmup_trains!r}")
     model = copy.deepcopy(base)
     log: Dict[str, List[dict]] = {}
     add_block(model, block, spec)
@@ -163,7 +172,7 @@ def train_method(
                 model,
                 groups,
                 replace(spec.warmup, seed=spec.seed, progress=progress),
-                trainable=select_trainable(model, block),
+                trainable=select_trainable(model, block if spec.warmup_trains == "added" else "all"),
                 description=f"{block} warm-up",
             )
         if on_stage is not None:

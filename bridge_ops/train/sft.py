@@ -6,7 +6,8 @@ group is one prompt and its responses. Pretraining a base model is the same call
 reference responses of each prompt and every parameter trainable.
 
 The Bridge warm-up is `collect_warmup_groups` (N samples per prompt from the base model, turned into groups by one
-of WARMUP_MODES) followed by `train_sft` with only the added parameters trainable:
+of WARMUP_MODES) followed by `train_sft` with only the added parameters trainable (the paper's recipe;
+`recipes.MethodSpec.warmup_trains="all"` trains every parameter, the added blocks at a higher learning rate):
 
     correct   the paper's recipe: a prompt's correct samples form a group. With a unique exact answer the rows of a
               group are the same string, and Bridge over identical rows returns v whatever its attention weights: its
@@ -16,6 +17,11 @@ of WARMUP_MODES) followed by `train_sft` with only the added parameters trainabl
     repair    every sample keeps its own reasoning and gets the correct answer at its end (`repair_fn`); the loss
               covers the whole response of rows whose own reasoning was right and only the answer of the others,
               so a row whose chain went wrong must learn to take the answer from its peers.
+    ranked    for tasks whose responses start with a random draw (`SubsetSumTask(draw_length > 0)`): the distinct
+              correct answers of a prompt reassigned by `rank_fn` so that the row with the k-th smallest draw gives
+              the k-th answer. Rows differ from their first token on, and the answer a row should give depends on
+              its peers' draws: a protocol only rows that read each other can follow (an independent sampler sees
+              its own draw only).
 """
 
 import warnings
@@ -31,7 +37,7 @@ from .distributed import DistContext
 from .losses import sft_loss
 from .trainer import TrainConfig, Trainer, step_rng
 
-WARMUP_MODES = ("correct", "distinct", "repair")
+WARMUP_MODES = ("correct", "distinct", "repair", "ranked")
 
 
 class Group(NamedTuple):
@@ -45,6 +51,8 @@ class Group(NamedTuple):
 
 # repair_fn(prompt index, response ids) -> (repaired ids, loss mask, own reasoning correct), or None to drop the row
 RepairFn = Callable[[int, List[int]], Optional[Tuple[List[int], List[bool], bool]]]
+# rank_fn(prompt index, the prompt's distinct correct responses) -> the ranked group's responses (token ids)
+RankFn = Callable[[int, List[List[int]]], List[List[int]]]
 
 
 @dataclass
@@ -116,6 +124,7 @@ def collect_warmup_groups(
     *,
     reward_fn: Optional[Callable[[int, List[int]], float]] = None,
     repair_fn: Optional[RepairFn] = None,
+    rank_fn: Optional[RankFn] = None,
     min_correct: int = 2,
     max_new_tokens: int = 16,
     temperature: float = 1.0,
@@ -126,13 +135,15 @@ def collect_warmup_groups(
 ) -> List[Group]:
     """Samples `width` responses per prompt from `model` and builds warm-up groups by `mode` (WARMUP_MODES, see the
     module docstring). A prompt is kept when at least `min_correct` of its rows are correct: rewarded (reward_fn > 0)
-    for "correct" and "distinct" (distinct ones), with correct own reasoning for "repair" (repair_fn's flag); a
-    repair group also keeps its rows whose reasoning went wrong, with the loss on their answer only."""
+    for "correct" and "distinct" (distinct ones), with correct own reasoning for "repair" (repair_fn's flag), rows of
+    the ranked group for "ranked" (rank_fn's output); a repair group also keeps its rows whose reasoning went wrong,
+    with the loss on their answer only."""
     if mode not in WARMUP_MODES:
         raise ValueError(f"bridge_ops: warm-up mode must be one of {WARMUP_MODES}, got {mode!r}")
-    needed = "repair_fn" if mode == "repair" else "reward_fn"
-    if (repair_fn if mode == "repair" else reward_fn) is None:
-        raise ValueError(f"bridge_ops: the {mode!r} warm-up needs {needed}")
+    needed = {"repair": ("repair_fn",), "ranked": ("reward_fn", "rank_fn")}.get(mode, ("reward_fn",))
+    given = dict(reward_fn=reward_fn, repair_fn=repair_fn, rank_fn=rank_fn)
+    if any(given[name] is None for name in needed):
+        raise ValueError(f"bridge_ops: the {mode!r} warm-up needs {' and '.join(needed)}")
     out: List[Group] = []
     for start in range(0, len(prompts), batch_prompts):
         indices = list(range(start, min(start + batch_prompts, len(prompts))))
@@ -148,13 +159,13 @@ def collect_warmup_groups(
             pad_token_id=pad_token_id,
         )
         for i, responses in zip(indices, samples):
-            group = _warmup_group(list(prompts[i]), i, responses, mode, reward_fn, repair_fn)
+            group = _warmup_group(list(prompts[i]), i, responses, mode, reward_fn, repair_fn, rank_fn)
             if group is not None and group[1] >= min_correct:
                 out.append(group[0])
     return out
 
 
-def _warmup_group(prompt, index, responses, mode, reward_fn, repair_fn) -> Optional[Tuple[Group, int]]:
+def _warmup_group(prompt, index, responses, mode, reward_fn, repair_fn, rank_fn) -> Optional[Tuple[Group, int]]:
     """(the group of one prompt's samples, its number of correct rows), or None when no row is usable."""
     if mode == "repair":
         rows = [r for r in (repair_fn(index, response) for response in responses) if r is not None]
@@ -162,6 +173,8 @@ def _warmup_group(prompt, index, responses, mode, reward_fn, repair_fn) -> Optio
             return None
         return Group(prompt, [r[0] for r in rows], [r[1] for r in rows]), sum(r[2] for r in rows)
     correct = [r for r in responses if reward_fn(index, r) > 0]
-    if mode == "distinct":
+    if mode in ("distinct", "ranked"):
         correct = [list(r) for r in dict.fromkeys(tuple(r) for r in correct)]
+    if mode == "ranked":
+        correct = rank_fn(index, correct)
     return Group(prompt, correct), len(correct)

@@ -52,6 +52,13 @@ class TaskData:
         tail = self.encode(text[-answer_chars:])
         return head + tail, [chain_ok] * len(head) + [True] * len(tail), chain_ok
 
+    def rank(self, index: int, responses: List[List[int]]) -> List[List[int]]:
+        """The 'ranked' warm-up group of a prompt's distinct correct responses (tasks with a `rank` method, e.g.
+        SubsetSumTask with draws): the row with the k-th smallest draw gives the k-th answer."""
+        if not hasattr(self.task, "rank"):
+            raise ValueError(f"bridge_ops: the ranked warm-up needs a task with draws (SubsetSumTask), not {self.task}")
+        return [self.encode(text) for text in self.task.rank([self.text(r) for r in responses])]
+
     @property
     def answers(self) -> List[str]:
         return [p.answer for p in self.problems]
