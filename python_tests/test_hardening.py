@@ -630,13 +630,39 @@ def test_train_configs_refuse_bad_values(field, value):
             config(**{field: value})
 
 
-def test_grpo_refuses_zero_minibatches():
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("minibatches", 0, "minibatches must be an integer >= 1, got 0"),
+        ("groups_per_prompt", 0, "groups_per_prompt must be an integer >= 1"),
+        ("width", 2.0, "width must be an integer >= 1"),
+        ("max_new_tokens", 0, "max_new_tokens must be an integer >= 1"),
+        ("temperature", 0.0, "temperature must be a finite number > 0"),
+        ("minibatches", 3, "prompts_per_step=16 must be a multiple of minibatches=3"),
+    ],
+)
+def test_grpo_config_refuses_bad_values_when_built_and_when_set_later(field, value, message):
     from hf_models import bridged_model
 
     from bridge_ops.train import GRPOConfig, train_grpo
 
-    with pytest.raises(ValueError, match="minibatches must be >= 1, got 0"):
-        train_grpo(bridged_model(), TRAIN_PROMPTS, lambda i, r: 1.0, GRPOConfig(minibatches=0, progress=False))
+    with pytest.raises(ValueError, match=message):
+        GRPOConfig(**{field: value})
+    config = GRPOConfig(progress=False)
+    setattr(config, field, value)  # set after construction (as the recipes do): refused when training starts
+    with pytest.raises(ValueError, match=message):
+        train_grpo(bridged_model(), TRAIN_PROMPTS, lambda i, r: 1.0, config)
+
+
+def test_sft_config_set_after_construction_is_checked_when_training_starts():
+    from hf_models import bridged_model
+
+    from bridge_ops.train import SFTConfig, train_sft
+
+    config = SFTConfig(progress=False)
+    config.steps = 0
+    with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
+        train_sft(bridged_model(), [(TRAIN_PROMPTS[0], [[3, 2]])], config)
 
 
 def test_arithmetic_task_refuses_more_problems_than_exist_at_once():

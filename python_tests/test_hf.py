@@ -273,6 +273,22 @@ def test_save_pretrained_reload_apply_and_load(tmp_path):
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
 
 
+def test_base_state_dict_is_the_unbridged_models_and_the_bridge_file_completes_it(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from bridge_ops.hf import base_state_dict
+
+    plain = tiny_model("llama")
+    model = bridged_model("llama")
+    base = base_state_dict(model)
+    assert list(base) == list(plain.state_dict()) and all(".bridge." not in k for k in base)
+    model.save_pretrained(tmp_path, state_dict=base)
+    bridge_ops.save_bridge(model, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    bridge_ops.load_bridge(reloaded, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+
+
 def test_loading_into_another_shape_fails_clearly(tmp_path):
     bridge_ops.save_bridge(bridged_model("llama"), tmp_path)
     with pytest.raises(ValueError, match="hidden_size 64 \\(saved\\) vs 32 \\(model\\)"):

@@ -15,7 +15,7 @@ from .patch import (
     residual_norm,
 )
 from .runtime import BridgeGroups, groups
-from .weights import CONFIG_NAME, WEIGHTS_NAME, has_saved_bridge, load_bridge, save_bridge
+from .weights import CONFIG_NAME, WEIGHTS_NAME, base_state_dict, has_saved_bridge, load_bridge, save_bridge
 
 __all__ = [
     "CONFIG_NAME",
@@ -24,6 +24,7 @@ __all__ = [
     "BridgeGroups",
     "add_residual_blocks",
     "apply_bridge",
+    "base_state_dict",
     "bridge_blocks",
     "bridge_parameters",
     "decoder_layers",

@@ -26,6 +26,11 @@ CONFIG_NAME = "bridge_config.json"
 _IN_MODEL_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.bridge\.(.+)$")
 
 
+def base_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's state dict without its Bridge tensors: what `save_pretrained` writes beside `save_bridge`'s file."""
+    return {k: v for k, v in model.state_dict().items() if _IN_MODEL_KEY.search(k) is None}
+
+
 def has_saved_bridge(directory: str) -> bool:
     """Whether `directory` holds Bridge weights `load_bridge` can read: a `save_bridge` file, or the config of a model
     saved by `save_pretrained` after `apply_bridge`."""

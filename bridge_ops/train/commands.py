@@ -53,12 +53,12 @@ def _load(args, bridge: int = 0):
 
 
 def _save(model, tokenizer, out: str, dist) -> None:
-    from ..hf import is_bridged, save_bridge
+    from ..hf import base_state_dict, is_bridged, save_bridge
 
     if not dist.is_main:
         return
     # the base weights in model.safetensors, the Bridge weights in bridge.safetensors (loaded by load_bridge)
-    model.save_pretrained(out, state_dict={k: v for k, v in model.state_dict().items() if ".bridge." not in k})
+    model.save_pretrained(out, state_dict=base_state_dict(model))
     tokenizer.save_pretrained(out)
     if is_bridged(model):
         save_bridge(model, out)

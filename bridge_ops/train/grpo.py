@@ -26,7 +26,7 @@ from torch import nn
 from .data import grouped_batch, rollout, token_log_probs
 from .distributed import DistContext
 from .losses import GRPOLossConfig, checked_reward, group_advantages, grpo_loss
-from .trainer import TrainConfig, Trainer, step_rng
+from .trainer import TrainConfig, Trainer, require_integers, require_number, step_rng
 
 RowRewardFn = Callable[[int, List[int]], float]  # (prompt index, response token ids incl. EOS) -> reward
 
@@ -74,6 +74,16 @@ class GRPOConfig(TrainConfig):
     minibatches: int = 1  # optimizer steps per rollout batch, each on an equal share of its prompts
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
 
+    def validate(self) -> None:
+        super().validate()
+        require_integers(self, width=1, groups_per_prompt=1, prompts_per_step=1, max_new_tokens=1, minibatches=1)
+        require_number("temperature", self.temperature, positive=True)
+        if self.prompts_per_step % self.minibatches:
+            raise ValueError(
+                f"bridge_ops: prompts_per_step={self.prompts_per_step} must be a multiple of "
+                f"minibatches={self.minibatches}"
+            )
+
 
 def train_grpo(
     model: nn.Module,
@@ -93,8 +103,7 @@ def train_grpo(
     of prompts with a rewarded response), zero_advantage (fraction of prompts whose responses all got the same
     reward: no gradient from them), clip_fraction, kl, response_length (tokens), grad_norm.
     """
-    if config.minibatches < 1:
-        raise ValueError(f"bridge_ops: minibatches must be >= 1, got {config.minibatches}")
+    config.validate()
     if config.prompts_per_step > len(prompts):
         raise ValueError(f"bridge_ops: prompts_per_step={config.prompts_per_step} > {len(prompts)} prompts")
     if config.prompts_per_step % (dist.world_size * config.minibatches):
@@ -102,8 +111,6 @@ def train_grpo(
             f"bridge_ops: prompts_per_step={config.prompts_per_step} must be a multiple of ranks x "
             f"minibatches = {dist.world_size} x {config.minibatches}"
         )
-    if config.groups_per_prompt < 1:
-        raise ValueError(f"bridge_ops: groups_per_prompt must be >= 1, got {config.groups_per_prompt}")
     trainable = trainable if trainable is not None else {n: p for n, p in model.named_parameters() if p.requires_grad}
     pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id
     reference = None

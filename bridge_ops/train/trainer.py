@@ -55,15 +55,17 @@ class TrainConfig:
     allow_resume_changes: Tuple[str, ...] = ()  # config fields that may differ from the checkpoint's when resuming
 
     def __post_init__(self) -> None:
-        for name, minimum in (("steps", 1), ("log_every", 1), ("checkpoint_every", 0), ("warmup_steps", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"bridge_ops: {name} must be an integer >= {minimum}, got {value!r}")
-        _require_number("lr", self.lr, positive=True)
-        _require_number("weight_decay", self.weight_decay, positive=False)
-        _require_number("added_lr_mult", self.added_lr_mult, positive=True)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad field; runs at construction and again when training starts (a
+        config's fields may be set after it was built)."""
+        require_integers(self, steps=1, log_every=1, checkpoint_every=0, warmup_steps=0)
+        require_number("lr", self.lr, positive=True)
+        require_number("weight_decay", self.weight_decay, positive=False)
+        require_number("added_lr_mult", self.added_lr_mult, positive=True)
         if self.max_grad_norm is not None:  # None: no clipping
-            _require_number("max_grad_norm", self.max_grad_norm, positive=True)
+            require_number("max_grad_norm", self.max_grad_norm, positive=True)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"bridge_ops: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
@@ -71,7 +73,16 @@ class TrainConfig:
 SCHEDULES = ("constant", "cosine")
 
 
-def _require_number(name: str, value, positive: bool) -> None:
+def require_integers(config, **minimums: int) -> None:
+    """ValueError naming the first field of `config` that is not an integer >= its minimum (bools refused)."""
+    for name, minimum in minimums.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"bridge_ops: {name} must be an integer >= {minimum}, got {value!r}")
+
+
+def require_number(name: str, value, positive: bool) -> None:
+    """ValueError naming `name` unless `value` is a finite number > 0 (positive) or >= 0."""
     finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not finite or value < 0 or (positive and value == 0):
         raise ValueError(f"bridge_ops: {name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
@@ -120,6 +131,7 @@ class Trainer:
     ):
         if not trainable:
             raise ValueError("bridge_ops: nothing to train (no trainable parameters)")
+        config.validate()
         self.model, self.trainable, self.config, self.step_fn = model, trainable, config, step_fn
         self.dist, self.description = dist, description
         self.optimizer = torch.optim.AdamW(
