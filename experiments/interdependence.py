@@ -266,6 +266,14 @@ def consensus_data(setting: Setting, misaligned: bool = False):
     return train, test, val, directory
 
 
+def consensus_with_base(setting: Setting, misaligned: bool = False):
+    """(train, test, validation task data, the pretrained base) of the consensus part or its ablation; the base
+    must be in the cache (phase 1 put it there)."""
+    train, test, val, directory = consensus_data(setting, misaligned)
+    base, _ = cached_base(train, setting.consensus, directory, False)
+    return train, test, val, base
+
+
 def coordination_data(setting: Setting):
     from bridge_ops.charlm import char_tokenizer
     from bridge_ops.tasks import SubsetSumTask
@@ -301,8 +309,7 @@ def train_consensus(setting: Setting, method: str, seed: int, choice: tuple, mis
     the added blocks' GRPO learning-rate multiplier)."""
     from bridge_ops.train.recipes import output_norm, train_method
 
-    train, test, val, directory = consensus_data(setting, misaligned)
-    base, _ = cached_base(train, setting.consensus, directory, False)
+    train, test, val, base = consensus_with_base(setting, misaligned)
     block = method.split("-")[0]
     trains, mult = choice
     spec = method_spec(setting.consensus, seed, mult, 4, 2 if block == "bridge" else 1, trains)
@@ -335,15 +342,15 @@ def job_grid(setting: Setting, method: str, trains: str, mult: float) -> dict:
     return {"job": "grid", **info, "val_accuracy": accuracy}
 
 
-def job_consensus(setting: Setting, method: str, seed: int, choice: tuple) -> dict:
-    """One method and seed at widths 1..16 (a Bridge checkpoint also solo, with its diagnostics)."""
+def job_consensus(setting: Setting, method: str, seed: int, choice: tuple, repair_groups=None) -> dict:
+    """One method and seed at widths 1..16 (a Bridge checkpoint also solo, with its diagnostics on
+    `repair_groups`, from `job_base_evaluation`)."""
     size = setting.consensus
     saved = model_file(setting, method, choice)
     if seed == 0 and os.path.exists(saved):  # the grid's run of this point
         from bridge_ops.train.recipes import add_block
 
-        train, test, val, directory = consensus_data(setting)
-        base, _ = cached_base(train, size, directory, False)
+        train, test, val, base = consensus_with_base(setting)
         model = copy.deepcopy(base)
         add_block(model, method.split("-")[0], method_spec(size, seed))
         checkpoint = torch.load(saved, weights_only=True)
@@ -356,28 +363,17 @@ def job_consensus(setting: Setting, method: str, seed: int, choice: tuple) -> di
     record = {"job": "consensus", "method": method, "seed": seed, "info": info, "group": results}
     if method.startswith("bridge"):
         record["solo"] = evaluate(model, test, [size["solo_width"]], seed, peers="solo")
-        record["diagnostics"] = bridge_diagnostics(model, base, test, size, seed)
+        record["diagnostics"] = bridge_diagnostics(model, repair_groups, test, size, seed)
     return record
 
 
-def bridge_diagnostics(model, base, test, size: dict, seed: int) -> Dict[str, float]:
-    """KL(peers || solo), attention statistics and teacher-forced answer loss with peers vs solo on repair groups
-    drawn from the base's samples of test problems."""
-    from bridge_ops.train import answer_loss, attention_stats, collect_warmup_groups, grouped_batch, peer_kl, rollout
+def bridge_diagnostics(model, repair, test, size: dict, seed: int) -> Dict[str, float]:
+    """KL(peers || solo), attention statistics and teacher-forced answer loss with peers vs solo on `repair` (the
+    repair groups of the base's samples of the diagnostics problems, `diagnostic_repair_groups`)."""
+    from bridge_ops.train import answer_loss, attention_stats, grouped_batch, peer_kl, rollout
 
     eos, pad, solo_width = test.tokenizer.eos_token_id, test.tokenizer.pad_token_id, size["solo_width"]
     diag = test.prompts[: size["diagnostics_problems"]]
-    repair = collect_warmup_groups(
-        base,
-        diag,
-        8,
-        "repair",
-        repair_fn=test.repair,
-        min_correct=1,
-        max_new_tokens=MAX_NEW_TOKENS,
-        seed=99,
-        eos_token_id=eos,
-    )
     samples = rollout(
         model, diag, range(len(diag)), solo_width, MAX_NEW_TOKENS, (seed, "diagnostics"), eos_token_id=eos
     )
@@ -412,9 +408,24 @@ def job_ablation(setting: Setting, seed: int, choice: tuple) -> dict:
 
 
 def job_base_evaluation(setting: Setting) -> dict:
-    train, test, _, directory = consensus_data(setting)
-    base, _ = cached_base(train, setting.consensus, directory, False)
-    return {"job": "base-evaluation", "results": evaluate(base, test, [1, setting.consensus["solo_width"]], 0)}
+    """The base at N = 1 and N = solo_width, and the repair groups every Bridge checkpoint's diagnostics use."""
+    from bridge_ops.train import collect_warmup_groups
+
+    _, test, _, base = consensus_with_base(setting)
+    size = setting.consensus
+    repair_groups = collect_warmup_groups(
+        base,
+        test.prompts[: size["diagnostics_problems"]],
+        8,
+        "repair",
+        repair_fn=test.repair,
+        min_correct=1,
+        max_new_tokens=MAX_NEW_TOKENS,
+        seed=99,
+        eos_token_id=test.tokenizer.eos_token_id,
+    )
+    results = evaluate(base, test, [1, size["solo_width"]], 0)
+    return {"job": "base-evaluation", "results": results, "repair_groups": repair_groups}
 
 
 def job_coordination(setting: Setting, method: str, seed: int) -> dict:
@@ -459,7 +470,8 @@ def run_jobs(jobs: List[tuple], processes: int, log) -> List[dict]:
     """Runs (function, args) jobs on `processes` processes (1 torch thread each; 1: in this process) and returns
     their results in the jobs' order. Each job seeds itself, so results do not depend on `processes`."""
     describe = [
-        f"{function.__name__[4:]}{tuple(a for a in args if not isinstance(a, Setting))}" for function, args in jobs
+        f"{function.__name__[4:]}{tuple(a for a in args if isinstance(a, (str, int, float, tuple)))}"  # (no data)
+        for function, args in jobs
     ]
     if processes <= 1:
         results = []
@@ -869,7 +881,12 @@ def main(argv=None) -> int:
     if consensus:
         grid = [r for r in done if r["job"] == "grid"]
         best = best_choices(grid)
-        phase3 = [(job_consensus, (setting, m, s, best[m])) for m in CONSENSUS_METHODS for s in size["seeds"]]
+        repair_groups = next(r["repair_groups"] for r in done if r["job"] == "base-evaluation")
+        phase3 = [
+            (job_consensus, (setting, m, s, best[m]) + ((repair_groups,) if m.startswith("bridge") else ()))
+            for m in CONSENSUS_METHODS
+            for s in size["seeds"]
+        ]
         phase3 += [(job_ablation, (setting, s, best["bridge-repair"])) for s in size["seeds"]]
         finished = run_jobs(phase3, args.jobs, log)
         pretraining = sum(r["seconds"] for r in bases + done if r["job"] == "base" and r["which"] != "subset")
