@@ -1,5 +1,6 @@
 """Bridge for HuggingFace transformers models: patch a loaded instance, tell it the groups, save and load."""
 
+from .gguf import gguf_checkpoint, load_gguf, smollm2_gguf
 from .patch import (
     SUPPORTED_MODEL_TYPES,
     add_residual_blocks,
@@ -29,13 +30,16 @@ __all__ = [
     "bridge_parameters",
     "decoder_layers",
     "groups",
+    "gguf_checkpoint",
     "has_residual_blocks",
     "has_saved_bridge",
     "is_bridged",
     "load_bridge",
+    "load_gguf",
     "parameter_share",
     "remove_bridge",
     "remove_residual_blocks",
     "residual_norm",
     "save_bridge",
+    "smollm2_gguf",
 ]

@@ -32,6 +32,7 @@ from .runtime import (
 )
 
 MIN_TRANSFORMERS = (4, 56)
+BLOCK_NAME = "bridge"  # the submodule of each decoder layer that holds its BridgeBlock
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def apply_bridge(
         init_std=init_std if init_std is not None else defaults.init_std,
     )
     blocks = add_residual_blocks(
-        model, "bridge", lambda layer: new_bridge_block(model, layer, cfg), _bridge_residual, take=_take_groups
+        model, BLOCK_NAME, lambda layer: new_bridge_block(model, layer, cfg), _bridge_residual, take=_take_groups
     )
     cfg = BridgeConfig(cfg.d_bridge, blocks[0].num_heads, blocks[0].init_std)
     model.config.bridge = asdict(cfg)
@@ -244,7 +245,7 @@ def remove_bridge(model: nn.Module) -> nn.Module:
     require_bridged(model)
     if groups_active(model):
         raise RuntimeError("bridge_ops: remove_bridge inside a groups(...) block of the model")
-    remove_residual_blocks(model, "bridge")
+    remove_residual_blocks(model, BLOCK_NAME)
     if hasattr(model, "_bridge_base_generate"):
         del model.generate, model._bridge_base_generate
     delattr(model, ACTIVE_BLOCK)
@@ -256,7 +257,7 @@ def remove_bridge(model: nn.Module) -> nn.Module:
 def bridge_blocks(model: nn.Module):
     """The BridgeBlock of every decoder layer, in layer order."""
     require_bridged(model)
-    return [layer.bridge for layer in decoder_layers(model)]
+    return [getattr(layer, BLOCK_NAME) for layer in decoder_layers(model)]
 
 
 def parameter_share(model: nn.Module) -> Dict[str, float]:

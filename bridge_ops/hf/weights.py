@@ -12,7 +12,7 @@ restores a saved bridged model.
 
 import os
 import re
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -50,14 +50,19 @@ def _shape_of(model: nn.Module) -> Dict[str, int]:
     }
 
 
-def save_bridge(model: nn.Module, directory: str) -> None:
-    """Writes the Bridge weights and config of `model` to `directory` (created if needed), each file atomically."""
+def save_bridge(model: nn.Module, directory: str, blocks: Optional[List[nn.Module]] = None) -> None:
+    """Writes the Bridge weights and config of `model` to `directory` (created if needed), each file atomically.
+    `blocks`: the BridgeBlocks to write instead of the model's own, one per layer (e.g. the trained copies that PEFT
+    keeps for `modules_to_save`)."""
     from safetensors.torch import save_file
 
+    blocks = bridge_blocks(model) if blocks is None else blocks
+    if len(blocks) != len(bridge_blocks(model)):
+        raise ValueError(f"bridge_ops: {len(blocks)} blocks given for a model with {len(bridge_blocks(model))} layers")
     os.makedirs(directory, exist_ok=True)
     tensors = {
         f"layers.{i}.{name}": tensor.detach().contiguous().cpu()
-        for i, block in enumerate(bridge_blocks(model))
+        for i, block in enumerate(blocks)
         for name, tensor in block.state_dict().items()
     }
     weights = os.path.join(directory, WEIGHTS_NAME)
