@@ -3,8 +3,10 @@
 import ctypes
 import os
 import re
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -42,6 +44,22 @@ def peak_memory_bytes(module: str, factory: str, *args: str) -> int:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     return int(result.stdout.strip()) if result.returncode == 0 else -1
+
+
+def paired_rounds(benchmark, first, second, rounds: int, warmup_rounds: int = 1):
+    """Times `first` and `second` alternately in each round (drift of a shared machine hits both alike); returns the
+    medians of each and the median of the per-round ratios second / first."""
+    times = ([], [])
+
+    def pair():
+        for fn, out in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+
+    benchmark.pedantic(pair, rounds=rounds, warmup_rounds=warmup_rounds)
+    ratios = [b / a for a, b in zip(*times)]
+    return statistics.median(times[0]), statistics.median(times[1]), statistics.median(ratios)
 
 
 def pytest_report_header(config):

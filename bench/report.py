@@ -3,6 +3,7 @@
 python bench/report.py bench/results/cpu.json          # bridge_attention: fused vs reference vs dense SDPA
 python bench/report.py bench/results/generation.json   # decode, block decode step, prefill once
 python bench/report.py bench/results/prefix_cache.json # shared-prefix vs expanded KV cache
+python bench/report.py bench/results/real_model.json   # SmolLM2-135M-Instruct: bridge_ops.generate vs HF generate
 """
 
 import json
@@ -95,6 +96,41 @@ def prefix_cache_table(data) -> None:
         )
 
 
+def real_model_tables(data) -> None:
+    mib = lambda b: f"{b / 2**20:,.0f} MiB" if b >= 0 else "n/a"  # noqa: E731
+    by_kind = defaultdict(list)
+    for bench in data["benchmarks"]:
+        by_kind[bench["extra_info"]["kind"]].append(bench["extra_info"])
+    print(
+        "| prompt P | width N | bridge_ops.generate | HF generate | speedup | peak memory bridge_ops / HF | "
+        "prompt KV bridge_ops / HF |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for i in sorted(by_kind["real_generate"], key=lambda i: (i["prompt_len"], i["width"])):
+        print(
+            f"| {i['prompt_len']} | {i['width']} | {i['tokens'] / i['ours']:.1f} tok/s | {i['tokens'] / i['hf']:.1f} "
+            f"tok/s | **{i['speedup']:.2f}x** | {mib(i['peak_ours'])} / {mib(i['peak_hf'])} | "
+            f"{mib(i['prompt_kv_shared'])} / {mib(i['prompt_kv_expanded'])} |"
+        )
+    for i in by_kind["real_overhead"]:
+        print()
+        print("| bridge_ops.generate, N = 8, P = 64, 32 new tokens (runs alternated) | time | tokens/s |")
+        print("|---|---|---|")
+        print(f"| without Bridge | {fmt(i['unbridged'])} | {i['tokens'] / i['unbridged']:.1f} |")
+        print(f"| with Bridge ({i['share']:.1%} parameters) | {fmt(i['bridged'])} | {i['tokens'] / i['bridged']:.1f} |")
+        print(f"| **bridged / unbridged** (median of per-round ratios) | **{i['ratio']:.3f}x** (goal <= 1.10x) | |")
+    for i in by_kind["real_profile"]:
+        print()
+        wall = fmt(i["wall"])
+        print(f"| where one generation's {wall} go (N = 8, P = 64, under torch.profiler) | self CPU time | share |")
+        print("|---|---|---|")
+        for group, seconds in i["groups"].items():
+            print(f"| {group} | {fmt(seconds)} | {seconds / i['wall']:.0%} |")
+        rest = i["wall"] - sum(i["groups"].values())
+        share = rest / i["wall"]
+        print(f"| everything else (other ATen ops, Python, the HF layers' glue) | {fmt(rest)} | {share:.0%} |")
+
+
 def main(path: str) -> None:
     with open(path) as f:
         data = json.load(f)
@@ -103,6 +139,8 @@ def main(path: str) -> None:
     kind = data["benchmarks"][0]["extra_info"].get("kind")
     if kind == "prefix_cache":
         prefix_cache_table(data)
+    elif kind is not None and kind.startswith("real_"):
+        real_model_tables(data)
     elif kind is not None:
         generation_tables(data)
     else:

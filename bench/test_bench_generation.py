@@ -14,11 +14,9 @@ parameters), float32; Bridge with d_bridge = 192 (one head of 192) adds 3.9% par
   prompt through the model). Target: once <= 1.2 / N of expanded.
 """
 
-import statistics
-import time
-
 import pytest
 import torch
+from conftest import paired_rounds
 
 import bridge_ops
 from bridge_ops import reference
@@ -58,22 +56,6 @@ def models():
 def prompts(count, length, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, 32000, (count, length), generator=gen)
-
-
-def paired_rounds(benchmark, first, second, rounds):
-    """Times `first` and `second` alternately in each round (drift of a shared machine hits both alike);
-    returns the medians of each and the median of the per-round ratios second / first."""
-    times = ([], [])
-
-    def pair():
-        for fn, out in ((first, times[0]), (second, times[1])):
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-
-    benchmark.pedantic(pair, rounds=rounds, warmup_rounds=1)
-    ratios = [b / a for a, b in zip(*times)]
-    return statistics.median(times[0]), statistics.median(times[1]), statistics.median(ratios)
 
 
 def test_decode(benchmark, models):

