@@ -149,3 +149,31 @@ def test_task_data_rank_encodes_the_ranked_group_and_names_tasks_without_draws()
     plain = task_data(ArithmeticTask(max_operand=9), char_tokenizer(ArithmeticTask.alphabet), "test", 2)
     with pytest.raises(ValueError, match="ranked warm-up needs a task with draws"):
         plain.rank(0, rows)
+
+
+def test_word_problems_are_seeded_correct_and_parse_answers():
+    from bridge_ops.tasks import WordProblemTask
+
+    task = WordProblemTask(steps=3, operations="+-*")
+    train = task.problems("train", 300, seed=0)
+    assert train == task.problems("train", 300, seed=0) and train != task.problems("train", 300, seed=1)
+    assert not {p.prompt for p in train} & {p.prompt for p in task.problems("test", 300, seed=0)}
+    for problem in train:
+        (reference,) = task.references(problem)
+        assert problem.prompt.endswith("have now?") and task.reward(reference, problem) == 1.0
+        value = None  # the chain is worked out step by step and reaches the answer
+        for equation in reference.split(". ")[:-1]:
+            left, result = equation.rstrip(".").split(" = ")
+            a, op, b = left.split(" ")
+            assert value is None or int(a) == value
+            value = {"+": int(a) + int(b), "-": int(a) - int(b), "x": int(a) * int(b)}[op]
+            assert value == int(result) and value >= 0
+        assert str(value) == problem.answer
+        assert problem.prompt.count(". ") == 1 + task.steps  # the start, then one sentence per step
+    assert {"x" in task.references(p)[0] for p in train} == {True, False}
+    extract = task.extract_answer
+    assert extract("12 + 7 = 19. 19 - 5 = 14. The answer is 14.") == "14"
+    assert extract("The answer is: 1,234 apples, not 12.") == "1234" and extract("She has 9 now, then 10") == "10"
+    assert extract("I do not know.") is None and extract("The answer is unknown, 5") == "5"
+    with pytest.raises(ValueError, match="operations"):
+        WordProblemTask(operations="+/")

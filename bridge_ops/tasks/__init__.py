@@ -4,14 +4,17 @@ ArithmeticTask     `7+3-5=` -> `5`: one short answer
 ScratchpadSumTask  `37+85+12+64=` -> `122,134,198>198`: aligned running sums, then the answer (consensus)
 SubsetSumTask      `2,5,7,9,11,14:21=` -> `7,14`: several correct answers, all enumerated (coordination); with
                    draws, `kc7,14`: random letters first, which break the symmetry between a group's rows
+WordProblemTask    "Maya has 12 marbles. She buys 7 more marbles. ... How many marbles does Maya have now?" -> `14`:
+                   multi-step arithmetic in English, for real pretrained LLMs
 """
 
 from .arithmetic import ArithmeticTask
 from .base import GeneratedTask, Problem
 from .scratchpad import ScratchpadSumTask
 from .subset_sum import SubsetSumTask
+from .word_problems import WordProblemTask
 
-TASKS = {task.name: task for task in (ArithmeticTask, ScratchpadSumTask, SubsetSumTask)}
+TASKS = {task.name: task for task in (ArithmeticTask, ScratchpadSumTask, SubsetSumTask, WordProblemTask)}
 
 
 def get_task(name: str, **kwargs):
@@ -20,4 +23,13 @@ def get_task(name: str, **kwargs):
     return TASKS[name](**kwargs)
 
 
-__all__ = ["ArithmeticTask", "GeneratedTask", "Problem", "ScratchpadSumTask", "SubsetSumTask", "TASKS", "get_task"]
+__all__ = [
+    "ArithmeticTask",
+    "GeneratedTask",
+    "Problem",
+    "ScratchpadSumTask",
+    "SubsetSumTask",
+    "TASKS",
+    "WordProblemTask",
+    "get_task",
+]
