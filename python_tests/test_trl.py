@@ -187,29 +187,21 @@ def test_unsupported_arguments_and_models_are_refused(tmp_path):
             BridgeGRPOTrainer(model=unbridged, reward_funcs=reward, args=args, processing_class=tokenizer)
 
 
-@pytest.mark.slow
-def test_two_ranks_keep_groups_whole(tmp_path):
+def run_worker(script: str, args: list, ranks: int = 0) -> None:
+    """Runs python_tests/<script> in a fresh process (under torch.distributed.run with `ranks` ranks, if > 0)."""
     env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    path = str(tmp_path / "summary")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            os.path.join(HERE, "trl_worker.py"),
-            path,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks else []
+    command = [sys.executable, *launcher, os.path.join(HERE, script), *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_ranks_keep_groups_whole(tmp_path):
+    path = str(tmp_path / "summary")
+    run_worker("trl_worker.py", [path], ranks=2)
     ranks = []
     for rank in range(2):
         with open(f"{path}.rank{rank}.json") as f:
@@ -251,17 +243,6 @@ def test_peft_configs_that_would_adapt_the_bridge_or_the_cache_are_refused(tmp_p
     frozen = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="does not train its Bridge blocks"):
         BridgeGRPOTrainer(model=frozen, reward_funcs=reward, args=args, processing_class=tokenizer)
-
-
-def run_worker(script: str, args: list, ranks: int = 0) -> None:
-    """Runs python_tests/<script> in a fresh process (under torch.distributed.run with `ranks` ranks, if > 0)."""
-    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks else []
-    command = [sys.executable, *launcher, os.path.join(HERE, script), *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 @pytest.mark.slow
