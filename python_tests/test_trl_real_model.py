@@ -16,6 +16,8 @@ import torch
 pytest.importorskip("trl", reason="bridge_ops[trl] is not installed")
 pytest.importorskip("peft", reason="peft is not installed")
 
+from test_real_model import bridged_smollm2  # noqa: E402
+
 import bridge_ops  # noqa: E402
 from bridge_ops.hf import bridge_blocks, decoder_layers  # noqa: E402
 
@@ -28,18 +30,6 @@ def addition_reward(completions, answer, **kwargs):
     """1 when the completion states the sum (conversational completions: [{"role": "assistant", "content": ...}]),
     less a small length penalty, so that rewards vary within every group and every step has a gradient."""
     return [float(str(a) in c[0]["content"]) - len(c[0]["content"]) / 1000 for c, a in zip(completions, answer)]
-
-
-def bridged_smollm2(checkpoint: str):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
-    with torch.random.fork_rng(), torch.no_grad():  # the same blocks every time
-        torch.manual_seed(0)
-        bridge_ops.apply_bridge(model, d_bridge=64)
-        for block in bridge_blocks(model):  # as after a warm-up: Bridge mixes rows, every Bridge weight has a gradient
-            block.o_proj.weight.normal_(std=0.01)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -56,9 +56,10 @@ def save_bridge(model: nn.Module, directory: str, blocks: Optional[List[nn.Modul
     keeps for `modules_to_save`)."""
     from safetensors.torch import save_file
 
-    blocks = bridge_blocks(model) if blocks is None else blocks
-    if len(blocks) != len(bridge_blocks(model)):
-        raise ValueError(f"bridge_ops: {len(blocks)} blocks given for a model with {len(bridge_blocks(model))} layers")
+    own = bridge_blocks(model)
+    blocks = own if blocks is None else blocks
+    if len(blocks) != len(own):
+        raise ValueError(f"bridge_ops: {len(blocks)} blocks given for a model with {len(own)} layers")
     os.makedirs(directory, exist_ok=True)
     tensors = {
         f"layers.{i}.{name}": tensor.detach().contiguous().cpu()

@@ -211,11 +211,11 @@ class BridgeGRPOTrainer(GRPOTrainer):
             raise ValueError("bridge_ops: BridgeGRPOTrainer cannot train with\n- " + "\n- ".join(refused))
         if kwargs.get("peft_config") is not None:
             kwargs["peft_config"] = bridge_peft_config(kwargs["peft_config"])
-        if is_peft_model(model):
+        elif is_peft_model(model):
             _trained_bridge_blocks(model)
         with _reference_with_bridge(model):
             super().__init__(model, reward_funcs, args, **kwargs)
-        if is_peft_model(self.model):  # what get_peft_model made of peft_config
+        if kwargs.get("peft_config") is not None:  # what get_peft_model made of it
             _trained_bridge_blocks(self.model)
         if isinstance(self.processing_class, ProcessorMixin):
             raise ValueError(
