@@ -39,9 +39,7 @@ Writes OUT/<part>/: results.csv (every method, seed, width, peers), grid.csv, pe
 
 import argparse
 import copy
-import csv
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -50,6 +48,19 @@ import time
 from typing import Dict, List
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # (run as a script or imported by the tests)
+from common import (  # noqa: E402
+    MAX_NEW_TOKENS,
+    cached_base,
+    evaluate,
+    interval,
+    mean_over,
+    mean_std,
+    per_problem,
+    run_jobs,
+    write_csv,
+)
 
 CONSENSUS = {
     "smoke": dict(
@@ -141,32 +152,9 @@ COORDINATION = {
 }
 CONSENSUS_METHODS = ("grpo", "pmatch-correct", "pmatch-repair", "bridge-repair")
 COORDINATION_METHODS = ("grpo", "pmatch-ranked", "bridge-ranked")
-MAX_NEW_TOKENS = 16
 
 
 # ---- shared steps -------------------------------------------------------------------------------------------------
-def cached_base(train, size: dict, directory: str, progress: bool):
-    """The pretrained base from `directory` when it was made with the same spec and task, else pretrained and saved.
-    Returns (model, seconds spent pretraining now)."""
-    from transformers import AutoModelForCausalLM
-
-    from bridge_ops.train.recipes import BaseSpec, pretrain_base
-
-    spec = BaseSpec(
-        hidden_size=size["hidden"], num_layers=size["layers"], steps=size["base_steps"], batch=size["base_batch"]
-    )
-    stamp = {"spec": dataclasses.asdict(spec), "task": repr(train.task), "problems": len(train.problems)}
-    stamp_file = os.path.join(directory, "base_spec.json")
-    if os.path.exists(stamp_file) and json.load(open(stamp_file)) == stamp:
-        return AutoModelForCausalLM.from_pretrained(directory, local_files_only=True).eval(), 0.0
-    start = time.perf_counter()
-    model = pretrain_base(train, spec, progress=progress)
-    seconds = time.perf_counter() - start
-    model.save_pretrained(directory)
-    json.dump(stamp, open(stamp_file, "w"))
-    return model, seconds
-
-
 def method_spec(
     size: dict, seed: int, lr_mult: float = 1.0, width: int = 4, groups_per_prompt: int = 1, trains: str = "added"
 ):
@@ -182,54 +170,6 @@ def method_spec(
     spec.grpo.width, spec.grpo.groups_per_prompt = width, groups_per_prompt
     spec.grpo.max_new_tokens, spec.grpo.added_lr_mult = MAX_NEW_TOKENS, lr_mult
     return spec
-
-
-def evaluate(model, data, widths, seed, peers="group", details=True):
-    from bridge_ops.train import evaluate_widths
-
-    return evaluate_widths(
-        model,
-        data.prompts,
-        data.reward,
-        data.extract_answer,
-        data.answers,
-        widths,
-        peers=peers,
-        max_new_tokens=MAX_NEW_TOKENS,
-        seed=seed,
-        eos_token_id=data.tokenizer.eos_token_id,
-        rows_per_batch=1024,
-        details=details,
-    )
-
-
-def per_problem(entry: dict, key: str = "accuracy") -> List[float]:
-    """Per-problem values of one evaluation entry: mean accuracy over the samples, or the majority vote."""
-    if key == "accuracy":
-        return [sum(p["correct"]) / len(p["correct"]) for p in entry["problems"]]
-    return [float(p["vote_correct"]) for p in entry["problems"]]
-
-
-def mean_over(lists: List[List[float]]) -> List[float]:
-    """Element-wise mean of equally long lists (per-problem values averaged over seeds)."""
-    return [statistics.mean(values) for values in zip(*lists)]
-
-
-def interval(ci: dict, scale: float = 100.0, digits: int = 1) -> str:
-    return f"{scale * ci['mean']:+.{digits}f} [{scale * ci['low']:+.{digits}f}, {scale * ci['high']:+.{digits}f}]"
-
-
-def write_csv(path: str, rows: List[dict]) -> None:
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def mean_std(values: List[float], scale: float = 100.0) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{scale * statistics.mean(values):.1f} ± {scale * std:.1f}"
 
 
 # ---- jobs: every training run is one job, run on --jobs processes -------------------------------------------------
@@ -456,49 +396,6 @@ def job_coordination(setting: Setting, method: str, seed: int) -> dict:
         eos_token_id=test.tokenizer.eos_token_id,
     )
     return {"job": "coordination", "method": method, "seed": seed, "seconds": seconds, "results": per_problem_results}
-
-
-def _call(job):
-    function, args = job
-    torch.set_num_threads(1)
-    start = time.perf_counter()
-    result = function(*args)
-    return {**result, "job_seconds": time.perf_counter() - start}
-
-
-def run_jobs(jobs: List[tuple], processes: int, log) -> List[dict]:
-    """Runs (function, args) jobs on `processes` processes (1 torch thread each; 1: in this process) and returns
-    their results in the jobs' order. Each job seeds itself, so results do not depend on `processes`."""
-    describe = [
-        f"{function.__name__[4:]}{tuple(a for a in args if isinstance(a, (str, int, float, tuple)))}"  # (no data)
-        for function, args in jobs
-    ]
-    if processes <= 1:
-        results = []
-        for job, name in zip(jobs, describe):
-            results.append(_call(job))
-            log(f"done {name} ({results[-1]['job_seconds']:.0f} s)")
-        return results
-    import multiprocessing
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, here)  # spawned workers import this module by name
-    try:
-        with multiprocessing.get_context("spawn").Pool(processes) as pool:
-            results = [None] * len(jobs)
-            for index, result in pool.imap_unordered(_indexed_call, list(enumerate(jobs))):
-                results[index] = result
-                log(f"done {describe[index]} ({result['job_seconds']:.0f} s)")
-            pool.close()  # (a clean exit: the context manager alone terminates the workers)
-            pool.join()
-    finally:
-        sys.path.remove(here)
-    return results
-
-
-def _indexed_call(indexed_job):
-    index, job = indexed_job
-    return index, _call(job)
 
 
 # ---- A. consensus ---------------------------------------------------------------------------------------------------

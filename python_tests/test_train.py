@@ -344,6 +344,40 @@ def test_warmup_trains_the_added_blocks_or_every_parameter(trains):
         train_method(base, "bridge-distinct", train, MethodSpec(warmup_trains="base"), progress=False)
 
 
+def test_grpo_with_a_warmup_trains_every_parameter_and_needs_warmup_trains_all():
+    """`grpo-correct`: the independent baseline with a warm-up (rejection-sampling fine-tuning, then GRPO)."""
+    from bridge_ops.charlm import char_tokenizer, tiny_causal_lm
+    from bridge_ops.tasks import ArithmeticTask
+    from bridge_ops.train import task_data
+    from bridge_ops.train.recipes import MethodSpec, parse_method, train_method
+
+    assert parse_method("grpo-correct") == ("grpo", "correct")
+    with pytest.raises(ValueError, match="warm-up one of"):
+        parse_method("grpo-sloppy")
+    task = ArithmeticTask(max_operand=9)
+    tok = char_tokenizer(task.alphabet)
+    train = task_data(task, tok, "train", 16)
+    train.reward = lambda index, response: 1.0
+    base = tiny_causal_lm(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+    spec = MethodSpec(warmup_prompts=8)
+    spec.warmup.steps, spec.warmup.groups_per_step = 2, 4
+    spec.grpo.steps, spec.grpo.prompts_per_step, spec.grpo.width = 1, 4, 2
+    with pytest.raises(ValueError, match="warmup_trains='all'"):
+        train_method(base, "grpo-correct", train, spec, progress=False)
+    spec.warmup_trains = "all"
+    after_warmup = {}
+    model, log = train_method(
+        base,
+        "grpo-correct",
+        train,
+        spec,
+        progress=False,
+        on_stage=lambda stage, m: after_warmup.update({n: p.detach().clone() for n, p in m.named_parameters()}),
+    )
+    assert log["warmup_groups"][0]["groups"] > 0 and "pmatch" not in str(list(model.state_dict()))
+    assert all(not torch.equal(p, after_warmup[n]) for n, p in base.named_parameters() if n.endswith("q_proj.weight"))
+
+
 # ---- warm-up modes, loss masks, learning-rate groups, group rewards ---------------------------------------------
 def test_grouped_batch_loss_masks_select_the_loss_tokens():
     responses = [[[3, 4, EOS], [5, 6, 7, EOS]], [[8, EOS]]]

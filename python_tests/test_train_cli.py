@@ -169,3 +169,24 @@ def test_audit_smoke(tmp_path):
     result = json.loads((tmp_path / "audit.json").read_text())
     assert result["attention_init_0.02"]["entropy_ratio"] > result["attention_init_hidden^-1/2"]["entropy_ratio"]
     assert "rows are all the same string" in (tmp_path / "audit.md").read_text()
+
+
+def test_fair_consensus_experiment_smoke(tmp_path):
+    """The round-2 experiment end to end at smoke size: every method and the base on the test set, for each seed."""
+    pytest.importorskip("matplotlib")
+    assert _experiment("fair_consensus").main(["--size", "smoke", "--out", str(tmp_path), "--jobs", "1"]) == 0
+    out = tmp_path / "fair_consensus"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {(r["method"], r["seed"]) for r in rows} == {
+        (m, s) for m in ("base", "grpo", "grpo-correct", "pmatch", "bridge") for s in ("0", "1")
+    }
+    assert {r["peers"] for r in rows if r["method"] == "bridge"} == {"group", "solo"}
+    import gzip
+
+    problems = list(csv.DictReader(gzip.open(out / "problems.csv.gz", "rt")))
+    assert len(problems) == sum(8 for _ in rows)  # 8 test problems per evaluation
+    grid = list(csv.DictReader(open(out / "grid.csv")))
+    assert sorted(r["method"] for r in grid) == ["bridge", "grpo", "grpo-correct", "pmatch", "pmatch"]
+    summary = (out / "summary.md").read_text()
+    assert all(f"- G{k}," in summary for k in range(1, 5))
+    assert (out / "accuracy_vs_width.png").stat().st_size > 10_000

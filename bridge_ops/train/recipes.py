@@ -7,10 +7,10 @@
 A method is `<block>[-<warm-up>]`: block `grpo` (nothing added), `pmatch` (a parameter-matched residual MLP per
 layer, the paper's P-Match) or `bridge`; warm-up one of `bridge_ops.train.sft.WARMUP_MODES` (SFT on data from the
 base model's own samples, of the added block's parameters only, or of every parameter with
-`MethodSpec.warmup_trains="all"`), or none. Every method ends with GRPO on every
-parameter, the added blocks at `grpo.added_lr_mult` times the learning rate. Examples: `grpo` ("RLVR only"),
-`pmatch-correct` (P-Match with the paper's warm-up: rejection sampling), `bridge-repair` (Bridge warmed up to take
-answers from its peers), `bridge` (Bridge trained by GRPO alone).
+`MethodSpec.warmup_trains="all"`, which `grpo-<warm-up>` needs: it has no added block), or none. Every method ends with GRPO on every parameter, the added blocks at `grpo.added_lr_mult` times the learning
+rate. Examples: `grpo` ("RLVR only"), `grpo-correct` (rejection-sampling fine-tuning, then GRPO: the independent
+baseline with a warm-up), `pmatch-correct` (P-Match with the paper's warm-up), `bridge-repair` (Bridge warmed up to
+take answers from its peers), `bridge` (Bridge trained by GRPO alone).
 """
 
 import copy
@@ -35,10 +35,10 @@ WARMUP_TRAINS = ("added", "all")
 def parse_method(method: str) -> Tuple[str, Optional[str]]:
     """`bridge-repair` -> ("bridge", "repair"); `grpo` -> ("grpo", None)."""
     block, _, warmup = method.partition("-")
-    if block not in BLOCKS or (warmup and (warmup not in WARMUP_MODES or block == "grpo")):
+    if block not in BLOCKS or (warmup and warmup not in WARMUP_MODES):
         raise ValueError(
-            f"bridge_ops: a method is one of {BLOCKS} (grpo alone, or pmatch/bridge followed by "
-            f"-<warm-up>, warm-up one of {WARMUP_MODES}), got {method!r}"
+            f"bridge_ops: a method is one of {BLOCKS}, optionally followed by -<warm-up>, warm-up one of "
+            f"{WARMUP_MODES}, got {method!r}"
         )
     return block, warmup or None
 
@@ -157,6 +157,8 @@ def train_method(
     block, warmup = parse_method(method)
     if spec.warmup_trains not in WARMUP_TRAINS:
         raise ValueError(f"bridge_ops: MethodSpec.warmup_trains is one of {WARMUP_TRAINS}, got {spec.warmup_trains!r}")
+    if block == "grpo" and warmup and spec.warmup_trains != "all":
+        raise ValueError(f"bridge_ops: {method!r} has no added block: its warm-up needs MethodSpec.warmup_trains='all'")
     model = copy.deepcopy(base)
     log: Dict[str, List[dict]] = {}
     add_block(model, block, spec)

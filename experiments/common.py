@@ -1,0 +1,136 @@
+"""What the experiments share: cached pretrained bases, evaluation at widths, statistics and formatting, and a pool
+that runs every training run as a job on processes of one torch thread."""
+
+import csv
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from typing import List
+
+import torch
+
+MAX_NEW_TOKENS = 16
+
+
+def cached_base(train, size: dict, directory: str, progress: bool, seed: int = 0):
+    """The base pretrained with `seed` (initialization and batch order) from `directory` when it was made with the
+    same spec and task, else pretrained and saved. Returns (model, seconds spent pretraining now)."""
+    from transformers import AutoModelForCausalLM
+
+    from bridge_ops.train.recipes import BaseSpec, pretrain_base
+
+    spec = BaseSpec(
+        hidden_size=size["hidden"],
+        num_layers=size["layers"],
+        steps=size["base_steps"],
+        batch=size["base_batch"],
+        seed=seed,
+    )
+    stamp = {"spec": dataclasses.asdict(spec), "task": repr(train.task), "problems": len(train.problems)}
+    stamp_file = os.path.join(directory, "base_spec.json")
+    if os.path.exists(stamp_file) and json.load(open(stamp_file)) == stamp:
+        return AutoModelForCausalLM.from_pretrained(directory, local_files_only=True).eval(), 0.0
+    start = time.perf_counter()
+    model = pretrain_base(train, spec, progress=progress)
+    seconds = time.perf_counter() - start
+    model.save_pretrained(directory)
+    json.dump(stamp, open(stamp_file, "w"))
+    return model, seconds
+
+
+def evaluate(model, data, widths, seed, peers="group", details=True, max_new_tokens=MAX_NEW_TOKENS):
+    """`evaluate_widths` of `data`'s problems (per-problem details by default)."""
+    from bridge_ops.train import evaluate_widths
+
+    return evaluate_widths(
+        model,
+        data.prompts,
+        data.reward,
+        data.extract_answer,
+        data.answers,
+        widths,
+        peers=peers,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        eos_token_id=data.tokenizer.eos_token_id,
+        rows_per_batch=1024,
+        details=details,
+    )
+
+
+def per_problem(entry: dict, key: str = "accuracy") -> List[float]:
+    """Per-problem values of one evaluation entry: mean accuracy over the samples, or the majority vote."""
+    if key == "accuracy":
+        return [sum(p["correct"]) / len(p["correct"]) for p in entry["problems"]]
+    return [float(p["vote_correct"]) for p in entry["problems"]]
+
+
+def mean_over(lists: List[List[float]]) -> List[float]:
+    """Element-wise mean of equally long lists (per-problem values averaged over seeds)."""
+    return [statistics.mean(values) for values in zip(*lists)]
+
+
+def interval(ci: dict, scale: float = 100.0, digits: int = 1) -> str:
+    """`+1.2 [+0.3, +2.1]` from a {"mean", "low", "high"} interval (scaled: points by default)."""
+    return f"{scale * ci['mean']:+.{digits}f} [{scale * ci['low']:+.{digits}f}, {scale * ci['high']:+.{digits}f}]"
+
+
+def write_csv(path: str, rows: List[dict]) -> None:
+    """Rows of dicts as CSV, the columns in order of first appearance."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def mean_std(values: List[float], scale: float = 100.0) -> str:
+    """`97.4 ± 0.2`: mean and sample standard deviation (points by default)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{scale * statistics.mean(values):.1f} ± {scale * std:.1f}"
+
+
+def _call(job):
+    function, args = job
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    result = function(*args)
+    return {**result, "job_seconds": time.perf_counter() - start}
+
+
+def run_jobs(jobs: List[tuple], processes: int, log) -> List[dict]:
+    """Runs (function, args) jobs on `processes` processes (1 torch thread each; 1: in this process) and returns
+    their results in the jobs' order. Each job seeds itself, so results do not depend on `processes`."""
+    describe = [
+        f"{function.__name__[4:]}{tuple(a for a in args if isinstance(a, (str, int, float, tuple)))}"  # (no data)
+        for function, args in jobs
+    ]
+    if processes <= 1:
+        results = []
+        for job, name in zip(jobs, describe):
+            results.append(_call(job))
+            log(f"done {name} ({results[-1]['job_seconds']:.0f} s)")
+        return results
+    import multiprocessing
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)  # spawned workers import this module by name
+    try:
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            results = [None] * len(jobs)
+            for index, result in pool.imap_unordered(_indexed_call, list(enumerate(jobs))):
+                results[index] = result
+                log(f"done {describe[index]} ({result['job_seconds']:.0f} s)")
+            pool.close()  # (a clean exit: the context manager alone terminates the workers)
+            pool.join()
+    finally:
+        sys.path.remove(here)
+    return results
+
+
+def _indexed_call(indexed_job):
+    index, job = indexed_job
+    return index, _call(job)
