@@ -25,15 +25,22 @@ def _int_at_least(minimum: int):
 positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+def _finite_float(minimum: float, strict: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {'>' if strict else '>='} {minimum:g}, got {text}"
+            )
+        return value
+
+    return parse
+
+
+positive_float, non_negative_float = _finite_float(0, strict=True), _finite_float(0, strict=False)
 
 
 def int_list(text: str) -> List[int]:

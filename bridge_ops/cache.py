@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .checks import fail
+from .checks import fail, integer
 from .groups import cu_group_lens_from_sizes, group_ids
 
 _SUFFIX_GROWTH = 64  # suffix capacity grows in steps of this many positions (amortized O(1) append)
@@ -182,7 +182,7 @@ class GroupPrefixCache(Cache):
     def __init__(self, widths: Sequence[int], prefix_lens: torch.Tensor):
         # a bound method, not a closure over self: copy.deepcopy rebinds it to the copy (HF deep-copies caches)
         super().__init__(layer_class_to_replicate=self._new_layer)
-        widths = [int(w) for w in widths]
+        widths = [integer("GroupPrefixCache: widths", w) for w in widths]
         if not widths or min(widths) < 1:
             fail(f"GroupPrefixCache: widths must be >= 1 (one per group), got {widths}")
         prefix_lens = torch.as_tensor(prefix_lens)
@@ -216,9 +216,19 @@ class GroupPrefixCache(Cache):
         return self
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keeps the rows `indices` (in that order), e.g. to compact the batch when groups finish. The kept rows of a
-        group must stay adjacent; groups left without rows are dropped, prefix included."""
-        indices = torch.as_tensor(indices, device=self.row_group.device).long()
+        """Keeps the rows `indices` (integer row indices, in that order; or a bool mask [B] of the rows to keep, as
+        DynamicCache reads one), e.g. to compact the batch when groups finish. The kept rows of a group must stay
+        adjacent; groups left without rows are dropped, prefix included."""
+        indices = torch.as_tensor(indices, device=self.row_group.device)
+        if indices.dtype == torch.bool:
+            if indices.shape != (self.num_rows,):
+                fail(f"GroupPrefixCache: a bool row mask must have shape [{self.num_rows}], got {list(indices.shape)}")
+            indices = torch.nonzero(indices).flatten()
+        elif indices.is_floating_point() or indices.is_complex():
+            fail(
+                f"GroupPrefixCache: batch_select_indices takes integer row indices or a bool mask, got {indices.dtype}"
+            )
+        indices = indices.long()
         row_group = self.row_group[indices]
         if row_group.numel() == 0:
             fail("GroupPrefixCache: batch_select_indices must keep at least one row")

@@ -1,12 +1,15 @@
-"""Argument checks of the Python paths (the reference fallback and the fake kernels used by torch.compile).
+"""Argument checks of the Python paths (the reference fallback and the fake kernels used by torch.compile), and the
+integer arguments of the Python API (`integer`, `token_ids`: widths, token ids, sizes).
 
-They mirror csrc/checks.h: same conditions, same messages naming the argument, always ValueError (TypeError for an
-argument that is not a tensor at all, `check_tensors`, which the public wrappers run first).
+The op checks mirror csrc/checks.h: same conditions, same messages naming the argument, always ValueError (TypeError
+for an argument that is not a tensor at all, `check_tensors`, which the public wrappers run first).
 Shape/dtype/device checks never read tensor contents; `check_cu_group_lens_values` does (it syncs on GPU).
 """
 
 import math
-from typing import Optional
+import operator
+from collections.abc import Iterable
+from typing import List, Optional
 
 import torch
 
@@ -15,6 +18,28 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def fail(message: str) -> None:
     raise ValueError(f"bridge_ops: {message}")
+
+
+def integer(name: str, value, minimum: Optional[int] = None) -> int:
+    """`value` as an int (Python, numpy and 0-d tensor integers; a TypeError naming `name` for a bool, float or str,
+    which are never converted), a ValueError unless it is >= minimum (if given)."""
+    try:
+        if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"bridge_ops: {name} must be an integer, got {value!r} ({type(value).__name__})") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"bridge_ops: {name} must be >= {minimum}, got {number}")
+    return number
+
+
+def token_ids(name: str, value) -> List[int]:
+    """None, one token id or several, as a list of ints."""
+    if value is None:
+        return []
+    values = list(value) if isinstance(value, Iterable) and not isinstance(value, str) else [value]
+    return [integer(name, v) for v in values]
 
 
 def check_tensors(optional=(), **named) -> None:

@@ -50,14 +50,13 @@ def _tiny_model(args) -> int:
 
 def _generate(args) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .generation import generate
     from .hf import has_saved_bridge, load_bridge
+    from .train.commands import load_pretrained
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
+    model, tokenizer = load_pretrained(args.model)
+    model.eval()
     bridge_dir = args.bridge or (args.model if has_saved_bridge(args.model) else None)
     if bridge_dir and not args.no_bridge:
         load_bridge(model, bridge_dir)

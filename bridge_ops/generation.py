@@ -25,7 +25,7 @@ the tokens equal those of `model.generate(..., num_return_sequences=N)` (both dr
 import contextlib
 import math
 import numbers
-import operator
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .aggregation import best_of_n, majority_vote
+from .checks import integer, token_ids
 from .groups import cu_group_lens_from_sizes
 from .hf.attention import cascade_attention, unsupported_reason
 from .hf.runtime import GROUPS_KWARG, BridgeGroups, cache_argument, groups_active, is_bridged
@@ -77,6 +78,11 @@ def _left_padded(prompts: Prompts, attention_mask, pad_token_id: int, tokenizer,
             raise ValueError(f"bridge_ops: input_ids must be [P, L] with P >= 1, got {list(prompts.shape)}")
         mask = torch.ones_like(prompts) if attention_mask is None else attention_mask
         return prompts.to(device), mask.to(device)
+    if attention_mask is not None:
+        raise ValueError(
+            "bridge_ops: attention_mask goes with an input_ids tensor; prompts given as lists or strings are unpadded "
+            "(every token counts), so pass no attention_mask with them"
+        )
     prompts = list(prompts)
     if not prompts:
         raise ValueError("bridge_ops: no prompts given")
@@ -84,6 +90,12 @@ def _left_padded(prompts: Prompts, attention_mask, pad_token_id: int, tokenizer,
         if tokenizer is None:
             raise ValueError("bridge_ops: text prompts need a tokenizer (pass tokenizer=...)")
         prompts = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    for i, p in enumerate(prompts):
+        if isinstance(p, str) or not isinstance(p, Iterable):
+            raise TypeError(
+                f"bridge_ops: prompts[{i}] must be a list of token ids (or every prompt a string), got {p!r}"
+            )
+    prompts = [[integer(f"prompts[{i}]", token) for token in p] for i, p in enumerate(prompts)]
     if any(len(p) == 0 for p in prompts):
         raise ValueError("bridge_ops: every prompt needs at least one token")
     length = max(len(p) for p in prompts)
@@ -95,34 +107,13 @@ def _left_padded(prompts: Prompts, attention_mask, pad_token_id: int, tokenizer,
     return ids.to(device), mask.to(device)
 
 
-def _integer(name: str, value, minimum: Optional[int] = None) -> int:
-    """`value` as an int (Python, numpy and 0-d tensor integers; not bool, float or str), >= minimum if given."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = operator.index(value)
-    except TypeError:
-        raise TypeError(f"bridge_ops: {name} must be an integer, got {value!r} ({type(value).__name__})") from None
-    if minimum is not None and number < minimum:
-        raise ValueError(f"bridge_ops: {name} must be >= {minimum}, got {number}")
-    return number
-
-
 def _widths(width: Union[int, Sequence[int]], num_prompts: int) -> List[int]:
-    widths = [_integer("width", w) for w in (width if isinstance(width, Iterable) else [width] * num_prompts)]
+    widths = [integer("width", w) for w in (width if isinstance(width, Iterable) else [width] * num_prompts)]
     if len(widths) != num_prompts:
         raise ValueError(f"bridge_ops: {len(widths)} widths given for {num_prompts} prompts")
     if any(w < 1 for w in widths):
         raise ValueError(f"bridge_ops: every width must be >= 1, got {widths}")
     return widths
-
-
-def _token_ids(name: str, value) -> List[int]:
-    """None, one token id or several, as a list of ints."""
-    if value is None:
-        return []
-    values = list(value) if isinstance(value, Iterable) and not isinstance(value, str) else [value]
-    return [_integer(name, v) for v in values]
 
 
 def _validate_generate_args(
@@ -137,9 +128,9 @@ def _validate_generate_args(
     top_p,
 ) -> None:
     """Refuses, before anything runs, what would crash deep inside the model or silently generate something else."""
-    _integer("max_new_tokens", max_new_tokens, 1)
+    integer("max_new_tokens", max_new_tokens, 1)
     if top_k is not None:
-        _integer("top_k", top_k, 0)
+        integer("top_k", top_k, 0)
     if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
         raise ValueError(
             f"bridge_ops: top_p must be a number in (0, 1] (1 or None: no nucleus filtering), got {top_p!r}"
@@ -150,7 +141,7 @@ def _validate_generate_args(
             "(for greedy decoding pass do_sample=False)"
         )
     vocab = model.get_input_embeddings().num_embeddings
-    if not 0 <= _integer("pad_token_id", pad) < vocab:
+    if not 0 <= integer("pad_token_id", pad) < vocab:
         raise ValueError(
             f"bridge_ops: pad_token_id {pad} is outside the model's vocabulary [0, {vocab}): pass a valid "
             "pad_token_id (e.g. tokenizer.pad_token_id)"
@@ -185,6 +176,26 @@ def _validate_generate_args(
         raise ValueError(
             f"bridge_ops: a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} passes the "
             f"model's max_position_embeddings ({limit}): shorten the prompt or lower max_new_tokens"
+        )
+
+
+def check_batch_fits(model: nn.Module, rows: int, max_new_tokens: int) -> None:
+    """Refuses, before anything is allocated, `rows` sequences (the widths summed over the prompts) whose generated
+    tokens and next-token logits alone, a lower bound of what generation allocates, exceed the memory of the model's
+    device (an absurd width would otherwise exhaust the machine's memory before failing)."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    elif device.type == "cpu":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        return
+    needed = rows * (max_new_tokens * 8 + model.get_input_embeddings().num_embeddings * 4)
+    if needed > total:
+        raise ValueError(
+            f"bridge_ops: {rows} sequences (width x prompts) of max_new_tokens={max_new_tokens} need at least "
+            f"{needed / 2**30:.1f} GiB for their tokens and logits alone, more than the {total / 2**30:.1f} GiB of "
+            f"{device}: lower the width"
         )
 
 
@@ -510,13 +521,14 @@ def _resolve_arguments(
     """Defaults, the prompt batch and every check, before anything runs (see `generate` for the arguments)."""
     config = getattr(model, "generation_config", None)
     eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
-    eos_ids = _token_ids("eos_token_id", eos)
+    eos_ids = token_ids("eos_token_id", eos)
     pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
     pad = pad if pad is not None else (eos_ids[0] if eos_ids else 0)
     device = next(model.parameters()).device
     input_ids, mask = _left_padded(prompts, attention_mask, pad, tokenizer, device)
     widths = _widths(width, input_ids.shape[0])
     _validate_generate_args(model, input_ids, mask, max_new_tokens, pad, do_sample, temperature, top_k, top_p)
+    check_batch_fits(model, sum(widths), max_new_tokens)
     if generators is not None and len(generators) != len(widths):
         raise ValueError(f"bridge_ops: {len(generators)} generators given for {len(widths)} prompts")
     if groups_active(model):

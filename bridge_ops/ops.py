@@ -149,9 +149,21 @@ def prefix_suffix_attention(
 
     Returns:
         out [B, Hq, Dh] (contiguous, q.dtype) and with return_lse also lse [B, Hq] (float32; float64 for float64
-        inputs). A row with no visible key gets out = 0 and lse = -inf; a NaN in its query or in a visible key or
-        value, or a +inf score, makes its out NaN (as in the reference and SDPA). Accumulation is float32 (float64 for
-        float64). No backward (an inference op): calls that need a gradient raise an error.
+        inputs). Accumulation is float32 (float64 for float64). No backward (an inference op): calls that need a
+        gradient raise an error.
+
+    Non-finite values (one policy for the reference and the CPU and CUDA kernels; SDPA over [prefix; suffix] gives the
+    same out, except that it reads an absent key's value with weight 0):
+
+    - A score of -inf (a key holding -inf, or q . k overflowing to -inf) makes the key absent, like a masked
+      position: weight 0, and its value is never read (an inf or NaN there does not reach out).
+    - A row with no present key (empty prompt and suffix, or every score -inf) gets out = 0 and lse = -inf.
+    - A NaN score (a NaN in q or in a present key, or inf - inf in q . k) or a +inf score makes the row's out and lse
+      NaN: lse is NaN rather than +inf, because `merge_attention_states` reads a +inf lse as an empty side and would
+      silently drop the row.
+    - An inf or NaN in a present key's value reaches out as in SDPA (+-inf, NaN where +inf meets -inf or NaN). Where
+      that key's weight underflows to 0 (its score ~87 below the row's largest in float32, ~708 in float64) whether
+      it shows is unspecified (it depends on how the kernel splits the keys).
     """
     checks.check_tensors(
         q=q,
@@ -178,8 +190,13 @@ def merge_attention_states(
     """Exact merge of two attention results over disjoint key sets A and B of the same queries.
 
     lse = logaddexp(lse_a, lse_b) and out = exp(lse_a - lse) o_a + exp(lse_b - lse) o_b: the attention over A u B.
-    An empty side has lse = -inf, or +inf (how FlashAttention-2 and vLLM mark an empty split; vLLM's merge treats it
-    the same way); its o is ignored. Both empty give out = 0, lse = -inf. A NaN lse gives NaN.
+
+    Non-finite values (the same in the reference and the CPU and CUDA kernels): an empty side has lse = -inf, or +inf
+    (how FlashAttention-2 and vLLM mark an empty split; vLLM's merge treats it the same way); its o is never read (it
+    may be NaN). Both empty give out = 0, lse = -inf. A NaN lse gives out and lse NaN. A side whose weight
+    exp(lse_x - lse) underflows to 0 is not read either; otherwise an inf or NaN in o reaches out. With head dim 0,
+    out is empty and lse is still the merged lse of every row. (`prefix_suffix_attention` never returns lse +inf:
+    its +inf scores give NaN, so that they survive a merge.)
 
     Args:
         o_a, o_b: [..., Dh], one dtype (float16 / bfloat16 / float32 / float64) and device.

@@ -80,9 +80,12 @@ def bridge_attention(
     probs = torch.exp(scores - lse[..., None])
     # A hidden key's value reaches its own row only: peers take it from zeros, so that a NaN or inf there (a padding
     # or finished row) never meets their zero weight, as in the fused kernels, which never read it.
+    # A row's own value is read once, through the product below when its key is visible and as a separate term when
+    # hidden: never with a zero weight (0 * inf would turn an inf value into NaN where SDPA and the kernels give inf).
     hidden_zeroed = vg.masked_fill(~visible[..., None, None], 0.0)
-    peers = torch.einsum("gsHij,gjsHd->gisHd", probs.masked_fill(itself, 0.0), hidden_zeroed)
-    out = peers + probs.diagonal(dim1=-2, dim2=-1).permute(0, 3, 1, 2)[..., None] * vg  # [G, N, S, H, Dh]
+    out = torch.einsum("gsHij,gjsHd->gisHd", probs, hidden_zeroed)
+    own = probs.diagonal(dim1=-2, dim2=-1).permute(0, 3, 1, 2)[..., None] * vg  # [G, N, S, H, Dh]
+    out = out + own.masked_fill(visible[..., None, None], 0.0)
     lse = lse.permute(0, 3, 1, 2)  # [G, N, S, H]
     if rows is None:
         out, lse = out.reshape(batch, seqlen, heads, head_dim), lse.reshape(batch, seqlen, heads)
@@ -212,7 +215,9 @@ def prefix_suffix_attention(
     [its group's prefix; its own suffix], built explicitly (the expanded cache), with the pad positions masked.
 
     `upcast=False` computes in the input dtype (the tests' low-precision reference). Returns out [B, Hq, Dh] in
-    q.dtype and lse [B, Hq] in float32 (float64 for float64); a row with no visible key gets out 0 and lse -inf.
+    q.dtype and lse [B, Hq] in float32 (float64 for float64). Non-finite scores as the op's docstring says: a key of
+    score -inf is absent like a pad (weight 0, value never read), a row with no present key gets out 0 and lse -inf,
+    a NaN or +inf score makes out and lse NaN.
     """
     checks.check_prefix_attention_args(
         q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, cu_group_lens
@@ -238,9 +243,19 @@ def prefix_suffix_attention(
     lengths = torch.full((batch,), suffix_len, device=q.device) if suffix_lens is None else suffix_lens.long()
     suffix_visible = torch.arange(suffix_len, device=q.device)[None, :] < lengths[:, None]
     visible = torch.cat([prefix_visible, suffix_visible], dim=1)[:, None, :]  # [B, 1, P + T]
+    if keys.shape[2] == 0:  # P = T = 0: no key anywhere
+        out, lse = q.new_zeros(q.shape), torch.full(q.shape[:2], float("-inf"), device=q.device)
+        return out, lse.to(checks.lse_dtype(q.dtype))
     scores = torch.einsum("bhd,bhkd->bhk", q.to(dtype), keys) * scale
     scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])  # all-masked rows: 0
-    out = torch.einsum("bhk,bhkd->bhd", probs, values.masked_fill(~visible[..., None], 0.0))  # pads never read
+    absent = scores == float("-inf")  # pads and keys of score -inf: weight 0, their values never read
+    # Softmax as SDPA computes it, exp(s - max) / sum: a row with no present key shifts by 0 (weights exp(-inf) = 0,
+    # out 0, lse log 0 = -inf); a NaN or +inf score makes the weights (inf - inf), the sum, out and lse NaN.
+    top = scores.amax(dim=-1)
+    shift = top.masked_fill(top == float("-inf"), 0.0)
+    weights = torch.exp(scores - shift[..., None])
+    total = weights.sum(dim=-1)
+    lse = shift + torch.log(total)
+    out = torch.einsum("bhk,bhkd->bhd", weights, values.masked_fill(absent[..., None], 0.0))
+    out = out / total.masked_fill(total == 0, 1.0)[..., None]
     return out.to(q.dtype), lse.to(checks.lse_dtype(q.dtype))

@@ -59,6 +59,7 @@ def main(path: str) -> None:
     )
     if dist.is_main:
         torch.save({"parameters": dict(model.named_parameters()), "history": history}, path)
+    dist.finish()
 
 
 if __name__ == "__main__":

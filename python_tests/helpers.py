@@ -1,6 +1,13 @@
-"""Shared helpers of the test suite: input builders and the flash-attn style error rule."""
+"""Shared helpers of the test suite: input builders, the flash-attn style error rule, and the harness that kills a
+process while it saves."""
 
-from typing import Optional, Sequence
+import os
+import random
+import signal
+import time
+import warnings
+from collections import Counter
+from typing import Callable, Optional, Sequence
 
 import pytest
 import torch
@@ -134,3 +141,99 @@ def naive_bridge_attention(q, k, v, cu, key_mask=None, scale=None):
                     weights = torch.exp(scores - lse[b, s, h])
                     out[b, s, h] = sum(w * v[j, s, h] for w, j in zip(weights, keys))
     return out, lse
+
+
+# ---- kill -9 during a save ----------------------------------------------------------------------------------------
+def same(a, b) -> bool:
+    """Equality of nested tuples, lists and dicts of tensors and plain values (tensors: same shape and values)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _own_tqdm_locks() -> None:
+    """tqdm's write lock is a multiprocessing lock, shared by a forked child: a child killed while holding it (in
+    save_pretrained's progress bar) would block the parent's next progress bar forever, so the child takes its own."""
+    import threading
+
+    import tqdm
+
+    classes = [tqdm.tqdm]
+    while classes:
+        cls = classes.pop()
+        classes += cls.__subclasses__()
+        if "_lock" in vars(cls):
+            cls.set_lock(threading.RLock())
+
+
+def kill_during_saves(
+    directory, saves: Sequence[Callable[[], None]], load: Callable[[str], object], trials: int, seed: int = 0
+) -> Counter:
+    """SIGKILLs a child process `trials` times at a random instant while it saves into `directory`, and checks that
+    `load(directory)` then returns exactly what one of the two `saves` wrote, never a mix or an error.
+
+    The child (forked, so it starts at once) runs the two saves in turn, starting with the one the directory does not
+    hold, and is killed after a delay drawn uniformly over the time of three saves, so the kills fall at random points
+    of writing, committing and publishing. Returns the counts of the outcomes: "old" (the directory holds what it held
+    before the save the kill interrupted) or "new" (what that save wrote), "killed writing" (the kill left a staging
+    directory behind) and "killed committing" (it left a committed save not yet moved into place, which the loader
+    completed)."""
+    from bridge_ops.files import COMMIT, STAGING
+
+    saves[0]()
+    states = [None, None]
+    start = time.perf_counter()
+    for i in (1, 0):  # the directory holds save 0 afterwards
+        saves[i]()
+        states[i] = load(str(directory))
+    duration = (time.perf_counter() - start) / 2
+    rng, outcomes, current = random.Random(seed), Counter(), 0
+    for trial in range(trials):
+        done_read, done_write = os.pipe()  # the child writes one byte per finished save
+        with warnings.catch_warnings():  # Python >= 3.12 warns about forking a process with threads
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: save until killed
+            code = 0
+            try:
+                _own_tqdm_locks()
+                for n in range(10**9):
+                    saves[(1 - current + n) % 2]()
+                    os.write(done_write, b".")
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(done_write)
+        time.sleep(rng.uniform(0, 3 * duration))
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"trial {trial}: the child failed"
+        with os.fdopen(done_read, "rb") as f:
+            finished = len(f.read())
+        left = os.listdir(directory)
+        outcomes["killed writing"] += any(name.startswith(STAGING) for name in left)
+        outcomes["killed committing"] += any(name.startswith(COMMIT) for name in left)
+        loaded = load(str(directory))
+        old = (current + finished) % 2  # the saves alternate between the two states
+        assert same(loaded, states[old]) or same(loaded, states[1 - old]), (
+            f"trial {trial}: after the kill the directory holds neither save"
+        )
+        outcomes["old" if same(loaded, states[old]) else "new"] += 1
+        current = old if same(loaded, states[old]) else 1 - old
+    return outcomes
+
+
+def assert_same_nonfinite(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float, name: str = "") -> None:
+    """NaN, +inf and -inf at the same places (issue 20's non-finite policy), and close finite values."""
+    got, want = got.cpu(), want.cpu()
+    for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+        differ = kind(got) != kind(want)
+        where = differ.nonzero()[:4].tolist()
+        assert not differ.any(), f"{name}: {kind.__name__} differs at {where}: {got[differ][:4]} vs {want[differ][:4]}"
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite].double(), want[finite].double(), rtol=rtol, atol=atol, msg=name or None)

@@ -69,6 +69,26 @@ def test_generate_command_fails_clearly_without_a_model(tmp_path):
     assert result.returncode != 0
 
 
+def test_an_empty_weights_file_and_an_absurd_width_are_one_line_errors(tmp_path, capsys):
+    import shutil
+
+    from bridge_ops.cli import main
+
+    model = str(tmp_path / "m")
+    assert main(["tiny-model", model, "--hidden-size", "32", "--layers", "1", "--bridge", "8"]) == 0
+    empty = shutil.copytree(model, tmp_path / "empty")
+    (empty / "model.safetensors").write_bytes(b"")
+    capsys.readouterr()
+    for args, message in (
+        (["--model", str(empty)], f"cannot read the model weights in {empty}"),
+        (["--model", model, "--width", "1000000000"], "1000000000 sequences (width x prompts)"),
+    ):
+        assert main(["generate", *args, "--prompt", "1+2="]) == 2
+        err = capsys.readouterr().err  # transformers' loading progress, then the error in one line
+        assert err.strip().splitlines()[-1].startswith("bridge-ops: error: ") and "Traceback" not in err
+        assert message in err.strip().splitlines()[-1]
+
+
 def test_demo_runs():
     result = subprocess.run(
         [

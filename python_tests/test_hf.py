@@ -1,5 +1,7 @@
 """Bridge in HuggingFace models: patching, group metadata, save/load, and generation with the KV cache."""
 
+import os
+
 import pytest
 import torch
 from hf_models import EOS, MODEL_TYPES, PAD, bridged_model, left_padded, tiny_config, tiny_model
@@ -300,6 +302,111 @@ def test_loading_into_another_shape_fails_clearly(tmp_path):
         bridge_ops.load_bridge(other_width, tmp_path)
 
 
+def _saved_bridge(directory):
+    """The Bridge weights load_bridge reads from `directory` into a fresh model."""
+    model = bridge_ops.load_bridge(tiny_model("llama"), directory)
+    return [p.detach().clone() for p in bridge_ops.bridge_parameters(model)]
+
+
+@pytest.mark.parametrize("trials", [3, pytest.param(30, marks=pytest.mark.slow)])
+def test_save_bridge_killed_at_random_points_leaves_the_old_or_the_new_save(tmp_path, trials):
+    from helpers import kill_during_saves
+
+    models = [bridged_model("llama", seed=1), bridged_model("llama", seed=2)]
+    saves = [lambda m=m: bridge_ops.save_bridge(m, tmp_path) for m in models]
+    outcomes = kill_during_saves(tmp_path, saves, _saved_bridge, trials)
+    print(f"save_bridge, {trials} kills: {dict(outcomes)}")
+    assert outcomes["old"] + outcomes["new"] == trials
+
+
+def test_two_threads_saving_into_one_directory_give_the_last_save(tmp_path):
+    import threading
+
+    models = [bridged_model("llama", seed=1), bridged_model("llama", seed=2)]
+    errors = []
+
+    def save_often(model):
+        try:
+            for _ in range(15):
+                bridge_ops.save_bridge(model, tmp_path)
+        except Exception as e:  # reported below: a save must never fail
+            errors.append(e)
+
+    threads = [threading.Thread(target=save_often, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    loaded = _saved_bridge(tmp_path)
+    assert any(all(torch.equal(a, b) for a, b in zip(loaded, bridge_ops.bridge_parameters(m))) for m in models)
+    assert sorted(os.listdir(tmp_path)) == ["bridge.safetensors", "bridge_config.json"]
+
+
+def test_saving_a_model_without_bridge_creates_nothing(tmp_path):
+    with pytest.raises(ValueError, match="this model has no Bridge blocks"):
+        bridge_ops.save_bridge(tiny_model("llama"), tmp_path / "out")
+    with pytest.raises(ValueError, match="1 blocks given for a model with 2 layers"):
+        model = bridged_model("llama")
+        bridge_ops.save_bridge(model, tmp_path / "out", blocks=bridge_blocks(model)[:1])
+    assert not (tmp_path / "out").exists()
+
+
+def _edit_config(directory, **changes):
+    from bridge_ops.files import read_json, write_json
+
+    config = read_json(directory / "bridge_config.json")
+    config.update(changes)
+    write_json(directory / "bridge_config.json", {k: v for k, v in config.items() if v is not None})
+
+
+def test_the_checksum_covers_the_config_and_a_missing_one_is_refused_unless_allowed(tmp_path):
+    bridge_ops.save_bridge(bridged_model("llama"), tmp_path)
+    _edit_config(tmp_path, num_heads=4)
+    with pytest.raises(ValueError, match="bridge_config.json was edited after it was saved"):
+        bridge_ops.load_bridge(tiny_model("llama"), tmp_path)
+    bridge_ops.save_bridge(bridged_model("llama"), tmp_path)
+    _edit_config(tmp_path, sha256=None)
+    weights = tmp_path / "bridge.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-7] ^= 0x10  # a flipped bit of a weight, which only the deleted checksum would have caught
+    weights.write_bytes(bytes(data))
+    message = "records no sha256 of bridge.safetensors and bridge_config.json .* pass allow_missing_checksum=True"
+    with pytest.raises(ValueError, match=message):
+        bridge_ops.load_bridge(tiny_model("llama"), tmp_path)
+    bridge_ops.load_bridge(tiny_model("llama"), tmp_path, allow_missing_checksum=True)  # explicitly unverified
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("sha256", "abc", "sha256 must be dict, got 'abc'"),
+        ("sha256", {"bridge.safetensors": 3}, "sha256 must map file names to sha256 hex digests"),
+        ("num_heads", "2", "num_heads must be int or null, got '2'"),
+        ("d_bridge", 32.0, "d_bridge must be int, got 32.0"),
+    ],
+)
+def test_config_fields_of_the_wrong_type_are_refused_naming_the_file(tmp_path, field, value, message):
+    bridge_ops.save_bridge(bridged_model("llama"), tmp_path)
+    _edit_config(tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=f"{tmp_path / 'bridge_config.json'}: {message}"):
+        bridge_ops.load_bridge(tiny_model("llama"), tmp_path)
+
+
+def test_integer_arguments_are_refused_when_they_are_not_integers():
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match=r"d_bridge must be an integer, got 16.0 \(float\)"):
+        bridge_ops.apply_bridge(model, 16.0)
+    with pytest.raises(TypeError, match=r"num_heads must be an integer, got '2'"):
+        bridge_ops.apply_bridge(model, 16, "2")
+    assert not bridge_ops.hf.is_bridged(model)
+    bridged = bridged_model("llama")
+    for kwargs, name in ((dict(width=2, eos_token_id="x"), "eos_token_id"), (dict(width=2.0), "width")):
+        with pytest.raises(TypeError, match=f"{name} must be an integer"):
+            with bridge_ops.groups(bridged, **kwargs):
+                pass
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------------------------
@@ -489,6 +596,23 @@ def test_generation_inputs_and_errors():
     plain = bridge_ops.generate(tiny_model("llama"), PROMPTS, 2, max_new_tokens=3, return_log_probs=True)
     assert [len(g) for g in plain.sequences] == [2, 2, 2] and len(plain.log_probs[0]) == 2
     assert plain.num_tokens == sum(len(s) for g in plain.sequences for s in g)
+
+
+def test_list_prompts_take_integer_ids_only_and_no_attention_mask():
+    model = bridged_model("llama")
+    for prompt, bad in (([5, 6.0, 7], "6.0"), ([5, True, 7], "True")):
+        with pytest.raises(TypeError, match=f"prompts\\[1\\] must be an integer, got {bad}"):
+            bridge_ops.generate(model, [PROMPTS[0], prompt], 2, max_new_tokens=2)
+    with pytest.raises(TypeError, match="prompts\\[0\\] must be a list of token ids"):
+        bridge_ops.generate(model, [5, 6, 7], 2, max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention_mask goes with an input_ids tensor"):
+        bridge_ops.generate(model, PROMPTS, 2, max_new_tokens=2, attention_mask=torch.ones(3, 5, dtype=torch.long))
+
+
+def test_a_width_beyond_the_memory_is_refused_before_anything_is_allocated():
+    model = bridged_model("llama")
+    with pytest.raises(ValueError, match="3000000000 sequences .* need at least .* GiB .* lower the width"):
+        bridge_ops.generate(model, PROMPTS, 10**9, max_new_tokens=32)
 
 
 def test_aggregation_helpers():

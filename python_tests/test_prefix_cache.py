@@ -175,6 +175,23 @@ def test_row_selection_drops_groups_and_keeps_order():
         shared.batch_select_indices(torch.tensor([0, 3, 1]))
 
 
+def test_row_selection_honours_a_bool_mask_and_refuses_fractions():
+    _, shared, dynamic, _, _ = filled_caches()
+    keep = torch.tensor([True, True, True, False, True, True])  # a mask, as DynamicCache reads one: group 1 leaves
+    shared.batch_select_indices(keep)
+    dynamic.batch_select_indices(keep)
+    assert shared.cu_group_lens.tolist() == [0, 3, 5] and shared.prefix_lens.tolist() == [5, 3]
+    for a, b in zip(shared.to_dynamic_cache().layers, dynamic.layers):
+        assert torch.equal(a.keys, b.keys)
+    with pytest.raises(ValueError, match="a bool row mask must have shape \\[5\\]"):
+        shared.batch_select_indices(torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="integer row indices or a bool mask, got torch.float32"):
+        shared.batch_select_indices(torch.tensor([0.0, 1.0]))
+    for widths in ([3, 1.5, 2], [3, "1", 2]):
+        with pytest.raises(TypeError, match="widths must be an integer"):
+            GroupPrefixCache(widths, torch.tensor([5, 2, 3]))
+
+
 def test_wrong_batches_and_unsupported_operations_are_refused():
     model, shared, _, _, _ = filled_caches()
     with pytest.raises(ValueError, match="one row per group member"):

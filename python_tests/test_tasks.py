@@ -177,3 +177,42 @@ def test_word_problems_are_seeded_correct_and_parse_answers():
     assert extract("I do not know.") is None and extract("The answer is unknown, 5") == "5"
     with pytest.raises(ValueError, match="operations"):
         WordProblemTask(operations="+/")
+
+
+@pytest.mark.parametrize(
+    "task, count, message",
+    [
+        (SubsetSumTask(min_solutions=100), 1, "has 0 distinct problems, fewer than the 1 asked for"),
+        (SubsetSumTask(draw_length=2), 1_000_000, "has 74641 distinct problems, fewer than the 1000000"),
+        (ScratchpadSumTask(min_operand=1, max_operand=9), 1_000_000, "has 5185 distinct problems, fewer than"),
+        (SubsetSumTask(numbers=6, max_number=40, min_solutions=10**6), 2, "has fewer than 2 distinct problems"),
+    ],
+    ids=["subset-sum without problems", "subset-sum", "scratchpad-sum", "subset-sum too large to count"],
+)
+def test_asking_for_more_problems_than_exist_fails_at_once(task, count, message):
+    """Counted where the task can count them; a bounded number of draws where it cannot (a draw whose target has too
+    few solutions counts as one, instead of drawing forever)."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        task.problems("train", count)
+    assert time.perf_counter() - start < 20
+
+
+def test_subset_sum_problems_are_those_of_before_the_counting():
+    """Rejected draws moved from `_random_problem` to `problems`: the same random stream, the same problems."""
+    assert [p.prompt for p in SubsetSumTask(draw_length=2).problems("train", 5)] == [
+        "1,4,5,7,11,12:23=",
+        "1,3,5,8,14,15:26=",
+        "2,3,4,6,8,15:28=",
+        "1,5,8,9,11,13:19=",
+        "2,4,7,9,13,15:39=",
+    ]
+    assert [p.prompt for p in SubsetSumTask(min_solutions=3).problems("test", 5, seed=4)] == [
+        "1,3,4,7,8,13:8=",
+        "6,8,9,12,13,15:36=",
+        "1,6,7,9,10,14:17=",
+        "3,7,8,9,11,15:18=",
+        "2,4,6,10,11,12:18=",
+    ]

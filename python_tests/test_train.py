@@ -523,3 +523,46 @@ def test_rollout_copies_and_solo_peers():
     assert len(solo) == 2 and all(len(g) == 3 for g in solo)
     with pytest.raises(ValueError, match="peers"):
         rollout(model, PROMPTS, [0], 3, 4, (5,), peers="alone")
+
+
+# ---- arguments refused before training ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("beta", math.nan, "beta must be a finite number >= 0, got nan"),
+        ("beta", -1.0, "beta must be a finite number >= 0, got -1.0"),
+        ("clip_high", math.inf, "clip_high must be a finite number >= 0, got inf"),
+        ("clip_low", 1.5, "clip_low must be <= 1"),
+    ],
+)
+def test_grpo_loss_coefficients_must_be_finite_and_in_range(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        GRPOLossConfig(**{field: value})
+    with pytest.raises(ValueError, match="loss must be a GRPOLossConfig"):
+        GRPOConfig(loss={"beta": 0.1})
+
+
+def test_sft_refuses_token_ids_outside_the_vocabulary_and_a_missing_pad_token():
+    from hf_models import VOCAB
+
+    model = bridged_model()
+    config = SFTConfig(steps=1, groups_per_step=1, progress=False)
+    with pytest.raises(ValueError, match=f"group 0's response 1 holds token id {VOCAB} at position 1, outside"):
+        train_sft(model, [(PROMPTS[0], [[3, 4, EOS], [3, VOCAB, EOS]])], config)
+    with pytest.raises(TypeError, match="token 0 of group 0's prompt must be an integer, got 1.5"):
+        train_sft(model, [([1.5, 5], [[3, EOS]])], config)
+    model.config.pad_token_id = None
+    with pytest.raises(ValueError, match="pad_token_id is None and the model's config has no pad_token_id"):
+        train_sft(model, [(PROMPTS[0], [[3, 4, EOS], [5, EOS]])], config, pad_token_id=None)
+
+
+def test_the_identical_rows_warning_is_true_for_every_warm_up():
+    """Repair groups can have identical rows too (every sample wrote the same chain): the warning states what those
+    groups do not train and suggests no warm-up (the run may already use the one it would suggest)."""
+    model = bridge_ops.apply_bridge(tiny_model(), d_bridge=16, num_heads=2)
+    repair_like = [(PROMPTS[0], [[3, 4, EOS], [3, 4, EOS]]), (PROMPTS[1], [[3, 4, EOS], [5, 4, EOS]])]
+    with pytest.warns(UserWarning) as warned:
+        train_sft(model, repair_like, SFTConfig(steps=1, groups_per_step=2, progress=False))
+    message = str(warned[0].message)
+    assert "1 of 2 SFT groups have identical rows" in message and "only groups whose rows differ train them" in message
+    assert "'repair'" not in message

@@ -137,6 +137,63 @@ def test_sft_refuses_a_model_without_correct_samples(base_dir, tmp_path):
         )
 
 
+def _bridged_char_model(seed):
+    import torch
+
+    import bridge_ops
+    from bridge_ops.charlm import char_tokenizer, tiny_causal_lm
+
+    tokenizer = char_tokenizer("0123456789+-=")
+    model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, seed=seed)
+    torch.manual_seed(seed)
+    return bridge_ops.apply_bridge(model, d_bridge=8, num_heads=2), tokenizer
+
+
+@pytest.mark.parametrize("trials", [3, pytest.param(30, marks=pytest.mark.slow)])
+def test_the_final_save_killed_at_random_points_leaves_the_old_or_the_new_model_and_bridge(tmp_path, trials):
+    """The CLI's model + tokenizer + Bridge save: never the new base with the old Bridge (or the reverse)."""
+    import argparse
+
+    from helpers import kill_during_saves
+
+    from bridge_ops.train.commands import _load, _save
+    from bridge_ops.train.distributed import DistContext
+
+    out = str(tmp_path / "out")
+    models = [_bridged_char_model(seed) for seed in (1, 2)]
+    saves = [lambda m=m, t=t: _save(m, t, out, DistContext()) for m, t in models]
+
+    def load(directory):
+        model, _ = _load(argparse.Namespace(model=directory))
+        return {name: t.clone() for name, t in model.state_dict().items()}
+
+    outcomes = kill_during_saves(out, saves, load, trials)
+    print(f"CLI model + Bridge save, {trials} kills: {dict(outcomes)}")
+    assert outcomes["old"] + outcomes["new"] == trials
+
+
+def test_a_model_without_bridge_drops_the_bridge_files_of_an_earlier_save(tmp_path):
+    import bridge_ops
+    from bridge_ops.train.commands import _save
+    from bridge_ops.train.distributed import DistContext
+
+    model, tokenizer = _bridged_char_model(1)
+    _save(model, tokenizer, str(tmp_path), DistContext())
+    _save(bridge_ops.remove_bridge(model), tokenizer, str(tmp_path), DistContext())
+    assert not bridge_ops.hf.has_saved_bridge(str(tmp_path))
+
+
+def test_bad_numbers_and_impossible_sizes_are_refused_at_once(base_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "grpo", "--model", str(base_dir), "--out", str(tmp_path / "rl"), "--beta", "nan"])
+    assert exit_info.value.code == 2
+    assert "argument --beta: must be a finite number >= 0, got nan" in capsys.readouterr().err
+    sft = ["train", "sft", "--model", str(base_dir), "--bridge", "8", "--out", str(tmp_path / "warm"), "--no-progress"]
+    assert main([*sft, "--task", "subset-sum", "--train-problems", "1000000"]) == 2
+    err = capsys.readouterr().err  # transformers' loading progress, then the error in one line
+    assert "has 74641 distinct problems, fewer than the 1000000 asked for" in err.strip().splitlines()[-1]
+
+
 def _experiment(name):
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     try:

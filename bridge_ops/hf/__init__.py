@@ -16,9 +16,19 @@ from .patch import (
     residual_norm,
 )
 from .runtime import BridgeGroups, groups
-from .weights import CONFIG_NAME, WEIGHTS_NAME, base_state_dict, has_saved_bridge, load_bridge, save_bridge
+from .weights import (
+    BRIDGE_FILES,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    base_state_dict,
+    bridge_writer,
+    has_saved_bridge,
+    load_bridge,
+    save_bridge,
+)
 
 __all__ = [
+    "BRIDGE_FILES",
     "CONFIG_NAME",
     "SUPPORTED_MODEL_TYPES",
     "WEIGHTS_NAME",
@@ -28,6 +38,7 @@ __all__ = [
     "base_state_dict",
     "bridge_blocks",
     "bridge_parameters",
+    "bridge_writer",
     "decoder_layers",
     "groups",
     "gguf_checkpoint",

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..block import RMS_NORM_CLASSES, BridgeBlock
+from ..checks import integer
 from .runtime import (
     ACTIVE_BLOCK,
     GROUPS_KWARG,
@@ -228,6 +229,9 @@ def apply_bridge(
         num_heads=num_heads if num_heads is not None else defaults.num_heads,
         init_std=init_std if init_std is not None else defaults.init_std,
     )
+    integer("d_bridge", cfg.d_bridge, 1)
+    if cfg.num_heads is not None:
+        integer("num_heads", cfg.num_heads, 1)
     blocks = add_residual_blocks(
         model, BLOCK_NAME, lambda layer: new_bridge_block(model, layer, cfg), _bridge_residual, take=_take_groups
     )

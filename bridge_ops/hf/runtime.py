@@ -39,6 +39,7 @@ from typing import Iterator, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..checks import integer, token_ids
 from ..groups import cu_group_lens_from_sizes, cu_group_lens_from_width
 
 GROUPS_KWARG = "bridge_groups"  # the forward keyword argument that carries a forward's BridgeGroups
@@ -105,8 +106,7 @@ class _ForwardGroups:
     def __init__(self, width, sizes, cu_group_lens, key_mask, eos_token_id, cache_arg: str):
         self.width, self.sizes = width, sizes
         self.cu_group_lens, self.key_mask = cu_group_lens, key_mask
-        eos = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
-        self.eos = None if eos is None else torch.as_tensor(list(eos))
+        self.eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, dtype=torch.long)  # a list of ids
         self.cache_arg = cache_arg
         self.cache: Optional[weakref.ref] = None  # the KV cache whose forwards `finished` follows
         self.finished: Optional[torch.Tensor] = None  # [B]: rows that emitted EOS in an earlier forward over it
@@ -182,12 +182,13 @@ def groups(
     """
     if sum(x is not None for x in (width, sizes, cu_group_lens)) != 1:
         raise ValueError("bridge_ops: give exactly one of width, sizes or cu_group_lens")
-    if width is not None and width < 1:
-        raise ValueError(f"bridge_ops: width must be >= 1, got {width}")
+    if width is not None:
+        width = integer("width", width, 1)
+    eos = None if eos_token_id is None else token_ids("eos_token_id", eos_token_id)
     require_bridged(model)
     if groups_active(model):
         raise RuntimeError("bridge_ops: groups(...) blocks of one model cannot be nested")
-    block = _ForwardGroups(width, sizes, cu_group_lens, key_mask, eos_token_id, cache_argument(base_model(model)))
+    block = _ForwardGroups(width, sizes, cu_group_lens, key_mask, eos, cache_argument(base_model(model)))
     hook = base_model(model).register_forward_pre_hook(block, with_kwargs=True)
     setattr(model, ACTIVE_BLOCK, block)
     try:

@@ -2,27 +2,40 @@
 
 `save_bridge(model, dir)` writes `bridge.safetensors` (the blocks' tensors, keyed `layers.<i>.<name>`) and
 `bridge_config.json` (hyper-parameters, the shape and model type of the model they belong to, and the sha256 of
-bridge.safetensors), each atomically. `load_bridge(model, dir)` verifies the checksum and checks everything against the
-model first (hidden size, layers, d_bridge, heads, model type, tensor names, shapes, floating dtypes, finite values);
-only then does it add the blocks (if the model has none) and copy the weights, bit-exactly. A refused load leaves the
-model exactly as it was. It also reads Bridge weights out of a directory written by `model.save_pretrained` of a
-bridged model (whose state dict holds them as `...layers.<i>.bridge.<name>`), so `from_pretrained` + `load_bridge`
-restores a saved bridged model.
+bridge.safetensors and of the config itself), both as one save with one commit point (`bridge_ops.files.publish`).
+`load_bridge(model, dir)` verifies both checksums and checks everything against the model first (hidden size, layers,
+d_bridge, heads, model type, tensor names, shapes, floating dtypes, finite values); only then does it add the blocks
+(if the model has none) and copy the weights, bit-exactly. A refused load leaves the model exactly as it was. It also
+reads Bridge weights out of a directory written by `model.save_pretrained` of a bridged model (whose state dict holds
+them as `...layers.<i>.bridge.<name>`), so `from_pretrained` + `load_bridge` restores a saved bridged model.
 """
 
+import json
 import os
 import re
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
-from ..files import atomic_write, read_json, sha256_of, verify_sha256, write_json
+from ..files import check_fields, publish, read_json, recover, self_digest, sha256_of, verify_sha256, write_json
 from ..version import __version__
 from .patch import BridgeConfig, apply_bridge, bridge_blocks, decoder_layers, is_bridged, new_bridge_block
 
 WEIGHTS_NAME = "bridge.safetensors"
 CONFIG_NAME = "bridge_config.json"
+BRIDGE_FILES = (WEIGHTS_NAME, CONFIG_NAME)
+# the types of the fields of a saved Bridge config (bridge_config.json, or config.json's "bridge" entry)
+CONFIG_TYPES = dict(
+    d_bridge=int,
+    num_heads=(int, type(None)),
+    init_std=(int, float, type(None)),
+    hidden_size=int,
+    num_layers=int,
+    model_type=(str, type(None)),
+    bridge_ops_version=str,
+    sha256=dict,
+)
 _IN_MODEL_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.bridge\.(.+)$")
 
 
@@ -34,6 +47,7 @@ def base_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 def has_saved_bridge(directory: str) -> bool:
     """Whether `directory` holds Bridge weights `load_bridge` can read: a `save_bridge` file, or the config of a model
     saved by `save_pretrained` after `apply_bridge`."""
+    recover(directory)
     if os.path.exists(os.path.join(directory, WEIGHTS_NAME)):
         return True
     config = os.path.join(directory, "config.json")
@@ -50,31 +64,41 @@ def _shape_of(model: nn.Module) -> Dict[str, int]:
     }
 
 
-def save_bridge(model: nn.Module, directory: str, blocks: Optional[List[nn.Module]] = None) -> None:
-    """Writes the Bridge weights and config of `model` to `directory` (created if needed), each file atomically.
-    `blocks`: the BridgeBlocks to write instead of the model's own, one per layer (e.g. the trained copies that PEFT
-    keeps for `modules_to_save`)."""
-    from safetensors.torch import save_file
-
+def bridge_writer(model: nn.Module, blocks: Optional[List[nn.Module]] = None) -> Callable[[str], None]:
+    """Checks that `model` has Bridge blocks (and that `blocks`, if given, has one per layer) and returns
+    `write(directory)`, which writes their `bridge.safetensors` and `bridge_config.json` into `directory` as they are
+    (`save_bridge` publishes them; the CLI publishes them with the model's own files)."""
     own = bridge_blocks(model)
     blocks = own if blocks is None else blocks
     if len(blocks) != len(own):
         raise ValueError(f"bridge_ops: {len(blocks)} blocks given for a model with {len(own)} layers")
-    os.makedirs(directory, exist_ok=True)
     tensors = {
         f"layers.{i}.{name}": tensor.detach().contiguous().cpu()
         for i, block in enumerate(blocks)
         for name, tensor in block.state_dict().items()
     }
-    weights = os.path.join(directory, WEIGHTS_NAME)
-    atomic_write(weights, lambda tmp: save_file(tensors, tmp))
     config = dict(_shape_of(model), **model.config.bridge)
-    config.update(
-        model_type=getattr(model.config, "model_type", None),
-        bridge_ops_version=__version__,
-        sha256={WEIGHTS_NAME: sha256_of(weights)},
-    )
-    write_json(os.path.join(directory, CONFIG_NAME), config)
+    config.update(model_type=getattr(model.config, "model_type", None), bridge_ops_version=__version__)
+    config = json.loads(json.dumps(config))  # the values the file holds (the config's own sha256 is of them)
+
+    def write(directory: str) -> None:
+        from safetensors.torch import save_file
+
+        weights = os.path.join(directory, WEIGHTS_NAME)
+        save_file(tensors, weights)
+        signed = dict(config, sha256={WEIGHTS_NAME: sha256_of(weights)})
+        signed["sha256"][CONFIG_NAME] = self_digest(signed, CONFIG_NAME)
+        write_json(os.path.join(directory, CONFIG_NAME), signed)
+
+    return write
+
+
+def save_bridge(model: nn.Module, directory: str, blocks: Optional[List[nn.Module]] = None) -> None:
+    """Writes the Bridge weights and config of `model` to `directory` (created if needed) as one save: a crash at
+    any instant leaves the previous save or this one, and concurrent saves the last one to finish. A model without
+    Bridge is refused before anything is created. `blocks`: the BridgeBlocks to write instead of the model's own, one
+    per layer (e.g. the trained copies that PEFT keeps for `modules_to_save`)."""
+    publish(directory, bridge_writer(model, blocks))
 
 
 def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
@@ -87,16 +111,35 @@ def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
         raise ValueError(f"bridge_ops: cannot read {path} (truncated or not a safetensors file): {e}") from None
 
 
-def _read_saved(directory: str):
+def _verified_config(directory: str, allow_missing_checksum: bool) -> dict:
+    """bridge_config.json, its field types checked, its own sha256 and that of bridge.safetensors verified."""
+    path = os.path.join(directory, CONFIG_NAME)
+    config = read_json(path)
+    check_fields(config, path, **CONFIG_TYPES)
+    digests = config.get("sha256", {})
+    if not all(isinstance(digest, str) for digest in digests.values()):
+        raise ValueError(f"bridge_ops: {path}: sha256 must map file names to sha256 hex digests, got {digests!r}")
+    missing = [name for name in BRIDGE_FILES if name not in digests]
+    if missing and not allow_missing_checksum:
+        raise ValueError(
+            f"bridge_ops: {path} records no sha256 of {' and '.join(missing)} (saved by an older bridge_ops, or "
+            "edited): the saved Bridge cannot be verified; pass allow_missing_checksum=True to load it anyway"
+        )
+    if CONFIG_NAME in digests and digests[CONFIG_NAME] != self_digest(config, CONFIG_NAME):
+        raise ValueError(
+            f"bridge_ops: {path} was edited after it was saved: its fields do not match the sha256 it records of them"
+        )
+    if WEIGHTS_NAME in digests:
+        verify_sha256(os.path.join(directory, WEIGHTS_NAME), digests[WEIGHTS_NAME], path)
+    return config
+
+
+def _read_saved(directory: str, allow_missing_checksum: bool):
     """(config, tensors keyed layers.<i>.<name>) from a save_bridge or a save_pretrained directory."""
+    recover(directory)
     weights = os.path.join(directory, WEIGHTS_NAME)
     if os.path.exists(weights):
-        config_path = os.path.join(directory, CONFIG_NAME)
-        config = read_json(config_path)
-        digest = (config.get("sha256") or {}).get(WEIGHTS_NAME)  # absent in files saved before checksums existed
-        if digest is not None:
-            verify_sha256(weights, digest, config_path)
-        return config, _load_safetensors(weights)
+        return _verified_config(directory, allow_missing_checksum), _load_safetensors(weights)
     index_path = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index_path):
         files = sorted(set(read_json(index_path)["weight_map"].values()))
@@ -112,8 +155,11 @@ def _read_saved(directory: str):
                 tensors[f"layers.{match.group(1)}.{match.group(2)}"] = tensor
     if "layers.0.q_proj.weight" not in tensors:
         raise ValueError(f"bridge_ops: the model saved in {directory} has no Bridge weights (of layer 0 at least)")
-    model_config = read_json(os.path.join(directory, "config.json"))
+    config_path = os.path.join(directory, "config.json")
+    model_config = read_json(config_path)
+    check_fields(model_config, config_path, bridge=dict, model_type=CONFIG_TYPES["model_type"])
     config = dict(model_config.get("bridge", {}), model_type=model_config.get("model_type"))
+    check_fields(config, f"{config_path} (bridge)", **CONFIG_TYPES)
     q = tensors["layers.0.q_proj.weight"]
     config.update(num_layers=len({k.split(".")[1] for k in tensors}), d_bridge=q.shape[0], hidden_size=q.shape[1])
     return config, tensors
@@ -165,16 +211,20 @@ def _problems(model: nn.Module, config: dict, tensors: Dict[str, torch.Tensor], 
     return problems
 
 
-def load_bridge(model: nn.Module, directory: str, *, allow_other_model_type: bool = False) -> nn.Module:
+def load_bridge(
+    model: nn.Module, directory: str, *, allow_other_model_type: bool = False, allow_missing_checksum: bool = False
+) -> nn.Module:
     """Loads Bridge weights saved by `save_bridge` (or inside a `save_pretrained` directory) into `model`.
 
     Adds the blocks first (with the saved hyper-parameters) if the model has none. Saved tensors are cast to the
-    model's dtype. Raises ValueError, leaving the model exactly as it was, if a file is corrupted (sha256 mismatch,
-    unreadable) or the saved blocks do not fit the model: another hidden size, layer count, d_bridge or head count,
-    missing, extra or misshapen tensors, non-finite values, or another `model_type` (Bridge weights trained on one
-    architecture; `allow_other_model_type=True` loads them anyway).
+    model's dtype. Raises ValueError, leaving the model exactly as it was, if a file is corrupted or was edited (sha256
+    mismatch of the weights or of the config, a field of the wrong type, unreadable), records no sha256 (an older
+    save, or a deleted entry: `allow_missing_checksum=True` loads it anyway), or the saved blocks do not fit the model:
+    another hidden size, layer count, d_bridge or head count, missing, extra or misshapen tensors, non-finite values,
+    or another `model_type` (Bridge weights trained on one architecture; `allow_other_model_type=True` loads them
+    anyway).
     """
-    config, tensors = _read_saved(directory)
+    config, tensors = _read_saved(directory, allow_missing_checksum)
     problems = _problems(model, config, tensors, allow_other_model_type)
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""

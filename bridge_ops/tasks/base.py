@@ -3,7 +3,8 @@
 A task is a frozen dataclass that draws one random problem from a `random.Random` (`_random_problem`) and scores
 response texts (`reward`, `extract_answer`). `problems(split, count, seed)` returns `count` distinct problems of one
 split; a problem's split is decided by a hash of its prompt, so the two splits never share a problem and a
-(seed, split) pair always yields the same list.
+(seed, split) pair always yields the same list. Asking for more problems than a split holds fails at once where the
+task counts them (`split_sizes`), and after a bounded number of draws otherwise.
 """
 
 import hashlib
@@ -31,7 +32,9 @@ class GeneratedTask:
 
     name = "task"
 
-    def _random_problem(self, rng: random.Random) -> Problem:
+    def _random_problem(self, rng: random.Random) -> Optional[Problem]:
+        """One random problem, or None when the draw is not one the task allows (`problems` draws again, counting
+        it: a task whose settings allow no problem fails instead of looping forever)."""
         raise NotImplementedError
 
     @staticmethod
@@ -61,7 +64,7 @@ class GeneratedTask:
             if attempts > 200 * count + 1000:
                 raise ValueError(f"bridge_ops: the {split} split of {self} has fewer than {count} distinct problems")
             problem = self._random_problem(rng)
-            if problem.prompt not in seen and self.split_of(problem) == split:
+            if problem is not None and problem.prompt not in seen and self.split_of(problem) == split:
                 seen.add(problem.prompt)
                 out.append(problem)
         return out

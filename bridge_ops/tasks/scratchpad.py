@@ -20,10 +20,12 @@ tend to share one wrong chain), which no vote can fix.
 steps in different samples.
 """
 
+import functools
 import hashlib
+import itertools
 import random
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .base import GeneratedTask, Problem
 
@@ -67,7 +69,22 @@ class ScratchpadSumTask(GeneratedTask):
 
     def _random_problem(self, rng: random.Random) -> Problem:
         operands = [rng.randint(self.min_operand, self.max_operand) for _ in range(self.terms)]
-        return Problem("+".join(map(str, operands)) + "=", f"{sum(operands):0{self.digits}d}")
+        return Problem(self.prompt_of(operands), f"{sum(operands):0{self.digits}d}")
+
+    @staticmethod
+    def prompt_of(operands: Sequence[int]) -> str:
+        return "+".join(map(str, operands)) + "="
+
+    @functools.cache  # noqa: B019 (the task is frozen and hashable, and tasks are few: counted once per task)
+    def split_sizes(self) -> Optional[Dict[str, int]]:
+        """How many distinct problems each split holds, counted when there are at most a million in all (else None)."""
+        operands = range(self.min_operand, self.max_operand + 1)
+        if len(operands) ** self.terms > 10**6:
+            return None
+        sizes = {"train": 0, "test": 0}
+        for chosen in itertools.product(operands, repeat=self.terms):
+            sizes[self.split_of(Problem(self.prompt_of(chosen), ""))] += 1
+        return sizes
 
     def chain(self, problem: Problem, filler: Tuple[int, ...] = (), sums: Optional[List[int]] = None) -> str:
         """The running sums (default the correct ones) joined by ',' with filler[i] filler characters before sum i."""

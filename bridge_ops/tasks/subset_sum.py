@@ -19,10 +19,13 @@ After the draw the rows differ, and a row that sees its peers' draws can take a 
 them (`rank`: the row with the k-th smallest draw takes the k-th answer), which a row that sees only itself cannot.
 """
 
+import functools
 import itertools
+import math
 import random
+from collections import Counter
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .base import GeneratedTask, Problem
 
@@ -64,14 +67,34 @@ class SubsetSumTask(GeneratedTask):
         ]
         return sorted(found)
 
-    def _random_problem(self, rng: random.Random) -> Problem:
-        while True:
-            numbers = sorted(rng.sample(range(1, self.max_number + 1), self.numbers))
-            target = sum(rng.sample(numbers, rng.randint(2, self.max_subset)))
-            solutions = self.solutions_of(numbers, target)
-            if len(solutions) >= self.min_solutions:
-                prompt = ",".join(map(str, numbers)) + f":{target}="
-                return Problem(prompt, solutions[0], tuple(solutions))
+    def _random_problem(self, rng: random.Random) -> Optional[Problem]:
+        """A random problem, or None when the drawn target has fewer than `min_solutions` solutions."""
+        numbers = sorted(rng.sample(range(1, self.max_number + 1), self.numbers))
+        target = sum(rng.sample(numbers, rng.randint(2, self.max_subset)))
+        solutions = self.solutions_of(numbers, target)
+        if len(solutions) < self.min_solutions:
+            return None
+        return Problem(self.prompt_of(numbers, target), solutions[0], tuple(solutions))
+
+    @staticmethod
+    def prompt_of(numbers: Sequence[int], target: int) -> str:
+        return ",".join(map(str, numbers)) + f":{target}="
+
+    @functools.cache  # noqa: B019 (the task is frozen and hashable, and tasks are few: counted once per task)
+    def split_sizes(self) -> Optional[Dict[str, int]]:
+        """How many distinct problems each split holds (sets of numbers and the targets of their subsets of 2 to
+        max_subset numbers with min_solutions or more solutions), counted when there are at most 10**6 subsets of
+        number sets to go through (else None)."""
+        if math.comb(self.max_number, self.numbers) * 2**self.numbers > 10**6:
+            return None
+        sizes = {"train": 0, "test": 0}
+        for numbers in itertools.combinations(range(1, self.max_number + 1), self.numbers):
+            subsets = [s for size in range(1, self.numbers + 1) for s in itertools.combinations(numbers, size)]
+            solutions = Counter(sum(s) for s in subsets)
+            for target in {sum(s) for s in subsets if 2 <= len(s) <= self.max_subset}:
+                if solutions[target] >= self.min_solutions:
+                    sizes[self.split_of(Problem(self.prompt_of(numbers, target), ""))] += 1
+        return sizes
 
     def references(self, problem: Problem) -> List[str]:
         """Every solution (pretraining shows the whole answer set of a problem), each after a draw of letters chosen

@@ -8,14 +8,15 @@
     bridge-ops eval --model rl/ --task arithmetic --widths 1,2,4,8,16
 
 Every training command checks that --out is writable before it starts, then writes the whole model (`save_pretrained`,
-plus `bridge.safetensors` when bridged) and the tokenizer to --out, with metrics.jsonl, checkpoint.pt and its manifest;
+plus `bridge.safetensors` when bridged) and the tokenizer to --out as one save with one commit point (a crash leaves
+the previous model and Bridge or the new ones, never a mix), with metrics.jsonl, checkpoint.pt and its manifest;
 running the same command again resumes from the checkpoint (pretraining included). Under
 `torchrun --nproc_per_node K` the trainers run data-parallel (whole groups per rank).
 """
 
 import json
 
-from ..argtypes import int_list, non_negative_int, positive_float, positive_int
+from ..argtypes import int_list, non_negative_float, non_negative_int, positive_float, positive_int
 from ..tasks import TASKS
 from .sft import WARMUP_MODES
 
@@ -33,16 +34,33 @@ def _task(args):
     return get_task(args.task, **TASK_DEFAULTS.get(args.task, {}))
 
 
+def load_pretrained(directory: str):
+    """(model, tokenizer) of the local HF model directory `directory` (a save a crash interrupted is completed
+    first); a ValueError naming the directory if a weights file cannot be read."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..files import recover
+
+    recover(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    tokenizer.padding_side = "left"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+    except SafetensorError as e:
+        raise ValueError(
+            f"bridge_ops: cannot read the model weights in {directory} (truncated or empty?): {e}"
+        ) from None
+    return model, tokenizer
+
+
 def _load(args, bridge: int = 0):
     """(model, tokenizer) from --model; Bridge weights it holds are loaded; `bridge` > 0 adds fresh blocks."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..hf import apply_bridge, has_saved_bridge, is_bridged, load_bridge
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+    model, tokenizer = load_pretrained(args.model)
     if has_saved_bridge(args.model):
         load_bridge(model, args.model)
     if bridge and not is_bridged(model):
@@ -53,15 +71,22 @@ def _load(args, bridge: int = 0):
 
 
 def _save(model, tokenizer, out: str, dist) -> None:
-    from ..hf import base_state_dict, is_bridged, save_bridge
+    """The base weights in model.safetensors, the tokenizer, and the Bridge weights in bridge.safetensors (loaded by
+    load_bridge): one save with one commit point. A model without Bridge drops the Bridge files of an earlier save."""
+    from ..files import publish
+    from ..hf import BRIDGE_FILES, base_state_dict, bridge_writer, is_bridged
 
     if not dist.is_main:
         return
-    # the base weights in model.safetensors, the Bridge weights in bridge.safetensors (loaded by load_bridge)
-    model.save_pretrained(out, state_dict=base_state_dict(model))
-    tokenizer.save_pretrained(out)
-    if is_bridged(model):
-        save_bridge(model, out)
+    write_bridge = bridge_writer(model) if is_bridged(model) else None
+
+    def write(directory: str) -> None:
+        model.save_pretrained(directory, state_dict=base_state_dict(model))
+        tokenizer.save_pretrained(directory)
+        if write_bridge is not None:
+            write_bridge(directory)
+
+    publish(out, write, replaces=BRIDGE_FILES)
     print(f"saved the model to {out}")
 
 
@@ -186,7 +211,9 @@ def run_train(args) -> int:
     dist = init_distributed()
     if dist.is_main:  # before any work: a run must not train for hours and then fail to save
         ensure_writable_dir(args.out)
-    return {"pretrain": _pretrain, "sft": _sft, "grpo": _grpo}[args.stage](args, dist)
+    status = {"pretrain": _pretrain, "sft": _sft, "grpo": _grpo}[args.stage](args, dist)
+    dist.finish()
+    return status
 
 
 def run_eval(args) -> int:
@@ -305,7 +332,7 @@ def add_commands(commands) -> None:
     )
     grpo.add_argument("--temperature", type=float, default=1.0)
     grpo.add_argument("--minibatches", type=positive_int, default=1)
-    grpo.add_argument("--beta", type=float, default=0.0, help="KL weight to the starting model")
+    grpo.add_argument("--beta", type=non_negative_float, default=0.0, help="KL weight to the starting model")
     train.set_defaults(run=run_train)
 
     ev = commands.add_parser("eval", help="accuracy, majority vote and all-correct rate at several widths")

@@ -20,7 +20,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..generation import generate
+from ..checks import integer
+from ..generation import check_batch_fits, generate
 from ..groups import cu_group_lens_from_sizes
 from ..hf import groups, is_bridged
 from .trainer import seed_of
@@ -74,6 +75,34 @@ class GroupedBatch:
     def solo(self) -> "GroupedBatch":
         """The same rows with every row its own group (Bridge sees only the row itself)."""
         return replace(self, widths=[1] * self.input_ids.shape[0])
+
+
+def pad_id(model: nn.Module, pad_token_id: Optional[int]) -> int:
+    """The padding id of the trainers' batches: `pad_token_id`, else the model config's; a ValueError when neither
+    gives an id of the model's vocabulary (padding carries no loss, so any id of it will do, e.g. EOS)."""
+    pad = pad_token_id if pad_token_id is not None else getattr(model.config, "pad_token_id", None)
+    if pad is None:
+        raise ValueError(
+            "bridge_ops: pad_token_id is None and the model's config has no pad_token_id: pass pad_token_id= "
+            "(any id of the vocabulary, e.g. the tokenizer's pad or EOS id: padding carries no loss)"
+        )
+    vocab = model.get_input_embeddings().num_embeddings
+    if not 0 <= integer("pad_token_id", pad) < vocab:
+        raise ValueError(f"bridge_ops: pad_token_id {pad} is outside the model's vocabulary [0, {vocab})")
+    return pad
+
+
+def check_token_ids(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[Sequence[int]]], vocab: int) -> None:
+    """A ValueError naming the group, the row and the token unless every prompt and response token is an id of the
+    vocabulary [0, vocab) (an integer: a TypeError otherwise)."""
+    for g, (prompt, group) in enumerate(zip(prompts, responses)):
+        for where, ids in [("prompt", prompt), *((f"response {r}", response) for r, response in enumerate(group))]:
+            for position, token in enumerate(ids):
+                if not 0 <= integer(f"token {position} of group {g}'s {where}", token) < vocab:
+                    raise ValueError(
+                        f"bridge_ops: group {g}'s {where} holds token id {token} at position {position}, outside the "
+                        f"model's vocabulary [0, {vocab})"
+                    )
 
 
 def grouped_batch(
@@ -170,6 +199,7 @@ def rollout(
         raise ValueError(f"bridge_ops: peers must be one of {PEERS}, got {peers!r}")
     if copies < 1 or width < 1:
         raise ValueError(f"bridge_ops: copies and width must be >= 1, got {copies} and {width}")
+    check_batch_fits(model, len(indices) * copies * width, max_new_tokens)
     device = next(model.parameters()).device
     seeds = [(*seed_parts, i) + ((c,) if c else ()) for i in indices for c in range(copies)]
     if peers == "solo":

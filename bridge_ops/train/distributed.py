@@ -30,6 +30,14 @@ class DistContext:
     def active(self) -> bool:
         return self.world_size > 1
 
+    def finish(self) -> None:
+        """Waits for every rank, then leaves the process group (once, after the last collective): a rank that exits
+        while the group's communication threads are alive can abort ("terminate called without an active
+        exception") even though its work succeeded."""
+        if self.active and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def shard(self, items: Sequence[T]) -> List[T]:
         """This rank's contiguous share of `items` (whole groups); len(items) must divide evenly."""
         if len(items) % self.world_size:

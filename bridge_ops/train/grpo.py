@@ -23,7 +23,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .data import grouped_batch, rollout, token_log_probs
+from ..files import json_digest
+from .data import grouped_batch, pad_id, rollout, token_log_probs
 from .distributed import DistContext
 from .losses import GRPOLossConfig, checked_reward, group_advantages, grpo_loss
 from .trainer import TrainConfig, Trainer, require_integers, require_number, step_rng
@@ -78,6 +79,9 @@ class GRPOConfig(TrainConfig):
         super().validate()
         require_integers(self, width=1, groups_per_prompt=1, prompts_per_step=1, max_new_tokens=1, minibatches=1)
         require_number("temperature", self.temperature, positive=True)
+        if not isinstance(self.loss, GRPOLossConfig):
+            raise ValueError(f"bridge_ops: loss must be a GRPOLossConfig, got {self.loss!r}")
+        self.loss.validate()
         if self.prompts_per_step % self.minibatches:
             raise ValueError(
                 f"bridge_ops: prompts_per_step={self.prompts_per_step} must be a multiple of "
@@ -112,7 +116,7 @@ def train_grpo(
             f"minibatches = {dist.world_size} x {config.minibatches}"
         )
     trainable = trainable if trainable is not None else {n: p for n, p in model.named_parameters() if p.requires_grad}
-    pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id
+    pad = pad_id(model, pad_token_id)
     reference = None
     if config.loss.beta > 0:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -173,4 +177,11 @@ def train_grpo(
         stats["response_length"] = dist.sum(sum(len(r) for group in responses for r in group)) / dist.sum(rows)
         return stats
 
-    return Trainer(model, trainable, config, step_fn, dist, description="grpo").train()
+    fingerprints = {"training_data": json_digest(prompts), "reward_fn": _reward_name(reward_fn)}
+    return Trainer(model, trainable, config, step_fn, dist, description="grpo", fingerprints=fingerprints).train()
+
+
+def _reward_name(reward_fn: RewardFn) -> str:
+    """module.qualname of a reward function (of a GroupReward's function): what a resumed run checks it against."""
+    fn = reward_fn.fn if isinstance(reward_fn, GroupReward) else reward_fn
+    return f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"

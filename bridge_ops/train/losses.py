@@ -18,6 +18,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from .trainer import require_number
+
 
 def checked_reward(reward, index: int, member: int) -> float:
     """`reward` as a float, refusing anything but a finite number (a single NaN, inf or None would turn every
@@ -50,6 +52,19 @@ class GRPOLossConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28  # DAPO's clip-higher
     beta: float = 0.0  # weight of the KL penalty to the reference model (0: no reference model is needed)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first coefficient that is not a finite number in its range: clip_low in
+        [0, 1] (the ratio's lower bound is 1 - clip_low), clip_high >= 0, beta >= 0."""
+        for name in ("clip_low", "clip_high", "beta"):
+            require_number(name, getattr(self, name), positive=False)
+        if self.clip_low > 1:
+            raise ValueError(
+                f"bridge_ops: clip_low must be <= 1 (the ratio's lower bound is 1 - clip_low), got {self.clip_low}"
+            )
 
 
 def grpo_loss(

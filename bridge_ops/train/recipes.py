@@ -4,13 +4,14 @@
     model, log = train_method(base, "bridge-repair", train, MethodSpec())  a method, from a copy of the base
     evaluate_widths(model, test.prompts, ...)                            accuracy at widths 1..16
 
-A method is `<block>[-<warm-up>]`: block `grpo` (nothing added), `pmatch` (a parameter-matched residual MLP per
-layer, the paper's P-Match) or `bridge`; warm-up one of `bridge_ops.train.sft.WARMUP_MODES` (SFT on data from the
-base model's own samples, of the added block's parameters only, or of every parameter with
-`MethodSpec.warmup_trains="all"`, which `grpo-<warm-up>` needs: it has no added block), or none. Every method ends with GRPO on every parameter, the added blocks at `grpo.added_lr_mult` times the learning
-rate. Examples: `grpo` ("RLVR only"), `grpo-correct` (rejection-sampling fine-tuning, then GRPO: the independent
-baseline with a warm-up), `pmatch-correct` (P-Match with the paper's warm-up), `bridge-repair` (Bridge warmed up to
-take answers from its peers), `bridge` (Bridge trained by GRPO alone).
+A method is `<block>[-<warm-up>]`: block `grpo` (nothing added), `pmatch` (a parameter-matched residual MLP per layer,
+the paper's P-Match) or `bridge`; warm-up one of `bridge_ops.train.sft.WARMUP_MODES` (SFT on data from the base model's
+own samples, of the added block's parameters only, or of every parameter with `MethodSpec.warmup_trains="all"`, which
+`grpo-<warm-up>` needs: it has no added block), or none. Every method ends with GRPO on every parameter, the added
+blocks at `grpo.added_lr_mult` times the learning rate. Examples: `grpo` ("RLVR only"), `grpo-correct`
+(rejection-sampling fine-tuning, then GRPO: the independent baseline with a warm-up), `pmatch-correct` (P-Match with the
+paper's warm-up), `bridge-repair` (Bridge warmed up to take answers from its peers), `bridge` (Bridge trained by GRPO
+alone).
 """
 
 import copy

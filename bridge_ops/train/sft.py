@@ -31,8 +31,9 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..files import json_digest
 from ..hf import is_bridged
-from .data import grouped_batch, rollout, token_log_probs
+from .data import check_token_ids, grouped_batch, pad_id, rollout, token_log_probs
 from .distributed import DistContext
 from .losses import sft_loss
 from .trainer import TrainConfig, Trainer, step_rng
@@ -80,7 +81,8 @@ def train_sft(
 
     trainable: default every parameter with requires_grad (pass `select_trainable(model, "bridge")` for the paper's
     Bridge-only warm-up). Metrics per step: loss (mean NLL per loss token), tokens, grad_norm. Warns when the model
-    is bridged and groups have identical rows (Bridge's Q/K learn nothing from them).
+    is bridged and groups have identical rows (Bridge's Q/K learn nothing from them). Token ids outside the
+    vocabulary, and no `pad_token_id` (neither given nor in the model's config), are refused before training.
     """
     if not groups:
         raise ValueError("bridge_ops: no SFT groups")
@@ -89,16 +91,19 @@ def train_sft(
             f"bridge_ops: groups_per_step={config.groups_per_step} must be a multiple of {dist.world_size} ranks"
         )
     groups = [Group(*g) for g in groups]
+    check_token_ids(
+        [g.prompt for g in groups], [g.responses for g in groups], model.get_input_embeddings().num_embeddings
+    )
+    pad = pad_id(model, pad_token_id)
     same = identical_groups(groups)
     if same and is_bridged(model):
         warnings.warn(
             f"bridge_ops: {same} of {len(groups)} SFT groups have identical rows; Bridge over identical rows "
-            "returns v whatever its attention, so its Q/K projections get no gradient from them (use the "
-            "'repair' or 'distinct' warm-up)",
+            "returns v whatever its attention, so these groups give its Q/K projections no gradient (only groups "
+            "whose rows differ train them)",
             stacklevel=2,
         )
     trainable = trainable if trainable is not None else {n: p for n, p in model.named_parameters() if p.requires_grad}
-    pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id
     ddp_model = dist.wrap(model)
     count = min(config.groups_per_step, len(groups))
 
@@ -112,7 +117,8 @@ def train_sft(
         optimizer_step(loss)
         return {"loss": dist.sum(loss.item()), "tokens": total_tokens}
 
-    return Trainer(model, trainable, config, step_fn, dist, description=description).train()
+    fingerprints = {"training_data": json_digest(groups)}
+    return Trainer(model, trainable, config, step_fn, dist, description=description, fingerprints=fingerprints).train()
 
 
 @torch.no_grad()

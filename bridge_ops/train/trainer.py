@@ -5,14 +5,21 @@ checkpoint repeats exactly what the uninterrupted run would have done: the check
 the optimizer state, the step and torch's and Python's RNG states.
 
 Files in `out_dir` (rank 0 writes them; the directory is checked to be writable before the first step):
-    metrics.jsonl    one JSON object per logged step ({"step", "loss", ..., "seconds"})
-    checkpoint.pt    the latest checkpoint (written atomically every `checkpoint_every` steps and at the end)
-    checkpoint.json  its manifest: sha256 of checkpoint.pt, step, kind of run and the whole config
+    metrics.jsonl    one JSON object per logged step ({"step", "loss", ..., "seconds"}); a resumed run first drops
+                     the lines of steps after its checkpoint, so no step is logged twice
+    checkpoint.pt    the latest checkpoint (every `checkpoint_every` steps and at the end)
+    checkpoint.json  its manifest: sha256 of checkpoint.pt, step, kind of run, the whole config and the fingerprints
+                     of the run's inputs
+checkpoint.pt and checkpoint.json are one save with one commit point (`bridge_ops.files.publish`): a crash at any
+instant leaves the previous checkpoint or the new one, whole.
 
 A run resumes from `out_dir` only if checkpoint.pt matches its recorded sha256, was written by the same kind of run
-(trainer description and config class) and with the same config, except the fields in `RESUMABLE` and those the new
-config lists in `allow_resume_changes`; otherwise it refuses with a message naming the file or the differing fields.
-A non-finite loss or gradient norm stops training (FloatingPointError) before the weights change.
+(trainer description and config class), with the same config (except the fields in `RESUMABLE`) and from the same
+inputs: the fingerprints (sha256) of the weights the run started from (`initial_weights`: the frozen base model, and
+the reference model of a KL penalty) and of what its caller names (`training_data`, `reward_fn`). Config fields and
+fingerprints the new config lists in `allow_resume_changes` may differ; otherwise it refuses with a message naming
+the file or what differs. A non-finite loss or gradient norm stops training (FloatingPointError) before the weights
+change.
 """
 
 import hashlib
@@ -28,7 +35,17 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..files import atomic_write, ensure_writable_dir, read_json, sha256_of, verify_sha256, write_json
+from ..files import (
+    atomic_write,
+    check_fields,
+    ensure_writable_dir,
+    publish,
+    read_json,
+    recover,
+    sha256_of,
+    verify_sha256,
+    write_json,
+)
 from .distributed import DistContext
 
 CHECKPOINT = "checkpoint.pt"
@@ -52,7 +69,7 @@ class TrainConfig:
     added_lr_mult: float = 1.0  # learning-rate multiplier of the added blocks (Bridge, P-Match) among the trainable
     schedule: str = "constant"  # or "cosine": decays every learning rate to 10% of its value at the last step
     warmup_steps: int = 0  # linear learning-rate warm-up over the first steps
-    allow_resume_changes: Tuple[str, ...] = ()  # config fields that may differ from the checkpoint's when resuming
+    allow_resume_changes: Tuple[str, ...] = ()  # config fields and fingerprints that may differ when resuming
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,6 +135,8 @@ class Trainer:
 
     `trainable` maps parameter names (as in model.named_parameters()) to the parameters that train; every other
     parameter of the model is frozen by the caller. Resumes from `out_dir/checkpoint.pt` when it exists.
+    `fingerprints`: what the run depends on besides its config and initial weights, by name (e.g. the sha256 of the
+    training data and the reward function's name), recorded in the checkpoint and checked when resuming.
     """
 
     def __init__(
@@ -128,12 +147,16 @@ class Trainer:
         step_fn: StepFn,
         dist: DistContext = DistContext(),
         description: str = "train",
+        fingerprints: Optional[Dict[str, str]] = None,
     ):
         if not trainable:
             raise ValueError("bridge_ops: nothing to train (no trainable parameters)")
         config.validate()
         self.model, self.trainable, self.config, self.step_fn = model, trainable, config, step_fn
         self.dist, self.description = dist, description
+        self.fingerprints = dict(fingerprints or {})
+        if config.out_dir is not None:  # only a run that checkpoints needs it (a sha256 of every weight)
+            self.fingerprints["initial_weights"] = weights_fingerprint(model)
         self.optimizer = torch.optim.AdamW(
             parameter_groups(trainable, config.lr, config.added_lr_mult), weight_decay=config.weight_decay
         )
@@ -186,22 +209,26 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.config.out_dir is None or not self.dist.is_main:
             return
-        os.makedirs(self.config.out_dir, exist_ok=True)
-        path = os.path.join(self.config.out_dir, CHECKPOINT)
-        atomic_write(path, lambda tmp: torch.save(self.state_dict(), tmp))
-        write_json(
-            os.path.join(self.config.out_dir, MANIFEST),
-            {
+        state = self.state_dict()
+
+        def write(directory: str) -> None:
+            path = os.path.join(directory, CHECKPOINT)
+            torch.save(state, path)
+            manifest = {
                 "file": CHECKPOINT,
                 "sha256": sha256_of(path),
                 "step": self.step,
                 "run": self.run,
                 "config": _comparable(self.config),
-            },
-        )
+                "fingerprints": self.fingerprints,
+            }
+            write_json(os.path.join(directory, MANIFEST), manifest)
+
+        publish(self.config.out_dir, write)
 
     def _check_manifest(self, path: str) -> None:
-        """The checkpoint at `path` is intact and was written by a run of this kind with this config."""
+        """The checkpoint at `path` is intact and was written by a run of this kind, with this config, from these
+        inputs."""
         manifest_path = os.path.join(self.config.out_dir, MANIFEST)
         if not os.path.exists(manifest_path):
             raise ValueError(
@@ -210,19 +237,16 @@ class Trainer:
                 "to start over"
             )
         manifest = read_json(manifest_path)
+        check_fields(manifest, manifest_path, sha256=str, step=int, run=str, config=dict, fingerprints=dict)
         verify_sha256(path, manifest.get("sha256"), manifest_path)
         if manifest.get("run") != self.run:
             raise ValueError(
                 f"bridge_ops: {self.config.out_dir} holds the checkpoint of a {manifest.get('run')} run, "
                 f"not of this {self.run} run: use another output directory"
             )
-        saved, current = _flat(manifest.get("config", {})), _flat(_comparable(self.config))
         ignored = set(RESUMABLE) | set(self.config.allow_resume_changes)
-        changed = [
-            f"{k} {saved.get(k, '(absent)')!r} (checkpoint) vs {current.get(k, '(absent)')!r} (now)"
-            for k in sorted(saved.keys() | current.keys())
-            if k not in ignored and k.split(".")[0] not in ignored and saved.get(k) != current.get(k)
-        ]
+        changed = _differences(_flat(manifest.get("config", {})), _flat(_comparable(self.config)), ignored)
+        changed += _differences(manifest.get("fingerprints", {}), self.fingerprints, ignored)
         if changed:
             raise ValueError(
                 f"bridge_ops: the checkpoint in {self.config.out_dir} was written with another "
@@ -231,8 +255,11 @@ class Trainer:
             )
 
     def maybe_resume(self) -> bool:
-        path = os.path.join(self.config.out_dir or "", CHECKPOINT)
-        if self.config.out_dir is None or not os.path.exists(path):
+        if self.config.out_dir is None:
+            return False
+        recover(self.config.out_dir)
+        path = os.path.join(self.config.out_dir, CHECKPOINT)
+        if not os.path.exists(path):
             return False
         self._check_manifest(path)
         try:
@@ -240,7 +267,26 @@ class Trainer:
         except (EOFError, pickle.UnpicklingError, RuntimeError) as e:
             raise ValueError(f"bridge_ops: cannot read the checkpoint {path}: {e}") from None
         self.load_state_dict(state)
+        if self.dist.is_main:
+            self._drop_metrics_after(self.step)
         return True
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """Removes the metrics.jsonl lines of steps after `step` (logged after the checkpoint a run resumes from, they
+        are logged again), and a line a crash cut short."""
+        path = os.path.join(self.config.out_dir, METRICS)
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = f.read().splitlines()
+        kept = [line for line in lines if _logged_step(line) <= step]
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.writelines(line + "\n" for line in kept)
+
+        if len(kept) != len(lines):
+            atomic_write(path, write)
 
     def optimizer_step(self, loss: Optional[torch.Tensor] = None) -> float:
         """Clips, applies AdamW and zeroes the gradients; returns the gradient norm. Raises FloatingPointError without
@@ -316,6 +362,35 @@ class Trainer:
 def _comparable(config) -> dict:
     """The config as JSON values (tuples become lists), as the manifest stores it."""
     return json.loads(json.dumps(asdict(config), default=repr))
+
+
+def _differences(saved: dict, current: dict, ignored: set) -> List[str]:
+    """'<key> <saved> (checkpoint) vs <current> (now)' for every key whose values differ, except the `ignored` ones
+    (a dotted key is ignored with its first part)."""
+    return [
+        f"{k} {saved.get(k, '(absent)')!r} (checkpoint) vs {current.get(k, '(absent)')!r} (now)"
+        for k in sorted(saved.keys() | current.keys())
+        if k not in ignored and k.split(".")[0] not in ignored and saved.get(k) != current.get(k)
+    ]
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line (infinity for a line that is not a logged step, e.g. one a crash cut)."""
+    try:
+        step = json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+    return step if isinstance(step, int) else math.inf
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """The sha256 of every parameter of `model` (shapes, dtypes and bytes, in order)."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        t = p.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{list(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _flat(config: dict, prefix: str = "") -> dict:

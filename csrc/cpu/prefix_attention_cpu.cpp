@@ -51,8 +51,8 @@ KeyRows<T> key_rows(const at::Tensor& t) {
 // Per-thread workspace for m queries at most.
 template <typename acc_t>
 struct Scratch {
-  std::vector<acc_t> queries, acc, max_score, sum, scores, k_tile, v_tile;
-  std::vector<const acc_t*> key_ptrs, value_ptrs;
+  std::vector<acc_t> queries, acc, max_score, sum, scores, k_tile, v_tile, zeros;
+  std::vector<const acc_t*> key_ptrs, value_ptrs, present_value_ptrs;
 
   Scratch(int64_t m, int64_t d)
       : queries(m * d),
@@ -62,8 +62,10 @@ struct Scratch {
         scores(kBlock),
         k_tile(kBlock * d),
         v_tile(kBlock * d),
+        zeros(d),
         key_ptrs(kBlock),
-        value_ptrs(kBlock) {}
+        value_ptrs(kBlock),
+        present_value_ptrs(kBlock) {}
 };
 
 // Points w.key_ptrs / w.value_ptrs at positions [begin, begin + count) of (n, h), converted to acc_t if needed.
@@ -84,8 +86,9 @@ BRIDGE_OPS_INLINE void load_block(const KeyRows<scalar_t>& k, const KeyRows<scal
 }
 
 // Attention of the m packed queries (w.queries, [m, Dh]) over positions [begin, end) of (n, h). Leaves query i's
-// normalized output in w.acc[i * Dh ...] and its lse in w.max_score[i] (output 0 and lse -inf for an empty range;
-// NaN for both when a score is NaN or +inf).
+// normalized output in w.acc[i * Dh ...] and its lse in w.max_score[i], with the non-finite policy of
+// attention_merge.h: a key of score -inf is absent (its value is never read), a query with no present key gets
+// output 0 and lse -inf, a NaN or +inf score makes both NaN.
 template <typename scalar_t, typename Ops, typename acc_t>
 BRIDGE_OPS_INLINE void attend(Scratch<acc_t>& w, int64_t m, int64_t d, const KeyRows<scalar_t>& k,
                               const KeyRows<scalar_t>& v, int64_t n, int64_t h, int64_t begin, int64_t end,
@@ -104,31 +107,42 @@ BRIDGE_OPS_INLINE void attend(Scratch<acc_t>& w, int64_t m, int64_t d, const Key
       for (; j + 4 <= count; j += 4) Ops::dot4(q, w.key_ptrs.data() + j, d, scores + j);
       for (; j < count; ++j) scores[j] = Ops::dot(q, w.key_ptrs[j], d);
       acc_t top = w.max_score[i];
+      bool any_absent = false;
       for (j = 0; j < count; ++j) {
         scores[j] *= scale;
         top = (scores[j] > top || std::isnan(scores[j])) ? scores[j] : top;  // a NaN score poisons the row
+        any_absent |= key_is_absent(scores[j], neg_inf);
+      }
+      if (block_is_empty(top, neg_inf)) continue;  // no present key so far: nothing to add, no exp(-inf + inf)
+      // The values the block reads: an absent key's is a row of zeros (its weight is 0, its value may be inf or NaN).
+      const acc_t* const* values = w.value_ptrs.data();
+      if (any_absent) {
+        for (j = 0; j < count; ++j) {
+          w.present_value_ptrs[j] = key_is_absent(scores[j], neg_inf) ? w.zeros.data() : w.value_ptrs[j];
+        }
+        values = w.present_value_ptrs.data();
       }
       acc_t* acc = w.acc.data() + i * d;
-      const acc_t rescale = std::exp(w.max_score[i] - top);  // exp(-inf) = 0 on the first block
+      const acc_t rescale = std::exp(w.max_score[i] - top);  // exp(-inf) = 0 until a present key was seen
       if (rescale != acc_t(1)) {
         for (int64_t e = 0; e < d; ++e) acc[e] *= rescale;
       }
       w.sum[i] = w.sum[i] * rescale + Ops::exp_sum(scores, top, count);
       w.max_score[i] = top;
       j = 0;
-      for (; j + 4 <= count; j += 4) Ops::axpy4(acc, scores + j, w.value_ptrs.data() + j, d);
-      for (; j < count; ++j) Ops::axpy(acc, scores[j], w.value_ptrs[j], d);
+      for (; j + 4 <= count; j += 4) Ops::axpy4(acc, scores + j, values + j, d);
+      for (; j < count; ++j) Ops::axpy(acc, scores[j], values[j], d);
     }
   }
   for (int64_t i = 0; i < m; ++i) {
     acc_t* o = w.acc.data() + i * d;
     if (w.sum[i] == acc_t(0)) {
-      fill_zero(o, d);  // no key: max_score[i] is still -inf
-    } else {            // a NaN or +inf score made the sum NaN: out and lse become NaN, as in the reference and SDPA
+      fill_zero(o, d);  // no present key
+    } else {            // a NaN or +inf score made the sum NaN: out and lse become NaN, as in the reference
       const acc_t inv = acc_t(1) / w.sum[i];
       for (int64_t e = 0; e < d; ++e) o[e] *= inv;
-      w.max_score[i] += std::log(w.sum[i]);
     }
+    w.max_score[i] = block_lse(w.max_score[i], w.sum[i], neg_inf);
   }
 }
 
@@ -300,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_states_cpu(const at::Tensor& 
                                                               const at::Tensor& o_b, const at::Tensor& lse_b) {
   check_merge_args(o_a, lse_a, o_b, lse_b);
   BRIDGE_CHECK(o_a.device().is_cpu(), "the CPU kernel got o_a on ", o_a.device());
-  const int64_t d = o_a.size(-1), rows = o_a.numel() / std::max<int64_t>(1, d);
+  const int64_t d = o_a.size(-1), rows = lse_a.numel();  // head dim 0 too: every row still gets its merged lse
   const at::Tensor a = o_a.contiguous(), b = o_b.contiguous(), la = lse_a.contiguous(), lb = lse_b.contiguous();
   at::Tensor out = at::empty(o_a.sizes(), o_a.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty(lse_a.sizes(), lse_a.options().memory_format(at::MemoryFormat::Contiguous));

@@ -119,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_states_cuda(const at::Tensor&
   at::Tensor out = at::empty(o_a.sizes(), o_a.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty(lse_a.sizes(), lse_a.options().memory_format(at::MemoryFormat::Contiguous));
   const int dim = static_cast<int>(o_a.size(-1));
-  const int64_t rows = dim == 0 ? 0 : o_a.numel() / dim;
+  const int64_t rows = lse_a.numel();  // head dim 0 too: every row still gets its merged lse
   BRIDGE_CHECK(rows <= 2147483647LL, "merge_attention_states on CUDA takes fewer than 2^31 rows, got ", rows);
   if (rows == 0) return {out, lse};
   BRIDGE_DTYPE_SWITCH(a.scalar_type(), T, A, [&] { launch_merge<T, A>(a, la, b, lb, out, lse, rows, dim); });

@@ -76,18 +76,21 @@ __device__ __forceinline__ void merge_into(State<A>& s, const A* o_part, A lse_p
 }
 
 // Softmax attention of one query over `count` (<= 32) keys whose scores lane j holds (`score`, lanes >= count: -inf):
-// o[t] = sum_j p_j v_j(dim lane + 32 t) / sum_j p_j with `value(j)` the row of key j; returns the lse (-inf if
-// count == 0, with o = 0).
+// o[t] = sum_j p_j v_j(dim lane + 32 t) / sum_j p_j with `value(j)` the row of key j; returns the lse. The non-finite
+// policy of attention_merge.h: a key of score -inf is absent (its value is never read), a tile with no present key
+// (count == 0 included) gives o = 0 and lse -inf, a NaN or +inf score gives NaN o and lse.
 template <typename T, typename A, typename ValueRow>
 __device__ __forceinline__ A attend_tile(A score, int count, int dim, ValueRow value, A* o) {
   const int lane = threadIdx.x % kWarpSize;
+  const A neg_inf = neg_inf_of(A(0));
   for (int t = 0; t < kCascadeMaxTd; ++t) o[t] = A(0);
-  if (count == 0) return neg_inf_of(A(0));
-  const A top = warp_max(score);
+  const A top = warp_max(score);  // the same on every lane: the branches below are warp-uniform
+  if (block_is_empty(top, neg_inf)) return neg_inf;
   const A p = lane < count ? acc_exp(score - top) : A(0);
   const A sum = warp_sum(p);
   for (int j = 0; j < count; ++j) {
     const A pj = __shfl_sync(0xffffffffu, p, j);
+    if (key_is_absent(__shfl_sync(0xffffffffu, score, j), neg_inf)) continue;
     const T* v = value(j);
     for (int t = 0; t < kCascadeMaxTd; ++t) {
       const int d = lane + kWarpSize * t;
@@ -95,7 +98,7 @@ __device__ __forceinline__ A attend_tile(A score, int count, int dim, ValueRow v
     }
   }
   for (int t = 0; t < kCascadeMaxTd; ++t) o[t] /= sum;
-  return top + acc_log(sum);
+  return block_lse(top, sum, neg_inf);
 }
 
 __device__ __forceinline__ int clamp_len(int n, int limit) { return n < 0 ? 0 : (n > limit ? limit : n); }
