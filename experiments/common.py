@@ -1,6 +1,7 @@
 """What the experiments share: cached pretrained bases, evaluation at widths, statistics and formatting, and a pool
 that runs every training run as a job on processes of one torch thread."""
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -8,11 +9,25 @@ import os
 import statistics
 import sys
 import time
-from typing import List
+from typing import List, Optional
 
 import torch
 
 MAX_NEW_TOKENS = 16
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def experiment_parser(description: str, sizes) -> argparse.ArgumentParser:
+    """The options every experiment script takes: --size (one of `sizes`), --out (default experiments/results),
+    --jobs (processes of one torch thread) and --no-progress."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--size", choices=sorted(sizes), default="default")
+    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument(
+        "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes, 1 torch thread each (default 2)"
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
 
 
 def cached_base(train, size: dict, directory: str, progress: bool, seed: int = 0):
@@ -61,11 +76,57 @@ def evaluate(model, data, widths, seed, peers="group", details=True, max_new_tok
     )
 
 
-def per_problem(entry: dict, key: str = "accuracy") -> List[float]:
-    """Per-problem values of one evaluation entry: mean accuracy over the samples, or the majority vote."""
-    if key == "accuracy":
-        return [sum(p["correct"]) / len(p["correct"]) for p in entry["problems"]]
-    return [float(p["vote_correct"]) for p in entry["problems"]]
+def per_problem(entry: dict, metric: str = "mean_accuracy") -> List[float]:
+    """One evaluation entry's per-problem values of `metric` (an `evaluate_widths` key): "mean_accuracy" (the share
+    of correct samples), "all_correct", "any_correct" or "majority_accuracy"."""
+    if metric == "majority_accuracy":
+        return [float(p["vote_correct"]) for p in entry["problems"]]
+    reduce = {
+        "mean_accuracy": lambda c: sum(c) / len(c),
+        "all_correct": lambda c: float(all(c)),
+        "any_correct": lambda c: float(any(c)),
+    }[metric]
+    return [reduce(p["correct"]) for p in entry["problems"]]
+
+
+def method_spec(
+    size: dict,
+    seed: int,
+    *,
+    trains: str = "added",
+    width: int = 4,
+    groups_per_prompt: int = 1,
+    lr: Optional[float] = None,
+    lr_mult: float = 1.0,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+):
+    """The MethodSpec of one run at `size` (its warm-up prompts and steps, GRPO steps and prompts per step): a
+    warm-up of the added blocks, or with trains="all" of every parameter at size["warmup_all"] = (lr, added-block
+    multiplier); GRPO at `width` x `groups_per_prompt` rollouts per prompt, at `lr` (None: MethodSpec's), the added
+    blocks at `lr_mult` times it."""
+    from bridge_ops.train.recipes import MethodSpec
+
+    spec = MethodSpec(seed=seed, warmup_prompts=size["warmup_prompts"])
+    spec.warmup.steps = size["warmup_steps"]
+    if trains == "all":
+        spec.warmup_trains = "all"
+        spec.warmup.lr, spec.warmup.added_lr_mult = size["warmup_all"]
+    g = spec.grpo
+    g.steps, g.prompts_per_step = size["grpo_steps"], size["prompts_per_step"]
+    g.width, g.groups_per_prompt, g.added_lr_mult, g.max_new_tokens = width, groups_per_prompt, lr_mult, max_new_tokens
+    if lr is not None:
+        g.lr = lr
+    return spec
+
+
+def grpo_summary(grpo_log: List[dict]) -> dict:
+    """A GRPO run in three numbers: the mean share of groups with zero advantage, and the mean reward over the first
+    and over the last 10 steps."""
+    return {
+        "zero_advantage": statistics.mean(h["zero_advantage"] for h in grpo_log),
+        "reward_first": statistics.mean(h["reward"] for h in grpo_log[:10]),
+        "reward_last": statistics.mean(h["reward"] for h in grpo_log[-10:]),
+    }
 
 
 def mean_over(lists: List[List[float]]) -> List[float]:

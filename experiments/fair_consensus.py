@@ -35,7 +35,6 @@ Writes OUT/fair_consensus/: results.csv (every method, seed, width, peers), prob
 evaluation), grid.csv, training.csv, summary.md and accuracy_vs_width.png.
 """
 
-import argparse
 import csv
 import dataclasses
 import gzip
@@ -48,7 +47,19 @@ from typing import Dict, List, Tuple
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # (run as a script or imported by the tests)
-from common import cached_base, evaluate, interval, mean_over, mean_std, run_jobs, write_csv  # noqa: E402
+from common import (  # noqa: E402
+    cached_base,
+    evaluate,
+    experiment_parser,
+    grpo_summary,
+    interval,
+    mean_over,
+    mean_std,
+    method_spec,
+    per_problem,
+    run_jobs,
+    write_csv,
+)
 
 SIZES = {
     "smoke": dict(
@@ -65,6 +76,7 @@ SIZES = {
         warmup_steps=2,
         grpo_steps=2,
         prompts_per_step=4,
+        warmup_all=(3e-4, 10.0),
         grpo_lrs=[3e-5],
         pmatch_grid=[("correct", "added", 10.0), ("repair", "all", 10.0)],
         bridge_grid=[("added", 10.0)],
@@ -86,6 +98,7 @@ SIZES = {
         warmup_steps=300,
         grpo_steps=100,
         prompts_per_step=16,
+        warmup_all=(3e-4, 10.0),  # lr and added-block multiplier of a warm-up that trains every parameter
         grpo_lrs=[1e-5, 3e-5, 1e-4, 3e-4],
         pmatch_grid=[(d, t, m) for d in ("correct", "repair") for t in ("added", "all") for m in (30.0, 100.0)],
         bridge_grid=[(t, m) for t in ("added", "all") for m in (30.0, 100.0)],
@@ -97,7 +110,6 @@ SIZES = {
 METHODS = ("grpo", "grpo-correct", "pmatch", "bridge")
 INDEPENDENT = ("grpo", "grpo-correct", "pmatch")
 WIDTH, GROUPS_PER_PROMPT = 4, 2  # every method's GRPO: k groups of N per prompt
-WARMUP_ALL = (3e-4, 10.0)  # lr and added-block multiplier of a warm-up that trains every parameter
 VALIDATION_STREAM, TEST_STREAM = 0, 1  # split seeds: validation (tuning) and the confirmatory test set
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -166,18 +178,18 @@ def base_dir(setting: Setting, seed: int) -> str:
     return os.path.join(setting.directory, f"base-seed{seed}")
 
 
-def method_spec(size: dict, seed: int, choice: Choice):
-    from bridge_ops.train.recipes import MethodSpec
-
-    spec = MethodSpec(seed=seed, warmup_prompts=size["warmup_prompts"])
-    spec.warmup.steps = size["warmup_steps"]
-    if choice.trains == "all":
-        spec.warmup_trains = "all"
-        spec.warmup.lr, spec.warmup.added_lr_mult = WARMUP_ALL
-    g = spec.grpo
-    g.steps, g.prompts_per_step, g.width, g.groups_per_prompt = size["grpo_steps"], size["prompts_per_step"], WIDTH, 2
-    g.lr, g.added_lr_mult, g.max_new_tokens = choice.lr, choice.mult, size["max_new_tokens"]
-    return spec
+def choice_spec(size: dict, seed: int, choice: Choice):
+    """The MethodSpec of a grid point: every method's GRPO at WIDTH x GROUPS_PER_PROMPT rollouts per prompt."""
+    return method_spec(
+        size,
+        seed,
+        trains=choice.trains,
+        width=WIDTH,
+        groups_per_prompt=GROUPS_PER_PROMPT,
+        lr=choice.lr,
+        lr_mult=choice.mult,
+        max_new_tokens=size["max_new_tokens"],
+    )
 
 
 def recipe(method: str, choice: Choice) -> str:
@@ -200,8 +212,7 @@ def train_one(setting: Setting, method: str, seed: int, choice: Choice):
     train, val, test = data(setting)
     base, _ = cached_base(train, size, base_dir(setting, seed), False, seed)
     start = time.perf_counter()
-    model, log = train_method(base, recipe(method, choice), train, method_spec(size, seed, choice), setting.progress)
-    grpo_log = log["grpo"]
+    model, log = train_method(base, recipe(method, choice), train, choice_spec(size, seed, choice), setting.progress)
     info = {
         "method": method,
         "seed": seed,
@@ -210,9 +221,7 @@ def train_one(setting: Setting, method: str, seed: int, choice: Choice):
         "warmup_groups": log.get("warmup_groups", [{}])[0].get("groups", 0),
         "rollouts_per_prompt": WIDTH * GROUPS_PER_PROMPT,
         "grpo_steps": size["grpo_steps"],
-        "zero_advantage": statistics.mean(h["zero_advantage"] for h in grpo_log),
-        "reward_first": statistics.mean(h["reward"] for h in grpo_log[:10]),
-        "reward_last": statistics.mean(h["reward"] for h in grpo_log[-10:]),
+        **grpo_summary(log["grpo"]),
         "output_norm": output_norm(model) if method in ("pmatch", "bridge") else 0.0,
     }
     return model, info, (val, test)
@@ -254,7 +263,7 @@ def job_run(setting: Setting, method: str, seed: int, index: int) -> dict:
 
         train, _, test = data(setting)
         model, _ = cached_base(train, setting.spec, base_dir(setting, 0), False, 0)
-        add_block(model, method.split("-")[0], method_spec(setting.spec, 0, choice))
+        add_block(model, method.split("-")[0], choice_spec(setting.spec, 0, choice))
         checkpoint = torch.load(saved, weights_only=True)
         model.load_state_dict(checkpoint["state"])
         info = checkpoint["info"]
@@ -277,18 +286,6 @@ METRICS = (
     ("any_correct", "Pass@N (at least one of the N samples right)"),
     ("majority_accuracy", "majority-vote accuracy"),
 )
-
-
-def per_problem(entry: dict, metric: str) -> List[float]:
-    """One evaluation entry's per-problem values of `metric` (one of METRICS)."""
-    reduce = {
-        "mean_accuracy": lambda c: sum(c) / len(c),
-        "all_correct": lambda c: float(all(c)),
-        "any_correct": lambda c: float(any(c)),
-    }
-    if metric == "majority_accuracy":
-        return [float(p["vote_correct"]) for p in entry["problems"]]
-    return [reduce[metric](p["correct"]) for p in entry["problems"]]
 
 
 def seed_interval(differences: List[float]) -> Dict[str, float]:
@@ -570,13 +567,7 @@ def plot(results: Results, size: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="default")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument(
-        "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes, 1 torch thread each (default 2)"
-    )
-    parser.add_argument("--no-progress", action="store_true")
+    parser = experiment_parser(__doc__.split("\n")[0], SIZES)
     args = parser.parse_args(argv)
     setting = Setting(args.size, args.out, progress=not args.no_progress and args.jobs == 1)
     seeds = setting.spec["seeds"]

@@ -37,7 +37,6 @@ Writes OUT/<part>/: results.csv (every method, seed, width, peers), grid.csv, pe
 (the README's tables), and PNG plots; OUT/summary.md joins both parts.
 """
 
-import argparse
 import copy
 import dataclasses
 import math
@@ -54,9 +53,12 @@ from common import (  # noqa: E402
     MAX_NEW_TOKENS,
     cached_base,
     evaluate,
+    experiment_parser,
+    grpo_summary,
     interval,
     mean_over,
     mean_std,
+    method_spec,
     per_problem,
     run_jobs,
     write_csv,
@@ -155,23 +157,6 @@ COORDINATION_METHODS = ("grpo", "pmatch-ranked", "bridge-ranked")
 
 
 # ---- shared steps -------------------------------------------------------------------------------------------------
-def method_spec(
-    size: dict, seed: int, lr_mult: float = 1.0, width: int = 4, groups_per_prompt: int = 1, trains: str = "added"
-):
-    from bridge_ops.train.recipes import MethodSpec
-
-    spec = MethodSpec(seed=seed)
-    spec.warmup_prompts = size["warmup_prompts"]
-    spec.warmup.steps = size["warmup_steps"]
-    if trains == "all":  # the warm-up trains every parameter at size["warmup_all"] = (lr, added-block multiplier)
-        spec.warmup_trains = "all"
-        spec.warmup.lr, spec.warmup.added_lr_mult = size["warmup_all"]
-    spec.grpo.steps, spec.grpo.prompts_per_step = size["grpo_steps"], size["prompts_per_step"]
-    spec.grpo.width, spec.grpo.groups_per_prompt = width, groups_per_prompt
-    spec.grpo.max_new_tokens, spec.grpo.added_lr_mult = MAX_NEW_TOKENS, lr_mult
-    return spec
-
-
 # ---- jobs: every training run is one job, run on --jobs processes -------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Setting:
@@ -252,7 +237,9 @@ def train_consensus(setting: Setting, method: str, seed: int, choice: tuple, mis
     train, test, val, base = consensus_with_base(setting, misaligned)
     block = method.split("-")[0]
     trains, mult = choice
-    spec = method_spec(setting.consensus, seed, mult, 4, 2 if block == "bridge" else 1, trains)
+    spec = method_spec(
+        setting.consensus, seed, trains=trains, groups_per_prompt=2 if block == "bridge" else 1, lr_mult=mult
+    )
     start = time.perf_counter()
     model, train_log = train_method(base, method, train, spec, progress=setting.progress)
     grpo_log = train_log["grpo"]
@@ -263,9 +250,7 @@ def train_consensus(setting: Setting, method: str, seed: int, choice: tuple, mis
         "lr_mult": mult,
         "train_seconds": time.perf_counter() - start,
         "warmup_groups": train_log.get("warmup_groups", [{}])[0].get("groups", 0),
-        "zero_advantage": statistics.mean(h["zero_advantage"] for h in grpo_log),
-        "reward_first": statistics.mean(h["reward"] for h in grpo_log[:10]),
-        "reward_last": statistics.mean(h["reward"] for h in grpo_log[-10:]),
+        **grpo_summary(grpo_log),
         "output_norm": output_norm(model) if block != "grpo" else 0.0,
     }
     return model, info, (train, test, val, base)
@@ -378,7 +363,7 @@ def job_coordination(setting: Setting, method: str, seed: int) -> dict:
     model, _ = cached_base(train, size, directory, False)
     start = time.perf_counter()
     if method != "base":
-        spec = method_spec(size, seed, size["lr_mult"], size["width"], trains=size["warmup_trains"])
+        spec = method_spec(size, seed, trains=size["warmup_trains"], width=size["width"], lr_mult=size["lr_mult"])
         model, _ = train_method(
             model, method, train, spec, progress=setting.progress, reward_fn=train.distinct_reward()
         )
@@ -502,7 +487,7 @@ def consensus_summary(
     ]
 
     # decisive comparison 2: Bridge vs the best P-Match, per width
-    def averaged(method, width, key="accuracy"):
+    def averaged(method, width, key="mean_accuracy"):
         return mean_over([per_problem(evaluations[(method, s, "group")][width], key) for s in seeds])
 
     pmatches = [m for m in CONSENSUS_METHODS if m.startswith("pmatch")]
@@ -734,14 +719,8 @@ def coordination_plot(records, width, path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=["smoke", "default"], default="default")
+    parser = experiment_parser(__doc__.split("\n")[0], CONSENSUS)
     parser.add_argument("--part", choices=["consensus", "coordination", "all"], default="all")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument(
-        "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes, 1 torch thread each (default 2)"
-    )
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     setting = Setting(args.size, args.out, progress=not args.no_progress and args.jobs == 1)
     consensus, coordination = args.part in ("consensus", "all"), args.part in ("coordination", "all")
