@@ -147,12 +147,14 @@ def train_method(
     progress: bool = True,
     reward_fn: Optional[RewardFn] = None,
     on_stage: Optional[Callable[[str, nn.Module], None]] = None,
+    warmup_data: Optional[list] = None,
 ) -> Tuple[nn.Module, Dict[str, List[dict]]]:
     """A trained copy of `base` for `method` (see `parse_method`); returns (model, {stage: metrics}).
 
     reward_fn: GRPO's reward (default `train.reward`; a `GroupReward` scores whole groups). on_stage(stage, model)
-    is called after the warm-up ("warm-up") so a caller can measure the model between the stages. `spec` defaults
-    to MethodSpec().
+    is called after the warm-up ("warm-up") so a caller can measure the model between the stages. warmup_data: the
+    warm-up groups when the caller already has them (`warmup_groups(base, mode, train, spec)`: one sample set shared
+    by several methods), else they are sampled here. `spec` defaults to MethodSpec().
     """
     spec = spec if spec is not None else MethodSpec()
     block, warmup = parse_method(method)
@@ -166,7 +168,7 @@ def train_method(
     if block == "bridge":
         log["share"] = [parameter_share(model)]
     if warmup:
-        groups = warmup_groups(base, warmup, train, spec)
+        groups = warmup_data if warmup_data is not None else warmup_groups(base, warmup, train, spec)
         log["warmup_groups"] = [
             {"groups": len(groups), "responses": sum(len(g[1]) for g in groups), "identical": identical_groups(groups)}
         ]
