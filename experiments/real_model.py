@@ -23,7 +23,7 @@ projections need a larger step). No learning-rate search (one CPU cannot afford 
 fixed in the preregistration, the same for every method.
 How the default fits <= 120 min on 2 cores: short answers (2-step chains, about 30 tokens, EOS-stopped generation),
 a shared-prefix KV cache for the N samples of a prompt, one warm-up sample set for all methods, few GRPO steps, and a
-test set of 150 problems where a paired design (the same problems for every method) gives usable intervals.
+test set of 200 problems where a paired design (the same problems for every method) gives usable intervals.
 
 Confirmatory test set: the test split's stream 1 (no earlier run has drawn WordProblemTask from it), minus the
 validation stream's problems. Reported: per method and width (1, 4, 8) mean accuracy, all-correct rate, Pass@N and
