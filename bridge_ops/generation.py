@@ -23,6 +23,7 @@ the tokens equal those of `model.generate(..., num_return_sequences=N)` (both dr
 """
 
 import contextlib
+import functools
 import math
 import numbers
 import os
@@ -39,6 +40,7 @@ from .checks import integer, token_ids
 from .groups import cu_group_lens_from_sizes
 from .hf.attention import cascade_attention, unsupported_reason
 from .hf.runtime import GROUPS_KWARG, BridgeGroups, cache_argument, groups_active, is_bridged
+from .ops import decode_linear
 
 Prompts = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[str]]
 
@@ -553,11 +555,32 @@ def _resolve_arguments(
     )
 
 
+@contextlib.contextmanager
+def decode_linears(model: nn.Module):
+    """Inside the block, every `nn.Linear` of `model` (the exact class: subclasses such as quantized layers keep their
+    own forward) computes through `bridge_ops.ops.decode_linear`, the kernel for the few rows of a decode step (it is
+    F.linear for anything else). Layers whose forward was already replaced on the instance are left alone."""
+    patched = []
+    for module in model.modules():
+        if type(module) is nn.Linear and "forward" not in module.__dict__:
+            module.forward = functools.partial(_decode_linear_forward, module)
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def _decode_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return decode_linear(x, module.weight, module.bias)
+
+
 def _step_loop(model: nn.Module, request: _Request, state: Prefill, record: _Record) -> None:
     """Steps 3-5 from the prefilled state, writing every sampled token to `record`."""
     batch = _Batch(request.widths, request.input_ids[state.expand], state.attention_mask, state.last_position)
     logits = state.logits
-    with _decode_attention(model, state.cache) as forward_kwargs:
+    with _decode_attention(model, state.cache) as forward_kwargs, decode_linears(model):
         for step in _steps(request.max_new_tokens, request.progress):
             # 3. Sample one token per live row; finished rows get padding.
             next_tokens, scores = request.pick(batch.tokens, logits, batch, request.generators)

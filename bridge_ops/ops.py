@@ -211,6 +211,24 @@ def merge_attention_states(
     return _no_grad_reference(reference.merge_attention_states, "merge_attention_states", (o_a, lse_a, o_b, lse_b))
 
 
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`torch.nn.functional.linear` for the few rows of a decode step: x [..., in] @ weight[out, in]^T + bias [out].
+
+    At M = x.numel() / in <= 32 rows of float32 on the CPU, the compiled kernel streams every weight row from memory
+    once for all M rows (a decode step's matrix products are bound by reading the weights, which a BLAS sgemm does
+    at a fraction of the bandwidth at small M). Every other case (more rows, other dtypes, other devices, no compiled
+    extension) is `F.linear` itself. Results equal F.linear's up to float32 rounding (the sum order differs).
+    No backward (an inference op): under autograd with inputs that require grad it is F.linear.
+    """
+    if (
+        x.device.type == "cpu"
+        and _C is not None
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
+    ):
+        return torch.ops.bridge_ops.decode_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def _no_grad_reference(fn, name: str, args):
     """The reference twin of an inference op, refusing (as the compiled Autograd kernels do) to run where a backward
     would be needed."""
@@ -253,6 +271,10 @@ if _C is not None:
         return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
             q.shape[:2], dtype=checks.lse_dtype(q.dtype)
         )
+
+    @torch.library.register_fake("bridge_ops::decode_linear")
+    def _decode_linear_fake(x, weight, bias=None):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     @torch.library.register_fake("bridge_ops::merge_attention_states")
     def _merge_attention_states_fake(o_a, lse_a, o_b, lse_b):

@@ -43,6 +43,10 @@ TORCH_LIBRARY(bridge_ops, m) {
   // Exact merge of two attention results over disjoint key sets: o_a, o_b [..., Dh]; lse_a, lse_b [...] in the lse
   // dtype. Returns (out [..., Dh], lse [...]). No backward.
   m.def("merge_attention_states(Tensor o_a, Tensor lse_a, Tensor o_b, Tensor lse_b) -> (Tensor out, Tensor lse)");
+  // A linear layer for the few rows of a decode step: x [..., in] @ weight[out, in]^T + bias [out] -> [..., out].
+  // The CPU kernel streams each weight row once for all rows (float32, at most 32 rows; anything else is at::linear).
+  // No backward.
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   // Internal, for the Python host of the CUDA kernels (the cupy backend): the largest group of cu_group_lens,
   // validated once per tensor and version counter, as the CUDA launchers do (csrc/kernel_launch.cpp).
   m.def("_validated_max_group(Tensor cu_group_lens, int batch) -> int");

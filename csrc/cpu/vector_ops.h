@@ -50,6 +50,12 @@ struct GenericOps {
     return acc;
   }
 
+  // sums[r] = x[r * n : (r + 1) * n] . w for r < rows (rows <= 8): one weight row against a block of input rows
+  static BRIDGE_OPS_INLINE void dot_rows(const T* __restrict w, const T* __restrict x, int64_t n, int64_t rows,
+                                         T* sums) {
+    for (int64_t r = 0; r < rows; ++r) sums[r] = dot(x + r * n, w, n);
+  }
+
   // out[j] = a . b[j] for j < 4
   static BRIDGE_OPS_INLINE void dot4(const T* __restrict a, const T* const* b, int64_t n, T* out) {
     for (int64_t j = 0; j < 4; ++j) out[j] = dot(a, b[j], n);
@@ -102,6 +108,38 @@ struct Avx2Ops<float> {
     float s = hsum(acc);
     for (; i < n; ++i) s += a[i] * b[i];
     return s;
+  }
+
+  // dot(x[r], w) for R rows in one sweep of w (R accumulators; each sum in dot's lane order).
+  template <int R>
+  static BRIDGE_OPS_AVX2_INLINE void dot_rows_of(const float* __restrict w, const float* __restrict x, int64_t n,
+                                                 float* sums) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 wv = _mm256_loadu_ps(w + i);
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * n + i), wv, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[r]);
+      for (int64_t t = i; t < n; ++t) s += x[r * n + t] * w[t];
+      sums[r] = s;
+    }
+  }
+
+  static BRIDGE_OPS_AVX2_INLINE void dot_rows(const float* __restrict w, const float* __restrict x, int64_t n,
+                                              int64_t rows, float* sums) {
+    switch (rows) {
+      case 8: return dot_rows_of<8>(w, x, n, sums);
+      case 7: return dot_rows_of<7>(w, x, n, sums);
+      case 6: return dot_rows_of<6>(w, x, n, sums);
+      case 5: return dot_rows_of<5>(w, x, n, sums);
+      case 4: return dot_rows_of<4>(w, x, n, sums);
+      case 3: return dot_rows_of<3>(w, x, n, sums);
+      case 2: return dot_rows_of<2>(w, x, n, sums);
+      default: return dot_rows_of<1>(w, x, n, sums);
+    }
   }
 
   static BRIDGE_OPS_AVX2_INLINE void dot4(const float* __restrict a, const float* const* b, int64_t n, float* out) {
