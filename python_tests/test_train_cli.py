@@ -247,3 +247,27 @@ def test_fair_consensus_experiment_smoke(tmp_path):
     summary = (out / "summary.md").read_text()
     assert all(f"- G{k}," in summary for k in range(1, 5))
     assert (out / "accuracy_vs_width.png").stat().st_size > 10_000
+
+
+def test_real_model_experiment_smoke(tmp_path, smollm2_checkpoint):
+    """Part C end to end at smoke size on SmolLM2-135M-Instruct: format fine-tuning, the three methods, the base and
+    every evaluation, the report and the per-problem CSV."""
+    pytest.importorskip("matplotlib")
+    cache = os.path.dirname(smollm2_checkpoint)
+    argv = ["--size", "smoke", "--out", str(tmp_path), "--cache-dir", cache, "--device", "cpu", "--no-progress"]
+    assert _experiment("real_model").main(argv) == 0
+    out = tmp_path / "real_model"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    methods = {"base", "grpo-correct", "pmatch-correct", "bridge-correct"}
+    assert {r["method"] for r in rows} == methods
+    assert {(r["width"], r["peers"]) for r in rows if r["method"] == "bridge-correct"} == {
+        (w, p) for w in ("1", "2", "4") for p in ("group", "solo")
+    }
+    assert all(0.0 <= float(r["mean_accuracy"]) <= 1.0 for r in rows)
+    import gzip
+
+    problems = list(csv.DictReader(gzip.open(out / "problems.csv.gz", "rt")))
+    assert len(problems) == 3 * len(rows)  # 3 test problems per evaluation
+    summary = (out / "summary.md").read_text()
+    assert "bridge with peers - bridge alone" in summary and "Relative gain" in summary
+    assert (out / "accuracy_vs_width.png").stat().st_size > 10_000

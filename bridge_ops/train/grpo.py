@@ -123,6 +123,8 @@ def train_grpo(
     ddp_model = dist.wrap(model)
     k = config.groups_per_prompt
 
+    device = next(model.parameters()).device
+
     def step_fn(step: int, optimizer_step) -> Dict[str, float]:
         chosen = step_rng(config.seed, step).sample(range(len(prompts)), config.prompts_per_step)
         per_minibatch = len(chosen) // config.minibatches
@@ -152,7 +154,7 @@ def train_grpo(
             batch = grouped_batch(
                 [prompts[i] for i in share for _ in range(k)], responses[part.start * k : part.stop * k], pad
             )
-            adv = torch.cat(advantages[part])
+            batch, adv = batch.to(device), torch.cat(advantages[part]).to(device)  # (built on the CPU)
             with torch.no_grad():  # the sampling policy and the reference, with the rollout's groups
                 old = token_log_probs(model, batch, config.temperature)
                 ref = token_log_probs(reference, batch, config.temperature) if reference is not None else None

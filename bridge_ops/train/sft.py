@@ -107,10 +107,13 @@ def train_sft(
     ddp_model = dist.wrap(model)
     count = min(config.groups_per_step, len(groups))
 
+    device = next(model.parameters()).device  # batches are built on the CPU
+
     def step_fn(step: int, optimizer_step) -> Dict[str, float]:
         chosen = step_rng(config.seed, step).sample(range(len(groups)), count)
         mine = [groups[i] for i in dist.shard(chosen)]
         batch = grouped_batch([g.prompt for g in mine], [g.responses for g in mine], pad, [g.loss_masks for g in mine])
+        batch = batch.to(device)
         total_tokens = dist.sum(batch.loss_mask.sum().item())
         loss = sft_loss(token_log_probs(ddp_model, batch), batch.loss_mask, total_tokens)
         (loss * dist.world_size).backward()
