@@ -6,7 +6,8 @@
 //
 // Device-independent (ATen ops and the bridge_attention kernel of the tensors' device, called below autograd), so it
 // is registered once as CompositeExplicitAutograd: it has no backward, which is what a decode step needs.
-// Generation calls it once per layer and step instead of ~10 Python-level ops.
+// Generation calls it once per layer and step instead of ~10 Python-level ops. Its projections on the CPU go through
+// decode_linear (each weight row read once for the few rows of a decode step; at::linear beyond them).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -27,6 +28,16 @@ void check_weight(const at::Tensor& w, const char* name, int64_t rows, int64_t c
   BRIDGE_CHECK(w.scalar_type() == hidden.scalar_type(), name, " must have the dtype of hidden (", hidden.scalar_type(),
                "), got ", w.scalar_type());
   check_device(w, name, hidden);
+}
+
+// x @ w^T: decode_linear on the CPU, at::linear elsewhere.
+at::Tensor project(const at::Tensor& x, const at::Tensor& w) {
+  if (!x.device().is_cpu()) return at::linear(x, w);
+  static const auto decode_linear =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("bridge_ops::decode_linear", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
+  return decode_linear.call(x, w, std::nullopt);
 }
 
 at::Tensor bridge_block_decode(const at::Tensor& hidden, const at::Tensor& norm_weight, double eps,
@@ -66,9 +77,9 @@ at::Tensor bridge_block_decode(const at::Tensor& hidden, const at::Tensor& norm_
                                         const std::optional<at::Tensor>&, std::optional<double>)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor mixed =
-      std::get<0>(attention.call(at::linear(normed, q_weight).view(heads), at::linear(normed, k_weight).view(heads),
-                                 at::linear(normed, v_weight).view(heads), cu_group_lens, key_mask, scale));
-  return hidden + at::linear(mixed.view({batch, seqlen, d_bridge}), o_weight);
+      std::get<0>(attention.call(project(normed, q_weight).view(heads), project(normed, k_weight).view(heads),
+                                 project(normed, v_weight).view(heads), cu_group_lens, key_mask, scale));
+  return hidden + project(mixed.view({batch, seqlen, d_bridge}), o_weight);
 }
 
 }  // namespace
