@@ -59,7 +59,7 @@ def extensions() -> list:
     # -ffp-contract=off: the backward recomputes scores exactly as the forward rounded them (the AVX2 kernels
     # still use explicit FMA intrinsics).
     cxx = opt + ["-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
-    sources = relative_sources("csrc/*.cpp") + relative_sources("csrc/cpu/*.cpp")
+    sources = relative_sources("csrc/*.cpp") + relative_sources("csrc/cpu/*.cpp") + relative_sources("csrc/host/*.cpp")
     cuda_sources = relative_sources("csrc/cuda/*.cu")
     if want_cuda() and cuda_sources:
         cuda_version = torch.version.cuda or "unknown"

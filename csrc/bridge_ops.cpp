@@ -2,10 +2,11 @@
 // module `bridge_ops._C` that reports how this build was made.
 //
 // Kernels live beside this file: csrc/cpu/*.cpp register TORCH_LIBRARY_IMPL(bridge_ops, CPU, ...),
-// csrc/cuda/*.cu register TORCH_LIBRARY_IMPL(bridge_ops, CUDA, ...); csrc/autograd.cpp the Autograd kernels and
-// csrc/bridge_block_decode.cpp the device-independent composite decode op. Fake kernels are registered from Python
-// (bridge_ops/ops.py), so torch.compile sees each op as one node. csrc/kernel_launch.cpp adds the submodule
-// _C.kernels: the CUDA kernels' launch plan, constants and parameter structs, for the cupy backend and the tests.
+// csrc/cuda/cuda_launcher.cu registers the C++ hosts of the CUDA kernels (csrc/host/) as
+// TORCH_LIBRARY_IMPL(bridge_ops, CUDA, ...); csrc/autograd.cpp the Autograd kernels and csrc/bridge_block_decode.cpp
+// the device-independent composite decode op. Fake kernels are registered from Python (bridge_ops/ops.py), so
+// torch.compile sees each op as one node. csrc/kernel_launch.cpp adds the submodule _C.kernels: the CUDA kernels'
+// launch plans, constants and kernel table, and the hosts with a Python launcher (the cupy backend, the tests).
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -47,9 +48,6 @@ TORCH_LIBRARY(bridge_ops, m) {
   // The CPU kernel streams each weight row once for all rows (float32, at most 32 rows; anything else is at::linear).
   // No backward.
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
-  // Internal, for the Python host of the CUDA kernels (the cupy backend): the largest group of cu_group_lens,
-  // validated once per tensor and version counter, as the CUDA launchers do (csrc/kernel_launch.cpp).
-  m.def("_validated_max_group(Tensor cu_group_lens, int batch) -> int");
 }
 
 namespace bridge_ops {

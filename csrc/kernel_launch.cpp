@@ -1,45 +1,38 @@
-// How the CUDA kernels are launched, for their Python hosts: the cupy backend (bridge_ops/cupy_backend.py) and the
-// tests' warp emulator (python_tests/emulator_launcher.py). Built into every _C, CPU-only builds included, so that
-// those hosts follow the launchers of csrc/cuda/*.cu instead of re-deriving them:
-//   * bridge_ops._C.kernels: csrc/cuda/kernels/launch.h as Python sees it: its constants, plan_launch and
-//     plan_cascade, and the kernels' parameter structs (filled by field name, passed to a launch as to_bytes());
-//   * the op bridge_ops::_validated_max_group (schema in bridge_ops.cpp): csrc/group_validation.h's once-per-tensor
-//     check of cu_group_lens, the same cache the CUDA launchers use.
+// bridge_ops._C.kernels: how the CUDA kernels are launched, for Python. Built into every _C, CPU-only builds included:
+//   * csrc/cuda/kernels/launch.h as Python sees it: its constants, the Bridge kernels' plan_launch and Grid;
+//   * kernel_table(): every kernel instantiation by name (kernels/kernel_table.h), which the cupy backend compiles;
+//   * the C++ hosts of the ops (csrc/host/) with a launcher written in Python: the cupy backend's (NVRTC) and the
+//     tests' warp emulator's, so that the host a CUDA build ships is the one they run. A Python launcher is an object
+//     with
+//         name: str                 named in errors ("cupy", "emulator")
+//         device_type: str          the device type of its tensors ("cuda", "cpu")
+//         num_sms(device: int) -> int
+//         capturing(device: int) -> bool    the current stream captures a CUDA graph (offsets are then not read)
+//         launch(kernel: str, grid: Grid, params: bytes) -> None
+//     where launch runs kernel `kernel` (a kernel_table() name) over `grid` on the current stream, with `params`, the
+//     bytes of a launch.h params struct, as its one argument, passed by value.
 #include <ATen/core/Tensor.h>
 #include <pybind11/pybind11.h>
-#include <torch/library.h>
+#include <torch/csrc/utils/pybind.h>
 
-#include <cstdint>
+#include <cstddef>
 #include <string>
-
-#include "checks.h"
-#include "group_validation.h"
+#include <utility>
 
 // pybind11's own types have hidden visibility, and GCC warns when a bound type is more visible than they are; the
 // launch.h structs never cross a shared-library boundary, so here they are hidden too.
 #pragma GCC visibility push(hidden)
+#include "cuda/kernels/kernel_table.h"
 #include "cuda/kernels/launch.h"
 #pragma GCC visibility pop
+
+#include "host/hosts.h"
 
 namespace bridge_ops {
 namespace {
 
 namespace py = pybind11;
 namespace kn = bridge_ops::kernels;
-
-// A pointer field as a Python int (an address, e.g. tensor.data_ptr(); 0 for null).
-template <typename Class, typename Pointer>
-void pointer_field(py::class_<Class>& c, const char* name, Pointer Class::* field) {
-  c.def_property(
-      name, [field](const Class& s) { return reinterpret_cast<std::uintptr_t>(s.*field); },
-      [field](Class& s, std::uintptr_t address) { s.*field = reinterpret_cast<Pointer>(address); });
-}
-
-// The struct's bytes, as a kernel receives it by value (cuLaunchKernel's kernelParams entry points at them).
-template <typename Struct>
-py::bytes to_bytes(const Struct& s) {
-  return py::bytes(reinterpret_cast<const char*>(&s), sizeof(Struct));
-}
 
 py::dict constants() {
   py::dict c;
@@ -67,19 +60,30 @@ std::string plan_repr(const kn::LaunchPlan& p) {
          ", smem_bytes=" + std::to_string(p.smem_bytes) + ", workspace=" + (p.workspace ? "True" : "False") + ")";
 }
 
-void bind_bridge_attention(py::module_& m) {
+void bind_launch_plans(py::module_& m) {
+  py::class_<kn::Grid>(m, "Grid", "A kernel's 1-D launch: blocks, threads per block, dynamic shared memory (bytes).")
+      .def(
+          py::init([](long long blocks, int threads, int smem_bytes) { return kn::Grid{blocks, threads, smem_bytes}; }),
+          py::arg("blocks"), py::arg("threads"), py::arg("smem_bytes"))
+      .def_readonly("blocks", &kn::Grid::blocks)
+      .def_readonly("threads", &kn::Grid::threads)
+      .def_readonly("smem_bytes", &kn::Grid::smem_bytes)
+      .def("__repr__", [](const kn::Grid& g) {
+        return "Grid(blocks=" + std::to_string(g.blocks) + ", threads=" + std::to_string(g.threads) +
+               ", smem_bytes=" + std::to_string(g.smem_bytes) + ")";
+      });
   py::class_<kn::LaunchPlan>(m, "LaunchPlan", "How one bridge_attention kernel is launched (launch.h).")
       .def(py::init([](bool fast, int td, int threads, long long blocks, int smem_bytes, bool workspace) {
              return kn::LaunchPlan{fast, td, threads, blocks, smem_bytes, workspace};
            }),
            py::arg("fast"), py::arg("td"), py::arg("threads"), py::arg("blocks"), py::arg("smem_bytes"),
            py::arg("workspace"))
-      .def_readwrite("fast", &kn::LaunchPlan::fast)
-      .def_readwrite("td", &kn::LaunchPlan::td)
-      .def_readwrite("threads", &kn::LaunchPlan::threads)
-      .def_readwrite("blocks", &kn::LaunchPlan::blocks)
-      .def_readwrite("smem_bytes", &kn::LaunchPlan::smem_bytes)
-      .def_readwrite("workspace", &kn::LaunchPlan::workspace)
+      .def_readonly("fast", &kn::LaunchPlan::fast)
+      .def_readonly("td", &kn::LaunchPlan::td)
+      .def_readonly("threads", &kn::LaunchPlan::threads)
+      .def_readonly("blocks", &kn::LaunchPlan::blocks)
+      .def_readonly("smem_bytes", &kn::LaunchPlan::smem_bytes)
+      .def_readonly("workspace", &kn::LaunchPlan::workspace)
       .def(
           "__eq__",
           [](const kn::LaunchPlan& a, const kn::LaunchPlan& b) {
@@ -91,106 +95,97 @@ void bind_bridge_attention(py::module_& m) {
   m.def("plan_launch", &kn::plan_launch, py::arg("is_double"), py::arg("dim"), py::arg("tasks"), py::arg("num_sms"),
         py::arg("backward"), py::arg("max_group"),
         "The launch plan of a bridge_attention call: tasks = S * G * H; max_group -1 when unknown.");
-  m.def("td_for_head_dim", &kn::td_for_head_dim, py::arg("dim"));
   m.def("forward_smem_bytes_per_warp", &kn::forward_smem_bytes_per_warp, py::arg("td"));
   m.def("backward_smem_bytes_per_warp", &kn::backward_smem_bytes_per_warp, py::arg("td"));
-
-  py::class_<kn::RowsArg> rows(m, "RowsArg", "Rows of a [B, S, H, Dh] tensor: data pointer, strides of B, S, H.");
-  rows.def(py::init([](std::uintptr_t ptr, long long sb, long long ss, long long sh) {
-             return kn::RowsArg{reinterpret_cast<void*>(ptr), sb, ss, sh};
-           }),
-           py::arg("ptr"), py::arg("sb"), py::arg("ss"), py::arg("sh"))
-      .def_readwrite("sb", &kn::RowsArg::sb)
-      .def_readwrite("ss", &kn::RowsArg::ss)
-      .def_readwrite("sh", &kn::RowsArg::sh);
-  pointer_field(rows, "ptr", &kn::RowsArg::ptr);
-
-  py::class_<kn::Problem> problem(m, "Problem", "Sizes, groups, key mask and scale of a bridge_attention call.");
-  problem.def(py::init<>())
-      .def_readwrite("mask_sb", &kn::Problem::mask_sb)
-      .def_readwrite("mask_ss", &kn::Problem::mask_ss)
-      .def_readwrite("scale", &kn::Problem::scale)
-      .def_readwrite("batch", &kn::Problem::batch)
-      .def_readwrite("seqlen", &kn::Problem::seqlen)
-      .def_readwrite("heads", &kn::Problem::heads)
-      .def_readwrite("dim", &kn::Problem::dim)
-      .def_readwrite("groups", &kn::Problem::groups)
-      .def_readwrite("aligned", &kn::Problem::aligned);
-  pointer_field(problem, "cu", &kn::Problem::cu);
-  pointer_field(problem, "mask", &kn::Problem::mask);
-
-  py::class_<kn::ForwardParams> fwd(m, "ForwardParams", "The parameters of bridge_attention_fwd(_simple).");
-  fwd.def(py::init<>())
-      .def_readwrite("problem", &kn::ForwardParams::problem)
-      .def_readwrite("q", &kn::ForwardParams::q)
-      .def_readwrite("k", &kn::ForwardParams::k)
-      .def_readwrite("v", &kn::ForwardParams::v)
-      .def_readwrite("out", &kn::ForwardParams::out)
-      .def("rows_aligned", py::overload_cast<const kn::ForwardParams&, int>(&kn::rows_aligned), py::arg("element_size"),
-           "Problem.aligned of a fast-path call: every row 4-element aligned and head_dim % 4 == 0.")
-      .def("to_bytes", &to_bytes<kn::ForwardParams>);
-  pointer_field(fwd, "lse", &kn::ForwardParams::lse);
-
-  py::class_<kn::BackwardParams> bwd(m, "BackwardParams", "The parameters of bridge_attention_bwd(_simple).");
-  bwd.def(py::init<>())
-      .def_readwrite("problem", &kn::BackwardParams::problem)
-      .def_readwrite("dout", &kn::BackwardParams::dout)
-      .def_readwrite("q", &kn::BackwardParams::q)
-      .def_readwrite("k", &kn::BackwardParams::k)
-      .def_readwrite("v", &kn::BackwardParams::v)
-      .def_readwrite("dq", &kn::BackwardParams::dq)
-      .def_readwrite("dk", &kn::BackwardParams::dk)
-      .def_readwrite("dv", &kn::BackwardParams::dv)
-      .def("rows_aligned", py::overload_cast<const kn::BackwardParams&, int>(&kn::rows_aligned),
-           py::arg("element_size"))
-      .def("to_bytes", &to_bytes<kn::BackwardParams>);
-  pointer_field(bwd, "lse", &kn::BackwardParams::lse);
-  pointer_field(bwd, "dlse", &kn::BackwardParams::dlse);
-  pointer_field(bwd, "ws", &kn::BackwardParams::ws);
 }
 
-void bind_cascade(py::module_& m) {
-  py::class_<kn::CascadeShape>(m, "CascadeShape", "The shape argument of the cascade kernels.")
-      .def_readonly("batch", &kn::CascadeShape::batch)
-      .def_readonly("q_heads", &kn::CascadeShape::q_heads)
-      .def_readonly("kv_heads", &kn::CascadeShape::kv_heads)
-      .def_readonly("dim", &kn::CascadeShape::dim)
-      .def_readonly("groups", &kn::CascadeShape::groups)
-      .def_readonly("prefix_len", &kn::CascadeShape::prefix_len)
-      .def_readonly("suffix_len", &kn::CascadeShape::suffix_len)
-      .def_readonly("chunks", &kn::CascadeShape::chunks)
-      .def_readonly("chunk_len", &kn::CascadeShape::chunk_len)
-      .def("to_bytes", &to_bytes<kn::CascadeShape>);
-  py::class_<kn::CascadePlan>(m, "CascadePlan", "How the cascade kernels of one prefix_suffix_attention call run.")
-      .def_readonly("shape", &kn::CascadePlan::shape)
-      .def_readonly("prefix_blocks", &kn::CascadePlan::prefix_blocks)
-      .def_readonly("prefix_smem_bytes", &kn::CascadePlan::prefix_smem_bytes)
-      .def_readonly("merge_blocks", &kn::CascadePlan::merge_blocks)
-      .def_readonly("workspace_chunks", &kn::CascadePlan::workspace_chunks);
-  m.def("plan_cascade", &kn::plan_cascade, py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("dim"),
-        py::arg("groups"), py::arg("prefix_len"), py::arg("suffix_len"), py::arg("acc_bytes"));
+py::list kernel_table() {
+  py::list table;
+  kn::for_each_kernel([&](auto instance) {
+    using Instance = decltype(instance);
+    table.append(py::make_tuple(Instance::name(), kn::dtype_name(Instance::dtype), kn::source_file(Instance::kernel)));
+  });
+  return table;
 }
 
-// Largest group of cu_group_lens (int32 [G + 1], any device), validated like the CPU op and cached per tensor and
-// version counter (csrc/group_validation.h). The caller does not call it during CUDA graph capture.
-int64_t validated_max_group_op(const at::Tensor& cu_group_lens, int64_t batch) {
-  BRIDGE_CHECK(cu_group_lens.scalar_type() == at::kInt && cu_group_lens.dim() == 1 && cu_group_lens.numel() >= 2,
-               "cu_group_lens must be int32 [G+1] with G >= 1, got ", cu_group_lens.scalar_type(), " of shape ",
-               cu_group_lens.sizes());
-  return validated_max_group(cu_group_lens, batch, true, [](const at::Tensor& t) { return t.cpu().contiguous(); });
+// A launcher written in Python (the protocol above); calls into it hold the GIL, as the host functions bound below
+// do throughout.
+class PythonLauncher final : public Launcher {
+ public:
+  explicit PythonLauncher(py::object launcher)
+      : launcher_(std::move(launcher)),
+        name_(py::str(launcher_.attr("name"))),
+        device_type_(c10::Device(py::str(launcher_.attr("device_type")).cast<std::string>()).type()) {}
+
+  const std::string& name() const override { return name_; }
+  c10::DeviceType device_type() const override { return device_type_; }
+  int num_sms(c10::DeviceIndex device) override { return launcher_.attr("num_sms")(device).cast<int>(); }
+  bool capturing(c10::DeviceIndex device) override { return launcher_.attr("capturing")(device).cast<bool>(); }
+  void launch(const std::string& kernel, const kn::Grid& grid, const void* params, size_t params_bytes) override {
+    launcher_.attr("launch")(kernel, grid, py::bytes(static_cast<const char*>(params), params_bytes));
+  }
+
+ private:
+  py::object launcher_;
+  std::string name_;
+  c10::DeviceType device_type_;
+};
+
+void bind_hosts(py::module_& m) {
+  m.def(
+      "bridge_attention",
+      [](py::object launcher, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+         const at::Tensor& cu_group_lens, const std::optional<at::Tensor>& key_mask, std::optional<double> scale) {
+        PythonLauncher l(std::move(launcher));
+        return host::bridge_attention(l, q, k, v, cu_group_lens, key_mask, scale);
+      },
+      py::arg("launcher"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_group_lens"),
+      py::arg("key_mask") = py::none(), py::arg("scale") = py::none(),
+      "The C++ host of the op bridge_attention (same arguments and results), launching through `launcher`.");
+  m.def(
+      "bridge_attention_backward",
+      [](py::object launcher, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse,
+         const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+         const at::Tensor& cu_group_lens, const std::optional<at::Tensor>& key_mask, std::optional<double> scale) {
+        PythonLauncher l(std::move(launcher));
+        return host::bridge_attention_backward(l, grad_out, grad_lse, q, k, v, lse, cu_group_lens, key_mask, scale);
+      },
+      py::arg("launcher"), py::arg("grad_out"), py::arg("grad_lse"), py::arg("q"), py::arg("k"), py::arg("v"),
+      py::arg("lse"), py::arg("cu_group_lens"), py::arg("key_mask") = py::none(), py::arg("scale") = py::none(),
+      "The C++ host of the op bridge_attention_backward, launching through `launcher`.");
+  m.def(
+      "prefix_suffix_attention",
+      [](py::object launcher, const at::Tensor& q, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+         const at::Tensor& prefix_lens, const at::Tensor& suffix_k, const at::Tensor& suffix_v,
+         const at::Tensor& cu_group_lens, const std::optional<at::Tensor>& suffix_lens, std::optional<double> scale) {
+        PythonLauncher l(std::move(launcher));
+        return host::prefix_suffix_attention(l, q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu_group_lens,
+                                             suffix_lens, scale);
+      },
+      py::arg("launcher"), py::arg("q"), py::arg("prefix_k"), py::arg("prefix_v"), py::arg("prefix_lens"),
+      py::arg("suffix_k"), py::arg("suffix_v"), py::arg("cu_group_lens"), py::arg("suffix_lens") = py::none(),
+      py::arg("scale") = py::none(), "The C++ host of the op prefix_suffix_attention, launching through `launcher`.");
+  m.def(
+      "merge_attention_states",
+      [](py::object launcher, const at::Tensor& o_a, const at::Tensor& lse_a, const at::Tensor& o_b,
+         const at::Tensor& lse_b) {
+        PythonLauncher l(std::move(launcher));
+        return host::merge_attention_states(l, o_a, lse_a, o_b, lse_b);
+      },
+      py::arg("launcher"), py::arg("o_a"), py::arg("lse_a"), py::arg("o_b"), py::arg("lse_b"),
+      "The C++ host of the op merge_attention_states, launching through `launcher`.");
 }
 
 }  // namespace
 
 void bind_kernel_launch(py::module_& m) {
-  py::module_ k = m.def_submodule("kernels", "How the CUDA kernels are launched (csrc/cuda/kernels/launch.h).");
+  py::module_ k = m.def_submodule("kernels", "How the CUDA kernels are launched (csrc/kernel_launch.cpp).");
   k.def("constants", &constants, "The kernels' constants (launch.h), by name.");
-  bind_bridge_attention(k);
-  bind_cascade(k);
-}
-
-TORCH_LIBRARY_IMPL(bridge_ops, CompositeExplicitAutograd, m) {
-  m.impl("_validated_max_group", &validated_max_group_op);
+  k.def("kernel_table", &kernel_table,
+        "Every kernel instantiation a host may launch (kernel_table.h): (name, dtype, source header) tuples; the name "
+        "is the C++ name and NVRTC name expression, the dtype as torch spells it (\"bfloat16\").");
+  bind_launch_plans(k);
+  bind_hosts(k);
 }
 
 }  // namespace bridge_ops

@@ -1,7 +1,7 @@
-"""The CUDA kernels on the CPU: builds python_tests/emulator (g++, no GPU) and offers it as a launcher for
-bridge_ops.cupy_backend, so `cupy_backend.forward(EMULATOR, ...)` runs the real host code and the real kernels, with
-the launch plans and parameter structs of csrc/cuda/kernels/launch.h (through bridge_ops._C.kernels, which the tests
-therefore need).
+"""The CUDA kernels on the CPU: builds python_tests/emulator (g++, no GPU) and offers it as a launcher of the ops' C++
+hosts (csrc/host/, bound as bridge_ops._C.kernels.bridge_attention etc.), so `forward(...)` runs the host a CUDA
+build ships (checks, cu_group_lens validation, launch.h's plans and params structs, alignment, workspaces, casts) and
+the real kernels, on CPU tensors. The tests therefore need bridge_ops._C.
 
 The build is cached in build/emulator/ under a hash of its sources.
 """
@@ -15,10 +15,12 @@ import subprocess
 
 import torch
 
-from bridge_ops import _loader, cupy_backend
+from bridge_ops import _loader
 
 if _loader._C is None:  # pytest.importorskip("emulator_launcher") then skips the emulator tests
-    raise ImportError(f"the emulator tests launch through bridge_ops._C.kernels, not loaded ({_loader.LOAD_ERROR})")
+    raise ImportError(f"the emulator tests run the C++ hosts of bridge_ops._C, not loaded ({_loader.LOAD_ERROR})")
+
+kernels = _loader._C.kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = [
@@ -27,6 +29,8 @@ SOURCES = [
         "python_tests/emulator/bridge_emulator.cpp",
         "python_tests/emulator/bridge_emulator_shim.h",
         "csrc/cuda/kernels/launch.h",
+        "csrc/cuda/kernels/kernel_table.h",
+        "csrc/cuda/kernels/kernel_table.cuh",
         "csrc/cuda/kernels/bridge_attention.cuh",
         "csrc/cuda/kernels/prefix_attention.cuh",
         "csrc/attention_merge.h",
@@ -69,21 +73,12 @@ def build() -> str:
     return lib
 
 
-def _argument(value):
-    """A kernel argument as a ctypes object holding its bytes: a tensor or None is a pointer, bytes a struct (e.g. a
-    parameter struct's to_bytes()), a ctypes object itself."""
-    if isinstance(value, torch.Tensor):
-        assert value.device.type == "cpu", "the emulator runs on CPU tensors"
-        return ctypes.c_void_p(value.data_ptr())
-    if value is None:
-        return ctypes.c_void_p(0)
-    if isinstance(value, bytes):
-        return ctypes.create_string_buffer(value, len(value))
-    return value
-
-
 class EmulatorLauncher:
-    """The launcher interface of bridge_ops.cupy_backend, running kernels with the CPU warp emulator."""
+    """A launcher of the C++ hosts (the protocol of csrc/kernel_launch.cpp) that runs each kernel with the CPU warp
+    emulator, one block after the other, on CPU tensors."""
+
+    name = "emulator"
+    device_type = "cpu"
 
     def __init__(self, num_sms: int = 132):
         self.lib = ctypes.CDLL(build())
@@ -93,32 +88,26 @@ class EmulatorLauncher:
             ctypes.c_longlong,
             ctypes.c_int,
             ctypes.c_int,
-            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_char_p,
+            ctypes.c_longlong,
             ctypes.c_char_p,
             ctypes.c_int,
         ]
         self._num_sms = num_sms
-        self.launches = []  # (kernel name, plan) of every launch, for tests
 
-    def num_sms(self, device) -> int:
+    def num_sms(self, device: int) -> int:
         return self._num_sms
 
-    def launch(self, name, plan, params, device=None) -> None:
-        """cupy_backend's launch: kernel `name` as `plan` says, with the parameter struct `params` (None: launch
-        nothing but the name check, for plans of zero blocks)."""
-        assert device is None or device.type == "cpu", "the emulator runs on CPU tensors"
-        self.launches.append((name, plan))
-        args = [] if params is None else [params.to_bytes()]
-        self.launch_args(name, plan.blocks, plan.threads, plan.smem_bytes, args)
+    def capturing(self, device: int) -> bool:
+        return False
 
-    def launch_args(self, name, blocks, threads, smem_bytes, args) -> None:
-        """Launches kernel `name` (its C++ name, as cupy_backend.kernel_name spells it) with these arguments in
-        order (see _argument)."""
-        values = [_argument(a) for a in args]
-        params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+    def launch(self, kernel: str, grid, params: bytes) -> None:
+        """Runs `kernel` (a kernel_table() name) over `grid` (a _C.kernels.Grid) with the params struct `params`."""
         err = ctypes.create_string_buffer(512)
-        if self.lib.emu_launch(name.encode(), blocks, threads, smem_bytes, params, err, 512) != 0:
-            raise RuntimeError(f"emulated launch of {name} failed: {err.value.decode()}")
+        if self.lib.emu_launch(
+            kernel.encode(), grid.blocks, grid.threads, grid.smem_bytes, params, len(params), err, 512
+        ):
+            raise RuntimeError(f"emulated launch of {kernel} failed: {err.value.decode()}")
 
     def plan(self, is_double, dim, tasks, num_sms, backward, max_group):
         """launch.h's plan_launch as compiled into the emulator (a test compares it with bridge_ops._C's)."""
@@ -126,7 +115,7 @@ class EmulatorLauncher:
         self.lib.emu_plan(
             int(is_double), dim, ctypes.c_longlong(tasks), num_sms, int(backward), ctypes.c_longlong(max_group), out
         )
-        return cupy_backend.kernels().LaunchPlan(bool(out[0]), out[1], out[2], out[3], out[4], bool(out[5]))
+        return kernels.LaunchPlan(bool(out[0]), out[1], out[2], out[3], out[4], bool(out[5]))
 
     def constants(self):
         out = (ctypes.c_longlong * 12)()
@@ -140,11 +129,21 @@ def emulator() -> EmulatorLauncher:
 
 
 def forward(q, k, v, cu, key_mask=None, scale=None):
-    return cupy_backend.forward(emulator(), q, k, v, cu, key_mask, scale)
+    return kernels.bridge_attention(emulator(), q, k, v, cu, key_mask, scale)
 
 
 def backward(grad_out, grad_lse, q, k, v, lse, cu, key_mask=None, scale=None):
-    return cupy_backend.backward(emulator(), grad_out, grad_lse, q, k, v, lse, cu, key_mask, scale)
+    return kernels.bridge_attention_backward(emulator(), grad_out, grad_lse, q, k, v, lse, cu, key_mask, scale)
+
+
+def prefix_suffix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu, suffix_lens=None, scale=None):
+    return kernels.prefix_suffix_attention(
+        emulator(), q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu, suffix_lens, scale
+    )
+
+
+def merge_attention_states(o_a, lse_a, o_b, lse_b):
+    return kernels.merge_attention_states(emulator(), o_a, lse_a, o_b, lse_b)
 
 
 class EmulatedAttention(torch.autograd.Function):

@@ -1,17 +1,20 @@
 """The CUDA kernels without a GPU: csrc/cuda/kernels/bridge_attention.cuh compiled by g++ and run lane by lane by the
-warp emulator (python_tests/emulator), driven by the cupy backend's host code (bridge_ops/cupy_backend.py) with the
-emulator as its launcher. This checks the kernels' indexing, staging, tiling, online softmax and both backward
-passes, every warp collective (a divergent one is an error), the launch plan and the parameter structs (launch.h, read
-through bridge_ops._C.kernels), in CI.
+warp emulator (python_tests/emulator), driven by the ops' C++ host (csrc/host/bridge_attention_host.cpp, the one a
+CUDA build binds as the ops' CUDA kernels) with the emulator as its launcher. This checks the host (checks, validation
+of cu_group_lens, launch plan, params structs, alignment, workspace, casts), the kernels' indexing, staging, tiling,
+online softmax and both backward passes, and every warp collective (a divergent one is an error), in CI.
 What it cannot check: NVRTC/nvcc code generation (CI compiles both), real memory ordering and timing.
 """
+
+import sys
+import types
 
 import pytest
 import torch
 from helpers import DTYPES, make_inputs, max_err
 from test_attention_kernel import check_against_reference
 
-from bridge_ops import cupy_backend, reference
+from bridge_ops import reference
 
 emulator_launcher = pytest.importorskip("emulator_launcher")
 EMU = emulator_launcher
@@ -111,63 +114,102 @@ def test_emulated_gradcheck_float64_simple_path():
 
 
 def test_emulated_backward_without_workspace_poisons_large_groups_instead_of_guessing():
-    # A launch plan that believes every group fits a tile (a stale validation) must not produce silent garbage.
-    q, k, v, cu, mask = make_inputs([12], 1, 1, 16, torch.float32)
+    # A launch plan that believes every group fits a tile (a stale validation) must not produce silent garbage: cu is
+    # validated (largest group 6 <= 8 rows: no workspace), then changed through .data, which the version counter the
+    # validation cache keys on does not see, to a group of 11 rows.
+    q, k, v, cu, mask = make_inputs([6, 6], 1, 1, 16, torch.float32)
     out, lse = EMU.forward(q, k, v, cu, mask)
-    original = cupy_backend.plan_launch
+    cu.data[1] = 1
+    grads = EMU.backward(torch.randn_like(q), None, q, k, v, lse, cu, mask)
+    assert all(torch.isnan(g[1:]).all() and torch.isfinite(g[:1]).all() for g in grads)
 
-    def no_workspace(*args):
-        plan = original(*args)
-        plan.workspace = False
-        return plan
 
-    cupy_backend.plan_launch = no_workspace
-    try:
-        grads = EMU.backward(torch.randn_like(q), None, q, k, v, lse, cu, mask)
-    finally:
-        cupy_backend.plan_launch = original
-    assert all(torch.isnan(g).all() for g in grads)
+def test_emulated_validation_is_cached_per_tensor_and_version():
+    q, k, v, cu, mask = make_inputs([2, 3], 2, 1, 8, torch.float32)
+    EMU.forward(q, k, v, cu, mask)
+    cu[1] = 4  # in place: a new version, validated again
+    EMU.forward(q, k, v, cu, mask)
+    cu[1] = 7
+    with pytest.raises(ValueError, match="strictly increasing"):
+        EMU.forward(q, k, v, cu, mask)
 
 
 def test_malformed_offsets_are_rejected_before_launch_and_clamped_inside_kernels():
     q, k, v, cu, mask = make_inputs([3, 2], 2, 1, 8, torch.float32)
     with pytest.raises(ValueError, match="strictly increasing"):
         EMU.forward(q, k, v, torch.tensor([0, 4, 2, 5], dtype=torch.int32), mask)
-    # Straight to the kernel, past validation (as during CUDA graph capture): offsets out of [0, B] are clamped.
-    plan = cupy_backend.plan_launch(False, 8, 2 * 3 * 1, 132, False, -1)
-    out = torch.full_like(q, 7.0)
-    lse = torch.full(q.shape[:3], 7.0)
+    # Past validation (the host reads no offsets while a CUDA graph is captured): offsets out of [0, B] are clamped.
+    emu = EMU.emulator()
+    capturing = types.SimpleNamespace(
+        name="emulator", device_type="cpu", num_sms=emu.num_sms, capturing=lambda device: True, launch=emu.launch
+    )
     bad = torch.tensor([-5, 3, 99, 1], dtype=torch.int32)
-    params = cupy_backend.kernels().ForwardParams()
-    params.problem = cupy_backend.problem(q, bad, mask, 0.5)  # B = 5, S = 2, H = 1, Dh = 8, G = 3
-    params.problem.aligned = 1
-    params.q, params.k, params.v, params.out = (cupy_backend.rows_arg(t) for t in (q, k, v, out))
-    params.lse = lse.data_ptr()
-    EMU.emulator().launch(cupy_backend.kernel_name("fwd", torch.float32, plan), plan, params)
-    assert torch.isfinite(out).all()  # group 0 = rows [0, 3), group 1 = rows [3, 5), group 2 empty
+    out, lse = EMU.kernels.bridge_attention(capturing, q, k, v, bad, mask, 0.5)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()  # groups [0, 3), [3, 5), empty
+    grads = EMU.kernels.bridge_attention_backward(capturing, torch.ones_like(q), None, q, k, v, lse, bad, mask, 0.5)
+    assert all(torch.isfinite(g).all() for g in grads)  # the largest group unknown: the workspace path
 
 
 def test_launch_plan_of_C_matches_the_header_the_kernels_are_built_from():
-    emu = EMU.emulator()
+    emu, kernels = EMU.emulator(), EMU.kernels
     for is_double in (False, True):
         for dim in (1, 16, 32, 33, 64, 65, 128, 129, 256, 257):
             for tasks in (1, 256, 1024, 131072):
                 for backward in (False, True):
                     for max_group in (-1, 1, 8, 9, 300):
                         want = emu.plan(is_double, dim, tasks, 132, backward, max_group)
-                        assert cupy_backend.plan_launch(is_double, dim, tasks, 132, backward, max_group) == want
-    c, kernels = emu.constants(), cupy_backend.kernels()
+                        assert kernels.plan_launch(is_double, dim, tasks, 132, backward, max_group) == want
+    c = emu.constants()
     assert [c[0], c[3]] == [kernels.constants()["key_tile"], kernels.constants()["max_td"]]
     for i, td in enumerate(kernels.constants()["td_values"]):
         assert c[4 + i] == kernels.forward_smem_bytes_per_warp(td)
         assert c[8 + i] == kernels.backward_smem_bytes_per_warp(td)
 
 
-def test_every_kernel_name_the_backend_asks_for_exists():
-    for dtype in DTYPES:
-        for name in cupy_backend.all_kernel_names(dtype):
-            plan = cupy_backend.kernels().LaunchPlan(True, 1, 32, 0, 0, False)  # zero blocks: the name check only
-            EMU.emulator().launch(name, plan, None)
+def host_calls(run):
+    """Runs `run()` under a profiler; returns the C functions it called and, for each call of a launcher method
+    (EmulatorLauncher.num_sms / capturing / launch), the name of the Python function right above it."""
+    c_functions, launcher_callers = [], []
+
+    def profile(frame, event, arg):
+        if event == "c_call":
+            c_functions.append(arg)
+        elif event == "call" and isinstance(frame.f_locals.get("self"), EMU.EmulatorLauncher):
+            launcher_callers.append((frame.f_code.co_name, frame.f_back.f_code.co_name))
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return c_functions, launcher_callers
+
+
+def test_the_emulator_tests_run_the_cpp_host_a_cuda_build_ships():
+    """EMU.forward / EMU.backward (what every test here calls) call the C++ host, _C.kernels.bridge_attention(_backward)
+    (csrc/host/bridge_attention_host.cpp, which csrc/cuda/cuda_launcher.cu binds as the ops' CUDA kernels), and no
+    Python runs between that host and the launcher: each launcher method is called straight from the C++ host, whose
+    Python caller is the thin wrapper. A host re-written in Python would stand between them and fail this."""
+    q, k, v, cu, mask = make_inputs([3, 9], 2, 2, 16, torch.float32)
+    out, lse = EMU.forward(q, k, v, cu, mask)
+    runs = {
+        "forward": (EMU.kernels.bridge_attention, lambda: EMU.forward(q, k, v, cu, mask)),
+        "backward": (
+            EMU.kernels.bridge_attention_backward,
+            lambda: EMU.backward(torch.ones_like(q), None, q, k, v, lse, cu, mask),
+        ),
+    }
+    for wrapper, (host, run) in runs.items():
+        c_functions, launcher_callers = host_calls(run)
+        assert any(f is host for f in c_functions)
+        assert {method for method, _ in launcher_callers} == {"num_sms", "capturing", "launch"}
+        assert {caller for _, caller in launcher_callers} == {wrapper}
+
+
+def test_emulated_host_checks_the_device_of_its_launcher():
+    q, k, v, cu, mask = make_inputs([2, 1], 2, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match="the emulator kernels take cpu tensors, got q on meta"):
+        EMU.forward(*(t.to("meta") for t in (q, k, v, cu, mask)))
 
 
 def test_emulated_empty_sequence():

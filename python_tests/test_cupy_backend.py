@@ -1,6 +1,7 @@
 """The cupy (NVRTC) backend: what can be checked anywhere, and its kernels against the reference where cupy and a GPU
 exist (skipped otherwise). The full op suite runs on it on a GPU machine with BRIDGE_OPS_GPU_BACKEND=cupy
-(bench/gpu_check.sh); on the CPU its host code runs with the warp emulator (test_cuda_emulated.py)."""
+(bench/gpu_check.sh); on the CPU the C++ host it launches through runs with the warp emulator (test_cuda_emulated.py).
+"""
 
 import importlib.util
 
@@ -9,7 +10,6 @@ import torch
 from helpers import DTYPES, HAS_GPU, make_inputs
 from test_attention_kernel import check_against_reference
 
-import bridge_ops
 from bridge_ops import cupy_backend, dispatch, info
 
 HAS_CUPY = importlib.util.find_spec("cupy") is not None
@@ -25,13 +25,14 @@ def test_kernel_source_is_found_and_self_contained_for_nvrtc():
 @pytest.mark.parametrize("backward", [False, True])
 @pytest.mark.parametrize("is_double", [False, True])
 def test_launch_plans_fit_shared_memory_and_cover_every_task(is_double, backward):
-    c, kernels = cupy_backend.constants(), cupy_backend.kernels()
+    kernels = cupy_backend.kernels()
+    c = kernels.constants()
     per_warp = kernels.backward_smem_bytes_per_warp if backward else kernels.forward_smem_bytes_per_warp
     for dim in (1, 16, 32, 33, 64, 80, 128, 129, 200, 256, 257, 512):
         for tasks in (1, 7, 256, 1000, 131072):
             for num_sms in (1, 16, 132):
                 for max_group in (-1, 1, c["key_tile"], c["key_tile"] + 1, 300):
-                    plan = cupy_backend.plan_launch(is_double, dim, tasks, num_sms, backward, max_group)
+                    plan = kernels.plan_launch(is_double, dim, tasks, num_sms, backward, max_group)
                     assert plan.fast == (not is_double and dim <= c["chunk_dims"] * c["max_td"])
                     assert plan.threads % c["warp_size"] == 0 and 0 <= plan.smem_bytes <= c["smem_limit"]
                     per_block = plan.threads // c["warp_size"] if plan.fast else plan.threads
@@ -78,34 +79,24 @@ def test_forcing_the_cupy_backend_is_explained(monkeypatch):
     assert cupy_backend.unavailable_reason() == "disabled by BRIDGE_OPS_DISABLE_CUPY=1"
 
 
-def test_validation_is_cached_per_tensor_and_version():
-    cu = bridge_ops.cu_group_lens_from_sizes([2, 3])
-    assert cupy_backend.validated_max_group(cu, 5) == 3
-    assert cupy_backend.validated_max_group(cu, 5) == 3
-    cu[1] = 4  # in place: new version, validated again
-    assert cupy_backend.validated_max_group(cu, 5) == 4
-    cu[1] = 7
-    with pytest.raises(ValueError, match="strictly increasing"):
-        cupy_backend.validated_max_group(cu, 5)
-
-
 @pytest.mark.skipif(not (HAS_GPU and HAS_CUPY), reason="needs a CUDA device and cupy")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("sizes, head_dim", [([4] * 8, 128), ([1, 33, 4, 7], 80), ([9, 2], 300)], ids=str)
 def test_cupy_kernels_match_reference(sizes, head_dim, dtype):
-    launcher = cupy_backend.launcher()
+    launcher, kernels = cupy_backend.launcher(), cupy_backend.kernels()
 
     class Attention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v, cu, mask, scale):
-            out, lse = cupy_backend.forward(launcher, q, k, v, cu, mask, scale)
+            out, lse = kernels.bridge_attention(launcher, q, k, v, cu, mask, scale)
             ctx.save_for_backward(q, k, v, lse, cu, mask)
             return out, lse
 
         @staticmethod
         def backward(ctx, grad_out, grad_lse):
             q, k, v, lse, cu, mask = ctx.saved_tensors
-            return (*cupy_backend.backward(launcher, grad_out, grad_lse, q, k, v, lse, cu, mask), None, None, None)
+            grads = kernels.bridge_attention_backward(launcher, grad_out, grad_lse, q, k, v, lse, cu, mask)
+            return (*grads, None, None, None)
 
     q, k, v, cu, mask = make_inputs(sizes, 3, 2, head_dim, dtype, device="cuda")
     check_against_reference(q, k, v, cu, mask, dtype, attention=lambda *a: Attention.apply(*a))

@@ -285,16 +285,9 @@ def test_fuzz_merge_non_finite_inputs(problem):
     out, lse = reference.merge_attention_states(o_a, lse_a, o_b, lse_b)
     results = {"cpu": torch.ops.bridge_ops.merge_attention_states(o_a, lse_a, o_b, lse_b)}
     try:
-        import ctypes
+        from test_prefix_cuda_emulated import emulated_merge, emulator_launcher
 
-        from test_prefix_cuda_emulated import emulator_launcher, launch
-
-        got, got_lse = torch.empty_like(o_a), torch.empty_like(lse_a)
-        launch(
-            emulator_launcher.emulator(), "merge_states", dtype, rows, 0,
-            o_a, lse_a, o_b, lse_b, got, got_lse, ctypes.c_int(head_dim),
-        )  # fmt: skip
-        results["cuda (emulated)"] = got, got_lse
+        results["cuda (emulated)"] = emulated_merge(emulator_launcher.emulator(), o_a, lse_a, o_b, lse_b)
     except pytest.skip.Exception:
         pass
     if HAS_GPU:

@@ -7,8 +7,6 @@ absent key (weight 0, its value never read); a row with no present key gets out 
 failed on the code before the fix it covers; test_fuzz.py fuzzes the same rules.
 """
 
-import ctypes
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -51,17 +49,9 @@ def merge(impl, o_a, lse_a, o_b, lse_b):
         return torch.ops.bridge_ops.merge_attention_states(o_a, lse_a, o_b, lse_b)
     if impl == "cuda-emulated":
         pytest.importorskip("emulator_launcher")
-        from test_prefix_cuda_emulated import launch
+        from test_prefix_cuda_emulated import emulated_merge
 
-        from bridge_ops import checks
-
-        rows, dim = lse_a.numel(), o_a.shape[-1]
-        checks.check_merge_args(o_a, lse_a, o_b, lse_b)
-        args = [t.contiguous() for t in (o_a, lse_a, o_b, lse_b)]
-        out, lse = torch.empty_like(args[0]), torch.empty_like(args[1])
-        if rows:
-            launch(_emu(), "merge_states", o_a.dtype, rows, 0, *args, out, lse, ctypes.c_int(dim))
-        return out, lse
+        return emulated_merge(_emu(), o_a, lse_a, o_b, lse_b)
     on_gpu = [t.cuda() for t in (o_a, lse_a, o_b, lse_b)]
     return tuple(t.cpu() for t in torch.ops.bridge_ops.merge_attention_states(*on_gpu))
 

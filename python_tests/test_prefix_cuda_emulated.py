@@ -1,36 +1,18 @@
 """The CUDA cascade kernels without a GPU: csrc/cuda/kernels/prefix_attention.cuh compiled by g++ and run lane by lane
-by the warp emulator (python_tests/emulator), launched as csrc/cuda/prefix_attention_cuda.cu launches them: the launch
-plan (chunking, grids, shared memory, workspace) is launch.h's plan_cascade, read through bridge_ops._C.kernels; the
-argument order is the kernels' (no Python backend serves them). Checks indexing, chunking, the LSE merges and every
+by the warp emulator (python_tests/emulator), driven by the ops' C++ host (csrc/host/prefix_attention_host.cpp, the
+one a CUDA build binds as the ops' CUDA kernels) with the emulator as its launcher: checks, launch.h's plan_cascade
+(chunking, grids, shared memory, workspace) and params structs, the kernels' indexing, chunking, LSE merges and every
 warp collective; not the nvcc code generation (CI compiles it) or timing.
 """
 
-import ctypes
-
 import pytest
 import torch
-from helpers import assert_flash_rule, max_err
+from helpers import DTYPES, assert_flash_rule, max_err
 from test_prefix_attention import CASES, cascade_inputs, run_reference
 
-from bridge_ops import checks, reference
+from bridge_ops import reference
 
 emulator_launcher = pytest.importorskip("emulator_launcher")
-kernels = emulator_launcher.cupy_backend.kernels
-
-# Template arguments <T, A> of the cascade kernels: the cupy backend's C++ storage type, the accumulation type.
-KERNEL_TYPES = {
-    dtype: f"{c_type}, {'double' if dtype == torch.float64 else 'float'}"
-    for dtype, c_type in emulator_launcher.cupy_backend.C_TYPES.items()
-}
-
-
-class KeyView(ctypes.Structure):  # kernels::KeyView<T> of prefix_attention.cuh
-    _fields_ = [
-        ("ptr", ctypes.c_void_p),
-        ("sn", ctypes.c_longlong),
-        ("sh", ctypes.c_longlong),
-        ("sl", ctypes.c_longlong),
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -38,69 +20,17 @@ def emu():
     return emulator_launcher.emulator()
 
 
-def launch(emu, name, dtype, blocks, smem, *args):
-    full = f"bridge_ops::kernels::{name}<{KERNEL_TYPES[dtype]}>"
-    emu.launch_args(full, blocks, kernels().constants()["cascade_threads"], smem, args)
-
-
-def key_view(t):
-    return KeyView(t.data_ptr(), *t.stride()[:3])
-
-
 def emulated_cascade(emu, q, pk, pv, plens, sk, sv, cu, slens, scale=None):
-    """The host code of prefix_suffix_attention_cuda, with the emulator as the GPU."""
-    batch, q_heads, dim = q.shape
-    groups, kv_heads, prefix_len, _ = pk.shape
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    plan = kernels().plan_cascade(batch, q_heads, kv_heads, dim, groups, prefix_len, sk.shape[2], acc.itemsize)
-    shape = plan.shape.to_bytes()
-    scale = (ctypes.c_double if acc == torch.float64 else ctypes.c_float)(checks.resolve_scale(scale, dim))
-    ws_o = torch.full((plan.workspace_chunks, batch, q_heads, dim), float("nan"), dtype=acc)
-    ws_lse = torch.full((plan.workspace_chunks, batch, q_heads), float("nan"), dtype=acc)
-    out, lse = torch.empty(batch, q_heads, dim, dtype=q.dtype), torch.empty(batch, q_heads, dtype=acc)
-    q_strides = [ctypes.c_longlong(s) for s in q.stride()[:2]]
-    if plan.prefix_blocks:
-        launch(
-            emu,
-            "cascade_prefix_chunks",
-            q.dtype,
-            plan.prefix_blocks,
-            plan.prefix_smem_bytes,
-            q,
-            *q_strides,
-            key_view(pk),
-            key_view(pv),
-            plens,
-            cu,
-            ws_o,
-            ws_lse,
-            shape,
-            scale,
-        )
-    launch(
-        emu,
-        "cascade_suffix_merge",
-        q.dtype,
-        plan.merge_blocks,
-        0,
-        q,
-        *q_strides,
-        key_view(sk),
-        key_view(sv),
-        slens,
-        plens,
-        cu,
-        ws_o,
-        ws_lse,
-        out,
-        lse,
-        shape,
-        scale,
-    )
-    return out, lse
+    """prefix_suffix_attention by the C++ host, with the emulator as the GPU."""
+    return emulator_launcher.kernels.prefix_suffix_attention(emu, q, pk, pv, plens, sk, sv, cu, slens, scale)
 
 
-@pytest.mark.parametrize("dtype", list(KERNEL_TYPES), ids=str)
+def emulated_merge(emu, o_a, lse_a, o_b, lse_b):
+    """merge_attention_states by the C++ host, with the emulator as the GPU."""
+    return emulator_launcher.kernels.merge_attention_states(emu, o_a, lse_a, o_b, lse_b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(CASES))
 def test_emulated_cascade_matches_reference(emu, case, dtype):
     sizes, q_heads, kv_heads, head_dim, p, t, prefix_lens, suffix_lens = CASES[case]
@@ -133,8 +63,7 @@ def test_emulated_merge_states(emu, dtype):
     lse_a, lse_b = torch.randn(5, dtype=acc), torch.randn(5, dtype=acc)
     lse_a[1] = lse_b[1] = lse_b[2] = float("-inf")
     o_b[2] = float("nan")  # an empty side is never read
-    out, lse = torch.empty_like(o_a), torch.empty_like(lse_a)
-    launch(emu, "merge_states", dtype, 5, 0, o_a, lse_a, o_b, lse_b, out, lse, ctypes.c_int(40))
+    out, lse = emulated_merge(emu, o_a, lse_a, o_b, lse_b)
     ref_out, ref_lse = reference.merge_attention_states(o_a, lse_a, o_b, lse_b)
     assert max_err(out, ref_out) <= 2 * torch.finfo(dtype).eps * 4
     torch.testing.assert_close(lse, ref_lse)  # -inf where both sides are empty
@@ -155,6 +84,19 @@ def test_emulated_cascade_propagates_nan_and_takes_plus_inf_lse_as_empty(emu):
     o_a, o_b = torch.randn(2, 40), torch.randn(2, 40)
     lse_a, lse_b = torch.tensor([float("inf"), 0.5]), torch.tensor([1.5, float("inf")])
     o_a[0], o_b[1] = float("nan"), float("nan")
-    merged, lse = torch.empty_like(o_a), torch.empty_like(lse_a)
-    launch(emu, "merge_states", torch.float32, 2, 0, o_a, lse_a, o_b, lse_b, merged, lse, ctypes.c_int(40))
+    merged, lse = emulated_merge(emu, o_a, lse_a, o_b, lse_b)
     assert torch.equal(merged, torch.stack([o_b[0], o_a[1]])) and lse.tolist() == [1.5, 0.5]
+
+
+def test_emulated_cascade_runs_the_host_checks_of_a_cuda_build(emu):
+    """A check that only the C++ host of the CUDA kernels makes (the CPU kernel and the reference take any head_dim):
+    the emulated ops go through it."""
+    args = cascade_inputs([2, 1], 2, 1, 264, 5, 3)
+    torch.ops.bridge_ops.prefix_suffix_attention(*args)  # the CPU kernel serves head_dim 264
+    with pytest.raises(ValueError, match="the CUDA cascade kernels take head_dim <= 256, got 264"):
+        emulated_cascade(emu, *args)
+    o, lse = torch.randn(3, 264), torch.randn(3)
+    with pytest.raises(ValueError, match="head_dim <= 256, got 264"):
+        emulated_merge(emu, o, lse, o, lse)
+    with pytest.raises(ValueError, match="the emulator kernels take cpu tensors, got o_a on meta"):
+        emulated_merge(emu, *(t.to("meta") for t in (o, lse, o, lse)))

@@ -1,12 +1,13 @@
 // Runs the CUDA kernels of csrc/cuda/kernels/bridge_attention.cuh and prefix_attention.cuh on the CPU, lane by lane
 // (see bridge_emulator_shim.h). Built by python_tests/emulator_launcher.py with g++ and loaded with ctypes; the tests
-// drive it through bridge_ops.cupy_backend with an emulator launcher in place of cupy, so the same host code (launch
-// plan and parameter structs of launch.h through bridge_ops._C.kernels, alignment, workspace, casts) and the same
-// kernels run as on a GPU.
+// run the ops' C++ hosts (csrc/host/, through bridge_ops._C.kernels) with a launcher that calls emu_launch, so the
+// host a CUDA build ships (checks, launch plan, params structs, alignment, workspace, casts) and the same kernels run
+// as on a GPU.
 //
 // C API:
-//   int emu_launch(const char* name, long long blocks, int threads, int smem_bytes, void** params, char* err, int n)
-//       params[i] points at the value of the kernel's i-th argument (as cuLaunchKernel's kernelParams).
+//   int emu_launch(const char* name, long long blocks, int threads, int smem_bytes, const void* params,
+//                  long long params_bytes, char* err, int n)
+//       kernel `name` (kernel_table.h) with the params struct at `params` (its size checked) as its one argument.
 //   int emu_plan(int is_double, int dim, long long tasks, int num_sms, int backward, long long max_group,
 //                long long* out)   // launch.h's plan_launch as this build sees it: fast, td, threads, blocks,
 //                                  // smem_bytes, workspace (a test compares it with bridge_ops._C's)
@@ -19,12 +20,9 @@
 #include <functional>
 #include <map>
 #include <string>
-#include <type_traits>
-#include <utility>
 #include <vector>
 
-#include "../../csrc/cuda/kernels/bridge_attention.cuh"
-#include "../../csrc/cuda/kernels/prefix_attention.cuh"
+#include "../../csrc/cuda/kernels/kernel_table.cuh"
 
 namespace bridge_ops {
 namespace kernels {
@@ -92,89 +90,43 @@ void arrive(int kind) {
 
 namespace {
 
-using Invoker = std::function<void(void**)>;
-
-template <typename... Args, size_t... I>
-void call_with(void (*f)(Args...), void** params, std::index_sequence<I...>) {
-  f(*static_cast<typename std::remove_reference<Args>::type*>(params[I])...);
-}
-
-template <typename... Args>
-Invoker invoker(void (*f)(Args...)) {
-  return [f](void** params) { call_with(f, params, std::index_sequence_for<Args...>{}); };
-}
-
-std::map<std::string, Invoker>& registry() {
-  static std::map<std::string, Invoker> r;
-  return r;
-}
-
 namespace kn = bridge_ops::kernels;
 
-// Kernel names as the cupy backend spells them (NVRTC name expressions), e.g.
-// "bridge_ops::kernels::bridge_attention_fwd<bridge_ops::kernels::bf16_t, 4>".
-template <typename T>
-const char* type_name();
-template <>
-const char* type_name<float>() {
-  return "float";
-}
-template <>
-const char* type_name<double>() {
-  return "double";
-}
-template <>
-const char* type_name<kn::bf16_t>() {
-  return "bridge_ops::kernels::bf16_t";
-}
-template <>
-const char* type_name<kn::half_t>() {
-  return "bridge_ops::kernels::half_t";
-}
+// One kernel of kernel_table.h: runs it on the params struct at the pointer; the size of that struct.
+struct Entry {
+  std::function<void(const void*)> run;
+  size_t params_bytes;
+};
 
-template <typename F>
-void add(const std::string& kernel, const std::string& args, F* f) {
-  registry()["bridge_ops::kernels::" + kernel + "<" + args + ">"] = invoker(f);
-}
-
-// The fast kernels of every register layout of launch.h (kTdValues).
-template <typename T, int I = 0>
-void add_fast() {
-  constexpr int TD = kn::kTdValues[I];
-  const std::string args = std::string(type_name<T>()) + ", " + std::to_string(TD);
-  add("bridge_attention_fwd", args, &kn::bridge_attention_fwd<T, TD>);
-  add("bridge_attention_bwd", args, &kn::bridge_attention_bwd<T, TD>);
-  if constexpr (I + 1 < kn::kNumTd) add_fast<T, I + 1>();
-}
-
-// The kernels of storage type T with accumulation type A.
-template <typename T, typename A>
-void add_all() {
-  const std::string args = std::string(type_name<T>()) + ", " + type_name<A>();
-  if constexpr (!std::is_same<T, double>::value) add_fast<T>();
-  add("bridge_attention_fwd_simple", args, &kn::bridge_attention_fwd_simple<T, A>);
-  add("bridge_attention_bwd_simple", args, &kn::bridge_attention_bwd_simple<T, A>);
-  add("cascade_prefix_chunks", args, &kn::cascade_prefix_chunks<T, A>);
-  add("cascade_suffix_merge", args, &kn::cascade_suffix_merge<T, A>);
-  add("merge_states", args, &kn::merge_states<T, A>);
+std::map<std::string, Entry>& registry() {
+  static std::map<std::string, Entry> r;
+  return r;
 }
 
 struct Register {
   Register() {
-    add_all<float, float>();
-    add_all<double, double>();
-    add_all<kn::bf16_t, float>();
-    add_all<kn::half_t, float>();
+    kn::for_each_kernel([](auto instance) {
+      using Instance = decltype(instance);
+      const auto kernel = kn::kernel_function<Instance>();
+      using Params = typename kn::ParamsOf<decltype(kn::kernel_function<Instance>())>::type;
+      registry()[Instance::name()] =
+          Entry{[kernel](const void* p) { kernel(*static_cast<const Params*>(p)); }, sizeof(Params)};
+    });
   }
 } register_all;
 
 }  // namespace
 
-extern "C" int emu_launch(const char* name, long long blocks, int threads, int smem_bytes, void** params, char* err,
-                          int err_len) {
+extern "C" int emu_launch(const char* name, long long blocks, int threads, int smem_bytes, const void* params,
+                          long long params_bytes, char* err, int err_len) {
   auto it = registry().find(name);
   if (it == registry().end()) {
     std::snprintf(err, err_len, "no kernel named %s", name);
+    return 1;
+  }
+  if (params_bytes != (long long)it->second.params_bytes) {
+    std::snprintf(err, err_len, "%s takes a params struct of %zu bytes, got %lld", name, it->second.params_bytes,
+                  params_bytes);
     return 1;
   }
   if (threads % 32 != 0 || threads <= 0 || threads > 1024) {
@@ -190,7 +142,7 @@ extern "C" int emu_launch(const char* name, long long blocks, int threads, int s
   s.error = nullptr;
   s.block_dim = EmuDim3{(unsigned)threads, 1, 1};
   s.dyn_smem = (unsigned)smem_bytes;
-  std::function<void()> body = [&]() { it->second(params); };
+  std::function<void()> body = [&]() { it->second.run(params); };
   for (long long b = 0; b < blocks; ++b) {
     s.block_idx = EmuDim3{(unsigned)b, 0, 0};
     // Shared memory starts as NaN: reading anything not staged shows up in the results.

@@ -1,6 +1,7 @@
 // CUDA kernels of bridge_attention (forward and backward): ONE source, three builds.
 //
-//   * nvcc, through csrc/cuda/bridge_attention_cuda.cu (the TORCH_LIBRARY_IMPL(bridge_ops, CUDA) launchers);
+//   * nvcc, through csrc/cuda/cuda_launcher.cu (the launcher of the ops' C++ hosts, csrc/host/, bound as their
+//     TORCH_LIBRARY_IMPL(bridge_ops, CUDA) kernels);
 //   * NVRTC at run time, through bridge_ops/cupy_backend.py (cupy.RawModule, name_expressions);
 //   * g++ on the CPU with BRIDGE_OPS_EMULATE defined, through python_tests/emulator/ (a warp emulator that runs
 //     these very kernels lane by lane, so CI checks their indexing, tiling and softmax logic without a GPU).
@@ -245,7 +246,7 @@ struct Task {
 
 // Decodes task t (h fastest, then group, then position). The offsets are clamped into [0, B] and a non-increasing
 // pair gives an empty group, so malformed offsets (which the hosts reject before launching whenever they can read
-// them, see csrc/cuda/bridge_attention_cuda.cu) never make a kernel read or write out of bounds.
+// them, see csrc/host/launcher.h) never make a kernel read or write out of bounds.
 __device__ __forceinline__ bool decode_task(const Problem& p, i64 t, Task& task) {
   const i64 per_position = (i64)p.groups * p.heads;
   if (t >= per_position * p.seqlen) return false;

@@ -1,11 +1,11 @@
 // How the CUDA kernels are launched, defined once: constants, shared-memory sizes, launch plans and the parameter
-// structs the kernels take (flash-attention's Flash_fwd_params). A plain C++ header (no #include, no CUDA, no torch),
-// so that every build and every host reads these very definitions:
+// structs the kernels take (flash-attention's Flash_fwd_params): every kernel takes one params struct by value. A
+// plain C++ header (no #include, no CUDA, no torch), so that every build and every host reads these very definitions:
 //   * the kernels (bridge_attention.cuh, prefix_attention.cuh), through nvcc, NVRTC and the tests' warp emulator;
-//   * the C++ launchers (csrc/cuda/*.cu);
-//   * Python, through the pybind11 module bridge_ops._C.kernels (csrc/kernel_launch.cpp): the cupy backend and the
-//     emulator tests take their plans from plan_launch / plan_cascade and fill the same structs, by field name.
-// A new kernel argument is a field of a params struct here, filled by name where the hosts fill the others.
+//   * the C++ hosts of the ops (csrc/host/), which plan a call, fill these structs and hand them to a launcher;
+//   * Python, through the pybind11 module bridge_ops._C.kernels (csrc/kernel_launch.cpp): its constants, plan_launch
+//     and Grid (the Python launchers receive the filled params struct as bytes).
+// A new kernel argument is a field of a params struct here, filled by name where the host fills the others.
 #pragma once
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
@@ -57,6 +57,14 @@ BRIDGE_HOST_DEVICE inline int forward_smem_bytes_per_warp(int td) {
 BRIDGE_HOST_DEVICE inline int backward_smem_bytes_per_warp(int td) {
   return (4 * kKeyTile * kChunkDims * td + 2 * kKeyTile * kKeyTile) * static_cast<int>(sizeof(float));
 }
+
+// What a launcher needs to run one kernel: a 1-D grid of `blocks` blocks of `threads` threads, each with
+// `smem_bytes` of dynamic shared memory (at most kSmemLimit: no launcher opts in to more).
+struct Grid {
+  i64 blocks;
+  int threads;
+  int smem_bytes;
+};
 
 struct LaunchPlan {
   bool fast;    // bridge_attention_fwd/bwd<T, td>; else the simple kernels (float64, head_dim > 256)
@@ -120,6 +128,48 @@ struct CascadePlan {
   int prefix_smem_bytes;  // its dynamic shared memory: chunk_len rows of dim + 1 accumulation-type values
   i64 merge_blocks;       // cascade_suffix_merge: one warp per (row, query head)
   int workspace_chunks;   // leading size of the partial states ws_o [chunks, B, Hq, Dh] / ws_lse [chunks, B, Hq]
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Cascade decode attention: kernel parameters
+// ---------------------------------------------------------------------------------------------------------
+
+// Keys of a [N, H, L, Dh] tensor with a unit last stride: the data pointer and the element strides of N, H, L.
+struct KeysArg {
+  const void* ptr;
+  i64 sn, sh, sl;
+};
+
+// cascade_prefix_chunks<T, A> and cascade_suffix_merge<T, A> (T the storage type, A the accumulation type: float64
+// for float64 inputs, else float32). Shapes as in CascadeShape: B rows, Hq query heads, Hkv key/value heads, G groups,
+// P prefix positions, T suffix positions, Dh dims. The prefix kernel reads q, prefix_k/v, prefix_lens, cu and writes
+// the workspace; the merge kernel reads the workspace, q, suffix_k/v, suffix_lens, prefix_lens, cu and writes out, lse.
+struct CascadeParams {
+  CascadeShape shape;
+  const void* q;  // T [B, Hq, Dh] with strides (q_sb, q_sh, 1)
+  i64 q_sb, q_sh;
+  KeysArg prefix_k, prefix_v;  // T [G, Hkv, P, Dh]
+  KeysArg suffix_k, suffix_v;  // T [B, Hkv, T, Dh]
+  const int* prefix_lens;      // int32 [G]: valid prefix positions [P - prefix_lens[g], P) (clamped into [0, P])
+  const int* suffix_lens;      // int32 [B]: valid suffix positions [0, suffix_lens[b]) (clamped), or null: all T
+  const int* cu;               // int32 [G + 1] row offsets (clamped into [0, B])
+  void* ws_o;                  // A [workspace_chunks, B, Hq, Dh]: the prefix chunks' normalized partial outputs
+  void* ws_lse;                // A [workspace_chunks, B, Hq]: their lse
+  void* out;                   // T [B, Hq, Dh], contiguous
+  void* lse;                   // A [B, Hq], contiguous
+  double scale;                // cast to A by the kernels
+};
+
+// merge_states<T, A>: rows of contiguous o_a, o_b, out (T [rows, dim]) and lse_a, lse_b, lse (A [rows]); one warp
+// per row (grid: rows blocks).
+struct MergeParams {
+  const void* o_a;
+  const void* lse_a;
+  const void* o_b;
+  const void* lse_b;
+  void* out;
+  void* lse;
+  int dim;
 };
 
 #ifndef __CUDACC_RTC__  // host side (the launchers, _C, the emulator); NVRTC compiles device code only
@@ -190,6 +240,15 @@ inline CascadePlan plan_cascade(int batch, int q_heads, int kv_heads, int dim, i
   plan.merge_blocks = static_cast<i64>(batch) * q_heads;
   plan.workspace_chunks = chunks > 1 ? chunks : 1;
   return plan;
+}
+
+// The grids of a plan's kernels.
+inline Grid grid_of(const LaunchPlan& plan) { return Grid{plan.blocks, plan.threads, plan.smem_bytes}; }
+inline Grid prefix_grid_of(const CascadePlan& plan) {  // cascade_prefix_chunks
+  return Grid{plan.prefix_blocks, kCascadeThreads, plan.prefix_smem_bytes};
+}
+inline Grid merge_grid_of(const CascadePlan& plan) {  // cascade_suffix_merge
+  return Grid{plan.merge_blocks, kCascadeThreads, 0};
 }
 
 #endif  // __CUDACC_RTC__

@@ -1,7 +1,8 @@
 // CUDA kernels of the cascade decode attention (prefix_suffix_attention) and of merge_attention_states.
-// Built by nvcc through csrc/cuda/prefix_attention_cuda.cu, and by g++ with BRIDGE_OPS_EMULATE for the warp emulator
-// of the tests (python_tests/emulator/prefix_emulator.cpp). The cupy backend does not compile it (it includes
-// attention_merge.h and bridge_attention.cuh; the cascade ops fall back to the reference under cupy).
+// Built by nvcc through csrc/cuda/cuda_launcher.cu, and by g++ with BRIDGE_OPS_EMULATE for the warp emulator of the
+// tests (python_tests/emulator/bridge_emulator.cpp); launched by the C++ host csrc/host/prefix_attention_host.cpp. The
+// cupy backend does not compile it (it includes attention_merge.h and bridge_attention.cuh; the cascade ops fall back
+// to the reference under cupy).
 //
 // What is computed: the contract of the CPU kernel (csrc/cpu/prefix_attention_cpu.cpp) and of the reference
 // (bridge_ops/reference.py): row b of group g, query head h, over its group's prefix positions [P - prefix_lens[g], P)
@@ -18,8 +19,8 @@
 //   2. cascade_suffix_merge: one warp per (row b, query head h). It merges the group's chunk partials, then attends
 //      over the row's suffix in tiles of 32 keys (one per lane) and merges each tile, and writes out / lse.
 //   3. merge_states: one warp per row of [R, Dh].
-// Head dims up to kWarpSize * kCascadeMaxTd (256). Constants, CascadeShape and the launch plan (chunk length, grids,
-// shared memory, workspace): launch.h's plan_cascade.
+// Head dims up to kWarpSize * kCascadeMaxTd (256). Constants, the parameter structs (CascadeParams, MergeParams) and
+// the launch plan (chunk length, grids, shared memory, workspace): launch.h's plan_cascade.
 #pragma once
 
 #include "../../attention_merge.h"
@@ -54,6 +55,12 @@ struct KeyView {
   i64 sn, sh, sl;
   __device__ __forceinline__ const T* row(i64 n, i64 h, i64 l) const { return ptr + n * sn + h * sh + l * sl; }
 };
+
+// A kernel argument's keys (launch.h's KeysArg) as keys of T.
+template <typename T>
+__device__ __forceinline__ KeyView<T> keys_of(const KeysArg& a) {
+  return KeyView<T>{static_cast<const T*>(a.ptr), a.sn, a.sh, a.sl};
+}
 
 // The running attention state of one query in a warp: lane owns dims {lane + 32 t : t < TD}.
 template <typename A>
@@ -104,9 +111,15 @@ __device__ __forceinline__ A attend_tile(A score, int count, int dim, ValueRow v
 __device__ __forceinline__ int clamp_len(int n, int limit) { return n < 0 ? 0 : (n > limit ? limit : n); }
 
 template <typename T, typename A>
-__global__ void __launch_bounds__(kCascadeThreads)
-    cascade_prefix_chunks(const T* q, i64 q_sb, i64 q_sh, KeyView<T> pk, KeyView<T> pv, const int* prefix_lens,
-                          const int* cu, A* ws_o, A* ws_lse, CascadeShape s, A scale) {
+__global__ void __launch_bounds__(kCascadeThreads) cascade_prefix_chunks(const CascadeParams params) {
+  const CascadeShape& s = params.shape;
+  const T* q = static_cast<const T*>(params.q);
+  const KeyView<T> pk = keys_of<T>(params.prefix_k), pv = keys_of<T>(params.prefix_v);
+  const int* prefix_lens = params.prefix_lens;
+  const int* cu = params.cu;
+  A* ws_o = static_cast<A*>(params.ws_o);
+  A* ws_lse = static_cast<A*>(params.ws_lse);
+  const A scale = static_cast<A>(params.scale);
   A* keys = reinterpret_cast<A*>(bridge_smem);  // [chunk_len][dim + 1]
   const int lane = threadIdx.x % kWarpSize;
   const long long block = blockIdx.x;
@@ -125,7 +138,7 @@ __global__ void __launch_bounds__(kCascadeThreads)
   const int ratio = s.q_heads / s.kv_heads, queries = (end - first) * ratio;
   for (int i = 0; i < queries; ++i) {
     const int b = first + i / ratio, h = hk * ratio + i % ratio;
-    const T* qrow = q + b * q_sb + h * q_sh;
+    const T* qrow = q + b * params.q_sb + h * params.q_sh;
     A score = neg_inf_of(A(0));
     if (lane < count) {
       A dot = A(0);
@@ -144,10 +157,17 @@ __global__ void __launch_bounds__(kCascadeThreads)
 }
 
 template <typename T, typename A>
-__global__ void __launch_bounds__(kCascadeThreads)
-    cascade_suffix_merge(const T* q, i64 q_sb, i64 q_sh, KeyView<T> sk, KeyView<T> sv, const int* suffix_lens,
-                         const int* prefix_lens, const int* cu, const A* ws_o, const A* ws_lse, T* out, A* lse_out,
-                         CascadeShape s, A scale) {
+__global__ void __launch_bounds__(kCascadeThreads) cascade_suffix_merge(const CascadeParams params) {
+  const CascadeShape& s = params.shape;
+  const KeyView<T> sk = keys_of<T>(params.suffix_k), sv = keys_of<T>(params.suffix_v);
+  const int* suffix_lens = params.suffix_lens;
+  const int* prefix_lens = params.prefix_lens;
+  const int* cu = params.cu;
+  const A* ws_o = static_cast<const A*>(params.ws_o);
+  const A* ws_lse = static_cast<const A*>(params.ws_lse);
+  T* out = static_cast<T*>(params.out);
+  A* lse_out = static_cast<A*>(params.lse);
+  const A scale = static_cast<A>(params.scale);
   const int lane = threadIdx.x % kWarpSize;
   const int b = (int)(blockIdx.x / s.q_heads), h = (int)(blockIdx.x % s.q_heads);
   const int hk = h / (s.q_heads / s.kv_heads);
@@ -173,7 +193,7 @@ __global__ void __launch_bounds__(kCascadeThreads)
     merge_into(st, part, ws_lse[stat], s.dim);
   }
   const int suffix = suffix_lens == nullptr ? s.suffix_len : clamp_len(suffix_lens[b], s.suffix_len);
-  const T* qrow = q + b * q_sb + h * q_sh;
+  const T* qrow = static_cast<const T*>(params.q) + b * params.q_sb + h * params.q_sh;
   for (int start = 0; start < suffix; start += kWarpSize) {
     const int count = imin(kWarpSize, suffix - start);
     A score = neg_inf_of(A(0));
@@ -196,8 +216,14 @@ __global__ void __launch_bounds__(kCascadeThreads)
 
 // merge_attention_states over rows of contiguous [R, Dh] tensors, one warp per row.
 template <typename T, typename A>
-__global__ void __launch_bounds__(kCascadeThreads)
-    merge_states(const T* o_a, const A* lse_a, const T* o_b, const A* lse_b, T* out, A* lse_out, int dim) {
+__global__ void __launch_bounds__(kCascadeThreads) merge_states(const MergeParams params) {
+  const T* o_a = static_cast<const T*>(params.o_a);
+  const T* o_b = static_cast<const T*>(params.o_b);
+  const A* lse_a = static_cast<const A*>(params.lse_a);
+  const A* lse_b = static_cast<const A*>(params.lse_b);
+  T* out = static_cast<T*>(params.out);
+  A* lse_out = static_cast<A*>(params.lse);
+  const int dim = params.dim;
   const int lane = threadIdx.x % kWarpSize;
   const long long row = blockIdx.x;
   State<A> st;
