@@ -56,7 +56,17 @@ def cached_base(train, size: dict, directory: str, progress: bool, seed: int = 0
     return model, seconds
 
 
-def evaluate(model, data, widths, seed, peers="group", details=True, max_new_tokens=MAX_NEW_TOKENS):
+def evaluate(
+    model,
+    data,
+    widths,
+    seed,
+    peers="group",
+    details=True,
+    max_new_tokens=MAX_NEW_TOKENS,
+    rows_per_batch=1024,
+    progress=False,
+):
     """`evaluate_widths` of `data`'s problems (per-problem details by default)."""
     from bridge_ops.train import evaluate_widths
 
@@ -71,8 +81,9 @@ def evaluate(model, data, widths, seed, peers="group", details=True, max_new_tok
         max_new_tokens=max_new_tokens,
         seed=seed,
         eos_token_id=data.tokenizer.eos_token_id,
-        rows_per_batch=1024,
+        rows_per_batch=rows_per_batch,
         details=details,
+        progress=progress,
     )
 
 

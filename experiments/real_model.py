@@ -48,7 +48,8 @@ from typing import Dict, List, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # (run as a script or imported by the tests)
-from common import RESULTS, grpo_summary, interval, write_csv  # noqa: E402
+import common  # noqa: E402
+from common import RESULTS, grpo_summary, interval, per_problem, write_csv  # noqa: E402
 
 SYSTEM = "Solve the word problem. Write one equation per step, then: The answer is N."
 METHODS = ("grpo-correct", "pmatch-correct", "bridge-correct")
@@ -255,21 +256,16 @@ def method_spec(size: dict):
 
 
 def evaluate(setting: Setting, model, data, widths, peers: str = "group") -> List[dict]:
-    from bridge_ops.train import evaluate_widths
-
-    return evaluate_widths(
+    """common.evaluate at the size's answer length and seed, in batches of 256 rows."""
+    size = setting.spec
+    return common.evaluate(
         model,
-        data.prompts,
-        data.reward,
-        data.extract_answer,
-        data.answers,
+        data,
         widths,
-        peers=peers,
-        max_new_tokens=setting.spec["max_new_tokens"],
-        seed=setting.spec["seed"],
-        eos_token_id=data.tokenizer.eos_token_id,
+        size["seed"],
+        peers,
+        max_new_tokens=size["max_new_tokens"],
         rows_per_batch=256,
-        details=True,
         progress=setting.progress,
     )
 
@@ -286,16 +282,6 @@ def first_samples(entry: dict, width: int) -> dict:
         ok = vote is not None and any(c for c, a in zip(correct, answers) if a == vote)
         problems.append({"correct": correct, "answers": answers, "vote_correct": ok})
     return {"width": width, "peers": entry["peers"], "problems": problems}
-
-
-def per_problem(entry: dict, metric: str) -> List[float]:
-    reduce = {
-        "mean_accuracy": lambda p: sum(p["correct"]) / len(p["correct"]),
-        "all_correct": lambda p: float(all(p["correct"])),
-        "any_correct": lambda p: float(any(p["correct"])),
-        "majority_accuracy": lambda p: float(p["vote_correct"]),
-    }[metric]
-    return [reduce(p) for p in entry["problems"]]
 
 
 def evaluations(setting: Setting, model, test, bridge: bool) -> Dict[tuple, dict]:
