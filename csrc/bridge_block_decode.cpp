@@ -6,8 +6,9 @@
 //
 // Device-independent (ATen ops and the bridge_attention kernel of the tensors' device, called below autograd), so it
 // is registered once as CompositeExplicitAutograd: it has no backward, which is what a decode step needs.
-// Generation calls it once per layer and step instead of ~10 Python-level ops. Its projections on the CPU go through
-// decode_linear (each weight row read once for the few rows of a decode step; at::linear beyond them).
+// Generation calls it once per layer and step instead of ~10 Python-level ops. In a decode step (S = 1) on the CPU its
+// projections go through decode_linear (each weight row read once for the few rows); every other call (prompts,
+// teacher-forced no-grad forwards) keeps at::linear, so a forward's numerics do not depend on how many rows it has.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -30,9 +31,9 @@ void check_weight(const at::Tensor& w, const char* name, int64_t rows, int64_t c
   check_device(w, name, hidden);
 }
 
-// x @ w^T: decode_linear on the CPU, at::linear elsewhere.
-at::Tensor project(const at::Tensor& x, const at::Tensor& w) {
-  if (!x.device().is_cpu()) return at::linear(x, w);
+// x @ w^T: decode_linear for a decode step on the CPU, at::linear otherwise.
+at::Tensor project(const at::Tensor& x, const at::Tensor& w, bool decode_step) {
+  if (!decode_step || !x.device().is_cpu()) return at::linear(x, w);
   static const auto decode_linear =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("bridge_ops::decode_linear", "")
@@ -70,16 +71,17 @@ at::Tensor bridge_block_decode(const at::Tensor& hidden, const at::Tensor& norm_
   const at::Tensor normed =
       (x * at::rsqrt(x.square().mean(-1, /*keepdim=*/true) + eps)).to(hidden.scalar_type()) * norm_weight;
   const std::vector<int64_t> heads{batch, seqlen, num_heads, d_bridge / num_heads};
+  const bool step = seqlen == 1;
   static const auto attention = c10::Dispatcher::singleton()
                                     .findSchemaOrThrow("bridge_ops::bridge_attention", "")
                                     .typed<std::tuple<at::Tensor, at::Tensor>(
                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                         const std::optional<at::Tensor>&, std::optional<double>)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const at::Tensor mixed =
-      std::get<0>(attention.call(project(normed, q_weight).view(heads), project(normed, k_weight).view(heads),
-                                 project(normed, v_weight).view(heads), cu_group_lens, key_mask, scale));
-  return hidden + project(mixed.view({batch, seqlen, d_bridge}), o_weight);
+  const at::Tensor mixed = std::get<0>(
+      attention.call(project(normed, q_weight, step).view(heads), project(normed, k_weight, step).view(heads),
+                     project(normed, v_weight, step).view(heads), cu_group_lens, key_mask, scale));
+  return hidden + project(mixed.view({batch, seqlen, d_bridge}), o_weight, step);
 }
 
 }  // namespace
