@@ -182,6 +182,7 @@ def format_base(setting: Setting, model, tokenizer):
     cached as a checkpoint keyed by the recipe. Returns (model, seconds spent fine-tuning now)."""
     from transformers import AutoModelForCausalLM
 
+    from bridge_ops.files import json_digest
     from bridge_ops.hf.gguf import default_cache_dir
     from bridge_ops.tasks import WordProblemTask
     from bridge_ops.train import SFTConfig, select_trainable, train_sft
@@ -189,7 +190,7 @@ def format_base(setting: Setting, model, tokenizer):
     size = setting.spec
     recipe = {k: size[k] for k in ("format_problems", "format_steps", "format_batch", "format_lr", "seed")}
     recipe["system"] = SYSTEM
-    directory = os.path.join(setting.cache_dir or default_cache_dir(), "real_model_base-" + json_key(recipe))
+    directory = os.path.join(setting.cache_dir or default_cache_dir(), "real_model_base-" + json_digest(recipe)[:12])
     if os.path.exists(os.path.join(directory, "recipe.json")):
         return AutoModelForCausalLM.from_pretrained(directory, local_files_only=True).to(setting.device).eval(), 0.0
     groups = []
@@ -220,12 +221,6 @@ def format_base(setting: Setting, model, tokenizer):
     json.dump(recipe, open(os.path.join(directory + ".partial", "recipe.json"), "w"))
     os.replace(directory + ".partial", directory)
     return model.eval(), seconds
-
-
-def json_key(obj) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ---- methods and evaluation ------------------------------------------------------------------------------------------
