@@ -9,7 +9,7 @@ import os
 import statistics
 import sys
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -143,6 +143,18 @@ def grpo_summary(grpo_log: List[dict]) -> dict:
 def mean_over(lists: List[List[float]]) -> List[float]:
     """Element-wise mean of equally long lists (per-problem values averaged over seeds)."""
     return [statistics.mean(values) for values in zip(*lists)]
+
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t quantiles
+
+
+def seed_interval(differences: List[float]) -> Dict[str, float]:
+    """Mean of per-seed differences and its 95% t-interval over the seeds (each seed: a base, a training, samples)."""
+    mean = statistics.mean(differences)
+    if len(differences) < 2:
+        return {"mean": mean, "low": float("nan"), "high": float("nan")}
+    half = T975.get(len(differences) - 1, 1.96) * statistics.stdev(differences) / len(differences) ** 0.5
+    return {"mean": mean, "low": mean - half, "high": mean + half}
 
 
 def interval(ci: dict, scale: float = 100.0, digits: int = 1) -> str:

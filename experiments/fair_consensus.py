@@ -58,6 +58,7 @@ from common import (  # noqa: E402
     method_spec,
     per_problem,
     run_jobs,
+    seed_interval,
     write_csv,
 )
 
@@ -111,7 +112,6 @@ METHODS = ("grpo", "grpo-correct", "pmatch", "bridge")
 INDEPENDENT = ("grpo", "grpo-correct", "pmatch")
 WIDTH, GROUPS_PER_PROMPT = 4, 2  # every method's GRPO: k groups of N per prompt
 VALIDATION_STREAM, TEST_STREAM = 0, 1  # split seeds: validation (tuning) and the confirmatory test set
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,15 +286,6 @@ METRICS = (
     ("any_correct", "Pass@N (at least one of the N samples right)"),
     ("majority_accuracy", "majority-vote accuracy"),
 )
-
-
-def seed_interval(differences: List[float]) -> Dict[str, float]:
-    """Mean of per-seed differences and its 95% t-interval over the seeds (each seed: a base, a training, samples)."""
-    mean = statistics.mean(differences)
-    if len(differences) < 2:
-        return {"mean": mean, "low": float("nan"), "high": float("nan")}
-    half = T975.get(len(differences) - 1, 1.96) * statistics.stdev(differences) / len(differences) ** 0.5
-    return {"mean": mean, "low": mean - half, "high": mean + half}
 
 
 def seed_bootstrap_ratio(gains: List[float], reference: List[float], resamples: int = 10000) -> Dict[str, float]:

@@ -149,7 +149,8 @@ def train_method(
     on_stage: Optional[Callable[[str, nn.Module], None]] = None,
     warmup_data: Optional[list] = None,
 ) -> Tuple[nn.Module, Dict[str, List[dict]]]:
-    """A trained copy of `base` for `method` (see `parse_method`); returns (model, {stage: metrics}).
+    """A trained copy of `base` for `method` (see `parse_method`): `warm_up_method`, then `grpo_stage`; returns
+    (model, {stage: metrics}).
 
     reward_fn: GRPO's reward (default `train.reward`; a `GroupReward` scores whole groups). on_stage(stage, model)
     is called after the warm-up ("warm-up") so a caller can measure the model between the stages. warmup_data: the
@@ -157,6 +158,25 @@ def train_method(
     by several methods), else they are sampled here. `spec` defaults to MethodSpec().
     """
     spec = spec if spec is not None else MethodSpec()
+    model, log = warm_up_method(base, method, train, spec, progress, warmup_data)
+    if on_stage is not None and "warmup_groups" in log:
+        on_stage("warm-up", model)
+    log["grpo"] = grpo_stage(model, train, spec, progress, reward_fn)
+    if "output_norm" in log:
+        log["output_norm"].append({"stage": "grpo", "norm": output_norm(model)})
+    return model.eval(), log
+
+
+def warm_up_method(
+    base: nn.Module,
+    method: str,
+    train: TaskData,
+    spec: MethodSpec,
+    progress: bool = True,
+    warmup_data: Optional[list] = None,
+) -> Tuple[nn.Module, Dict[str, List[dict]]]:
+    """A copy of `base` with `method`'s added blocks, warmed up if the method has a warm-up: every stage of
+    `train_method` but GRPO (so several GRPO runs can start from one warm-up). Returns (model, {stage: metrics})."""
     block, warmup = parse_method(method)
     if spec.warmup_trains not in WARMUP_TRAINS:
         raise ValueError(f"bridge_ops: MethodSpec.warmup_trains is one of {WARMUP_TRAINS}, got {spec.warmup_trains!r}")
@@ -180,11 +200,22 @@ def train_method(
                 trainable=select_trainable(model, block if spec.warmup_trains == "added" else "all"),
                 description=f"{block} warm-up",
             )
-        if on_stage is not None:
-            on_stage("warm-up", model)
     if block != "grpo":
         log["output_norm"] = [{"stage": "warm-up" if warmup else "start", "norm": output_norm(model)}]
-    log["grpo"] = train_grpo(
+    return model, log
+
+
+def grpo_stage(
+    model: nn.Module,
+    train: TaskData,
+    spec: MethodSpec,
+    progress: bool = True,
+    reward_fn: Optional[RewardFn] = None,
+) -> List[dict]:
+    """A method's last stage: GRPO on every parameter of `model` (in place), the added blocks at
+    `spec.grpo.added_lr_mult` times the rate, seeded by `spec.seed`, so it can start from a saved copy of a warmed-up
+    model (several GRPO learning rates from one warm-up). Returns GRPO's log."""
+    return train_grpo(
         model,
         train.prompts,
         reward_fn or train.reward,
@@ -192,9 +223,6 @@ def train_method(
         trainable=select_trainable(model, "all"),
         eos_token_id=train.tokenizer.eos_token_id,
     )
-    if block != "grpo":
-        log["output_norm"].append({"stage": "grpo", "norm": output_norm(model)})
-    return model.eval(), log
 
 
 def output_norm(model: nn.Module) -> float:
