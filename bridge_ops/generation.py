@@ -39,6 +39,7 @@ from .aggregation import best_of_n, majority_vote
 from .checks import integer, token_ids
 from .groups import cu_group_lens_from_sizes
 from .hf.attention import cascade_attention, unsupported_reason
+from .hf.decode_step import step_for
 from .hf.runtime import GROUPS_KWARG, BridgeGroups, cache_argument, groups_active, is_bridged
 from .ops import decode_linear
 
@@ -580,6 +581,7 @@ def _step_loop(model: nn.Module, request: _Request, state: Prefill, record: _Rec
     """Steps 3-5 from the prefilled state, writing every sampled token to `record`."""
     batch = _Batch(request.widths, request.input_ids[state.expand], state.attention_mask, state.last_position)
     logits = state.logits
+    fast_step = step_for(model, state.cache)  # the same step without HF's module stack, where the model allows
     with _decode_attention(model, state.cache) as forward_kwargs, decode_linears(model):
         for step in _steps(request.max_new_tokens, request.progress):
             # 3. Sample one token per live row; finished rows get padding.
@@ -598,13 +600,17 @@ def _step_loop(model: nn.Module, request: _Request, state: Prefill, record: _Rec
                     next_tokens, live = next_tokens[keep], live[keep]
             # 5. One decode step for every live row.
             batch.append(next_tokens)
+            groups = _groups_kwargs(model, batch.cu_group_lens(request.device), live[:, None], len(next_tokens))
+            if fast_step is not None:
+                logits = fast_step(next_tokens, batch.last_position, state.cache, groups.get(GROUPS_KWARG))
+                continue
             out = model(
                 input_ids=next_tokens[:, None],
                 attention_mask=batch.attention_mask,
                 position_ids=batch.last_position[:, None],
                 use_cache=True,
                 **forward_kwargs,
-                **_groups_kwargs(model, batch.cu_group_lens(request.device), live[:, None], len(next_tokens)),
+                **groups,
             )
             logits = out.logits[:, -1].float()
 

@@ -151,6 +151,22 @@ def test_shared_prefix_cache_gives_the_expanded_caches_tokens(mixing_model, chat
         torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
 
 
+def test_flat_decode_step_equals_the_hf_forward_bit_for_bit(mixing_model, chat_prompts, monkeypatch):
+    """generate's flat decode step (bridge_ops.hf.decode_step) against the same steps through the HF forward."""
+    from bridge_ops.hf import decode_step
+
+    assert decode_step.unsupported_reason(mixing_model) is None
+    runs = {}
+    for fast in (True, False):
+        with monkeypatch.context() as m:
+            if not fast:
+                m.setattr(bridge_ops.generation, "step_for", lambda model, cache: None)
+            torch.manual_seed(5)
+            runs[fast] = bridge_ops.generate(mixing_model, chat_prompts, [3, 2], 12, return_logits=True)
+    assert runs[True].sequences == runs[False].sequences
+    assert all(torch.equal(a, b) for a, b in zip(sum(runs[True].logits, []), sum(runs[False].logits, [])))
+
+
 def test_save_load_bridge_round_trip(smollm2_checkpoint, mixing_model, tokenizer, tmp_path):
     bridge_ops.save_bridge(mixing_model, str(tmp_path))
     fresh = bridge_ops.load_bridge(load(smollm2_checkpoint), str(tmp_path))

@@ -249,6 +249,32 @@ def test_fair_consensus_experiment_smoke(tmp_path):
     assert (out / "accuracy_vs_width.png").stat().st_size > 10_000
 
 
+def test_fair_coordination_experiment_smoke(tmp_path):
+    """Part B of round 2 end to end at smoke size: the grid from one warm-up per method, every method and the base on
+    the test set for each seed, the three yardsticks per problem, the report and the goals."""
+    pytest.importorskip("matplotlib")
+    assert _experiment("fair_coordination").main(["--size", "smoke", "--out", str(tmp_path), "--jobs", "1"]) == 0
+    out = tmp_path / "fair_coordination"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {(r["method"], r["seed"]) for r in rows} == {
+        (m, s) for m in ("base", "grpo", "pmatch-ranked", "bridge-ranked") for s in ("0", "1")
+    }
+    import gzip
+
+    problems = list(csv.DictReader(gzip.open(out / "problems.csv.gz", "rt")))
+    assert len(problems) == 8 * len(rows)  # 8 test problems per evaluation
+    for p in problems:  # every yardstick is a count of answers in [0, N]; the ideal needs the problem's solutions
+        assert int(p["solutions"]) >= 2
+        assert all(0.0 <= float(p[k]) <= 2.0 for k in ("distinct", "marginal_bound", "bound", "ideal"))
+    grid = list(csv.DictReader(open(out / "grid.csv")))
+    assert sorted((r["method"], float(r["lr"])) for r in grid) == sorted(
+        (m, lr) for m in ("grpo", "pmatch-ranked", "bridge-ranked") for lr in (3e-5, 1e-4)
+    )
+    summary = (out / "summary.md").read_text()
+    assert all(f"- B{k}:" in summary for k in range(1, 4))
+    assert (out / "distinct_vs_yardsticks.png").stat().st_size > 10_000
+
+
 def test_real_model_experiment_smoke(tmp_path, smollm2_checkpoint):
     """Part C end to end at smoke size on SmolLM2-135M-Instruct: format fine-tuning, the three methods, the base and
     every evaluation, the report and the per-problem CSV."""
