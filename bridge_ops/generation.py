@@ -438,7 +438,8 @@ def generate(
             cascade op `prefix_suffix_attention` (bridge_ops.hf.attention): N times less prompt KV memory and
             1.3-7x faster decode steps on the CPU (bench/test_bench_prefix_cache.py). "expanded": the prompt's KV
             copied to every member (a DynamicCache). "auto" (default): "shared-prefix" unless the model's attention
-            has a feature the cascade lacks (softcapping, sliding windows, non-attention layers), else "expanded".
+            has a feature the cascade lacks (`bridge_ops.hf.attention.unsupported_reason`: softcapping, sliding windows,
+            non-attention layers, sinks), else "expanded"; it never picks a path that raises.
             Same tokens and logits up to rounding.
         return_log_probs: also return each sequence's summed log-probability under the sampling distribution.
         return_logits: also return the raw logits each token was drawn from (memory: tokens x vocab floats).
