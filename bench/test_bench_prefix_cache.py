@@ -182,5 +182,5 @@ def test_cascade_op_gpu(benchmark, prompt_len, width):
         sdpa_expanded_s=times["sdpa_expanded"],
         speedup=times["sdpa_expanded"] / times["cascade"],
         device=torch.cuda.get_device_name(),
-        gpu_backend=bridge_ops.dispatch.backend_for("cuda", cascade=True).name,
+        gpu_backend=bridge_ops.dispatch.backend_for("cuda", "prefix_suffix_attention").name,
     )

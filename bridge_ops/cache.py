@@ -23,7 +23,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .checks import fail, integer
-from .groups import cu_group_lens_from_sizes, group_ids
+from .groups import GroupLayout
 
 _SUFFIX_GROWTH = 64  # suffix capacity grows in steps of this many positions (amortized O(1) append)
 
@@ -175,8 +175,8 @@ class GroupPrefixCache(Cache):
         prefix_lens: valid prompt tokens per group (int [G]); the prompts are left-padded to P = max.
 
     Attributes:
-        cu_group_lens: int32 [G+1] row offsets of the groups; prefix_lens: int32 [G]; row_group: int64 [B], the
-        group of every row.
+        layout: the `GroupLayout` of the rows (its cu_group_lens and row_group are also attributes of the cache);
+        prefix_lens: int32 [G].
     """
 
     def __init__(self, widths: Sequence[int], prefix_lens: torch.Tensor):
@@ -189,30 +189,33 @@ class GroupPrefixCache(Cache):
         if prefix_lens.dim() != 1 or prefix_lens.numel() != len(widths):
             fail(f"GroupPrefixCache: prefix_lens must have shape [G] = [{len(widths)}], got {list(prefix_lens.shape)}")
         self.prefix_lens = prefix_lens.to(torch.int32)
-        self._set_groups(torch.as_tensor(widths, device=prefix_lens.device))
+        self.layout = GroupLayout.from_widths(widths, device=prefix_lens.device)
 
     def _new_layer(self) -> _GroupPrefixLayer:
         return _GroupPrefixLayer(self)
 
-    def _set_groups(self, sizes: torch.Tensor) -> None:
-        self.cu_group_lens = cu_group_lens_from_sizes(sizes, device=sizes.device)
-        self.row_group = group_ids(self.cu_group_lens)
+    @property
+    def cu_group_lens(self) -> torch.Tensor:
+        return self.layout.cu_group_lens
+
+    @property
+    def row_group(self) -> torch.Tensor:
+        return self.layout.row_group
 
     def __repr__(self) -> str:
         return f"GroupPrefixCache(groups={self.num_groups}, rows={self.num_rows}, layers={len(self.layers)})"
 
     @property
     def num_groups(self) -> int:
-        return self.prefix_lens.numel()
+        return self.layout.num_groups
 
     @property
     def num_rows(self) -> int:
-        return self.row_group.numel()
+        return self.layout.num_rows
 
     def to(self, device) -> "GroupPrefixCache":
         """Moves the group metadata (the layers' tensors live where the model writes them)."""
-        self.prefix_lens, self.cu_group_lens = self.prefix_lens.to(device), self.cu_group_lens.to(device)
-        self.row_group = self.row_group.to(device)
+        self.prefix_lens, self.layout = self.prefix_lens.to(device), self.layout.to(device)
         return self
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -229,16 +232,10 @@ class GroupPrefixCache(Cache):
                 f"GroupPrefixCache: batch_select_indices takes integer row indices or a bool mask, got {indices.dtype}"
             )
         indices = indices.long()
-        row_group = self.row_group[indices]
-        if row_group.numel() == 0:
-            fail("GroupPrefixCache: batch_select_indices must keep at least one row")
-        groups, counts = torch.unique_consecutive(row_group, return_counts=True)
-        if groups.numel() != torch.unique(groups).numel():
-            fail("GroupPrefixCache: batch_select_indices must keep the rows of a group adjacent")
+        layout, groups = self.layout.select(indices, "bridge_ops: GroupPrefixCache: batch_select_indices")
         for layer in self.layers:
             layer.select(indices, groups)
-        self.prefix_lens = self.prefix_lens[groups]
-        self._set_groups(counts)
+        self.prefix_lens, self.layout = self.prefix_lens[groups], layout
 
     def cascade_view(self) -> "CascadeView":
         """This cache as the cascade attention reads it (see `CascadeView`); the prompts must be stored already."""

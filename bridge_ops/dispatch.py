@@ -1,23 +1,43 @@
-"""Which implementation serves an operator call, and why the others cannot.
+"""Which implementation serves an operator call, and why the others cannot (after xformers' `not_supported_reasons`).
 
-Backends are data (xformers style): each says which device type it serves and, when it cannot serve, a
-sentence saying why. An op call on a tensor of device type D runs the first available backend for D;
-the PyTorch reference serves every device type and is always last.
+Backends are data. Each declares what it supports per input: the device type it serves, the ops it has kernels for,
+the dtypes, and per op a largest head dim; and what the environment must provide (`unavailable_reason`: a sentence
+when the compiled extension, a CUDA build, a GPU or cupy is missing). `Backend.not_supported_reasons(inputs)` lists
+every reason a backend cannot serve one call (`Inputs`: op, device type, dtype, head dim); `select(inputs)` returns the
+first backend with none. The PyTorch reference supports every input (its own checks refuse invalid ones with a
+readable error) and is last, so no call is sent to a kernel that would refuse it: a CUDA cascade call with a head dim
+over the kernels' limit runs the reference, not a kernel that raises.
 
-CUDA tensors: the CUDA kernels compiled into bridge_ops._C first; else the same kernel source compiled at run time
-by NVRTC through cupy (bridge_ops.cupy_backend), registered as the ops' CUDA kernels; else the reference. The cupy
-backend serves bridge attention only: under it, the cascade decode ops (prefix_suffix_attention,
-merge_attention_states) run the PyTorch reference.
+Order: CPU tensors go to the C++ kernels of bridge_ops._C; CUDA tensors to the CUDA kernels compiled into _C, else to
+the same kernel source compiled at run time by NVRTC through cupy (bridge_ops.cupy_backend, registered as the ops'
+CUDA kernels; bridge attention only); then the reference. `python -m bridge_ops.info` prints every backend, what it
+supports and why it is unavailable.
 """
 
 import os
-from dataclasses import dataclass
-from typing import Callable, List, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import cupy_backend
-from ._loader import LOAD_ERROR, build_info
+from ._loader import _C, LOAD_ERROR, build_info
+from .checks import SUPPORTED_DTYPES
+
+BRIDGE_OPS = ("bridge_attention", "bridge_block_decode")
+CASCADE_OPS = ("prefix_suffix_attention", "merge_attention_states")  # the cascade decode ops
+OPS = BRIDGE_OPS + CASCADE_OPS
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a backend's support depends on in one op call: the op (one of OPS), the device type and dtype of its
+    tensors, and its head dim (the last dim of q / o_a; None where no backend limits it, as in bridge_block_decode)."""
+
+    op: str
+    device_type: str
+    dtype: torch.dtype
+    head_dim: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -25,13 +45,41 @@ class Backend:
     name: str
     device_type: Optional[str]  # None: any device type
     description: str
-    unavailable_reason: Callable[[], Optional[str]]
-    compiled: bool = False  # served through torch.ops.bridge_ops (autograd, fake kernels, torch.compile)
-    cascade: bool = True  # also serves the cascade decode ops (prefix_suffix_attention, merge_attention_states)
+    unavailable_reason: Callable[[], Optional[str]]  # why the environment cannot run it (None: it can)
+    ops: Tuple[str, ...] = OPS
+    dtypes: Optional[Tuple[torch.dtype, ...]] = SUPPORTED_DTYPES  # None: any (the op's own checks refuse the others)
+    max_head_dim: Dict[str, int] = field(default_factory=dict)  # op -> largest head dim its kernels take
+    compiled: bool = True  # served through torch.ops.bridge_ops (autograd, fake kernels, torch.compile)
 
     @property
     def available(self) -> bool:
         return self.unavailable_reason() is None
+
+    def input_reasons(self, inputs: Inputs) -> List[str]:
+        """Why this backend cannot serve these inputs, whatever the environment (empty: it can)."""
+        reasons = []
+        if self.device_type not in (None, inputs.device_type):
+            reasons.append(f"serves {self.device_type} tensors, not {inputs.device_type}")
+        if inputs.op not in self.ops:
+            reasons.append(f"has no {inputs.op} kernel")
+        if self.dtypes is not None and inputs.dtype not in self.dtypes:
+            reasons.append(f"has no {inputs.dtype} kernels")
+        limit = self.max_head_dim.get(inputs.op)
+        if limit is not None and inputs.head_dim is not None and inputs.head_dim > limit:
+            reasons.append(f"its {inputs.op} kernels take head_dim <= {limit}, got {inputs.head_dim}")
+        return reasons
+
+    def not_supported_reasons(self, inputs: Inputs) -> List[str]:
+        """Every reason this backend cannot serve this call here: the inputs', then the environment's."""
+        environment = self.unavailable_reason()
+        return self.input_reasons(inputs) + ([environment] if environment is not None else [])
+
+    def support(self) -> str:
+        """What it serves, in one line (for `python -m bridge_ops.info`)."""
+        devices = "any device" if self.device_type is None else f"{self.device_type} tensors"
+        dtypes = "any dtype" if self.dtypes is None else "/".join(str(d).removeprefix("torch.") for d in self.dtypes)
+        limits = "".join(f"; {op}: head_dim <= {n}" for op, n in self.max_head_dim.items())
+        return f"{devices}, {dtypes}; {', '.join(self.ops)}{limits}"
 
 
 def _cpu_reason() -> Optional[str]:
@@ -68,33 +116,49 @@ def _cupy_reason() -> Optional[str]:
     return cupy_backend.unavailable_reason()
 
 
+def _cuda_cascade_limits() -> Dict[str, int]:
+    """The CUDA cascade kernels' head dim limit (a warp of lanes, each holding at most cascade_max_td dims), as the C++
+    launch header defines it (empty without _C: the backend is unavailable then anyway)."""
+    if _C is None:
+        return {}
+    constants = _C.kernels.constants()
+    return dict.fromkeys(CASCADE_OPS, constants["warp_size"] * constants["cascade_max_td"])
+
+
 BACKENDS: List[Backend] = [
-    Backend("cpu", "cpu", "fused C++ kernels (bridge_ops._C, at::parallel_for, AVX2 when present)", _cpu_reason, True),
-    Backend("cuda", "cuda", "fused CUDA kernels compiled into bridge_ops._C", _cuda_reason, True),
+    Backend("cpu", "cpu", "fused C++ kernels (bridge_ops._C, at::parallel_for, AVX2 when present)", _cpu_reason),
+    Backend(
+        "cuda",
+        "cuda",
+        "fused CUDA kernels compiled into bridge_ops._C",
+        _cuda_reason,
+        max_head_dim=_cuda_cascade_limits(),
+    ),
     Backend(
         "cupy",
         "cuda",
-        "the same CUDA kernel source compiled at run time by NVRTC through cupy (bridge attention only; the cascade "
-        "decode ops fall back to the reference)",
+        "the same CUDA kernel source compiled at run time by NVRTC through cupy (bridge attention only)",
         _cupy_reason,
-        compiled=True,
-        cascade=False,
+        ops=BRIDGE_OPS,
     ),
-    Backend("reference", None, "plain PyTorch (bridge_ops.reference)", lambda: None),
+    Backend("reference", None, "plain PyTorch (bridge_ops.reference)", lambda: None, dtypes=None, compiled=False),
 ]
 
 
-def compiled_device_types(cascade: bool = False) -> frozenset:
-    """Device types whose calls go to the torch.ops.bridge_ops kernels (compiled into _C or registered by cupy); with
-    `cascade`, of the cascade decode ops (prefix_suffix_attention, merge_attention_states)."""
-    return frozenset(b.device_type for b in BACKENDS if b.compiled and b.available and (b.cascade or not cascade))
+def available_backends() -> Tuple[Backend, ...]:
+    """The backends this environment can run, in dispatch order (the environment's reasons read once)."""
+    return tuple(b for b in BACKENDS if b.available)
 
 
-def backend_for(device_type: str, cascade: bool = False) -> Backend:
-    """The backend that serves tensors of this device type (with `cascade`: in the cascade decode ops)."""
-    return next(
-        b for b in BACKENDS if b.device_type in (device_type, None) and b.available and (b.cascade or not cascade)
-    )
+def select(inputs: Inputs, backends: Optional[Sequence[Backend]] = None) -> Backend:
+    """The first of `backends` (default: every available one) that supports `inputs`; the reference supports all."""
+    candidates = available_backends() if backends is None else backends
+    return next(b for b in candidates if not b.input_reasons(inputs))
+
+
+def backend_for(device_type: str, op: str = "bridge_attention") -> Backend:
+    """The backend that serves `op` on tensors of this device type (float32, any head dim its kernels take)."""
+    return select(Inputs(op, device_type, torch.float32))
 
 
 def gpu_backend_summary() -> str:

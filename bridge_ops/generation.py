@@ -23,6 +23,7 @@ the tokens equal those of `model.generate(..., num_return_sequences=N)` (both dr
 """
 
 import contextlib
+import dataclasses
 import functools
 import math
 import numbers
@@ -37,13 +38,40 @@ from torch import nn
 
 from .aggregation import best_of_n, majority_vote
 from .checks import integer, token_ids
-from .groups import cu_group_lens_from_sizes
+from .groups import GroupLayout
 from .hf.attention import cascade_attention, unsupported_reason
 from .hf.decode_step import step_for
 from .hf.runtime import GROUPS_KWARG, BridgeGroups, cache_argument, groups_active, is_bridged
 from .ops import decode_linear
 
 Prompts = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[str]]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn (after transformers' GenerationConfig): one frozen object that `generate`, the rollouts,
+    evaluation and training pass on (bridge_ops.train), instead of each re-declaring the same arguments.
+
+    max_new_tokens: tokens generated per sequence at most. do_sample, temperature, top_k, top_p: sampling as in HF
+    (greedy when do_sample=False; top_k 0 or None, top_p 1 or None: no filtering). eos_token_id: one id or several
+    (an empty list: none, rows end at max_new_tokens only); pad_token_id: fed to finished rows. Both None: the model's
+    generation config (pad falls back to the first EOS, else 0). The values are checked where a model is known (in
+    `generate`). The random numbers are not part of it: they come from torch's global generator or from `generate`'s
+    per-prompt `generators` (the training helpers derive those from their `seed`).
+    """
+
+    max_new_tokens: int = 64
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    eos_token_id: Optional[Union[int, Sequence[int]]] = None
+    pad_token_id: Optional[int] = None
+
+    def updated(self, **fields) -> "SamplingConfig":
+        """A copy with every given field that is not None replaced: how the functions that also take these settings
+        as keyword arguments (a thin convenience) build their config (`sampling.updated(temperature=temperature)`)."""
+        return dataclasses.replace(self, **{name: value for name, value in fields.items() if value is not None})
 
 
 @dataclass
@@ -120,17 +148,12 @@ def _widths(width: Union[int, Sequence[int]], num_prompts: int) -> List[int]:
 
 
 def _validate_generate_args(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    mask: torch.Tensor,
-    max_new_tokens: int,
-    pad: int,
-    do_sample: bool,
-    temperature: float,
-    top_k,
-    top_p,
+    model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig
 ) -> None:
-    """Refuses, before anything runs, what would crash deep inside the model or silently generate something else."""
+    """Refuses, before anything runs, what would crash deep inside the model or silently generate something else
+    (`sampling` with its pad_token_id resolved)."""
+    max_new_tokens, pad, temperature = sampling.max_new_tokens, sampling.pad_token_id, sampling.temperature
+    top_k, top_p = sampling.top_k, sampling.top_p
     integer("max_new_tokens", max_new_tokens, 1)
     if top_k is not None:
         integer("top_k", top_k, 0)
@@ -138,7 +161,7 @@ def _validate_generate_args(
         raise ValueError(
             f"bridge_ops: top_p must be a number in (0, 1] (1 or None: no nucleus filtering), got {top_p!r}"
         )
-    if do_sample and not (isinstance(temperature, numbers.Real) and 0 < temperature < math.inf):
+    if sampling.do_sample and not (isinstance(temperature, numbers.Real) and 0 < temperature < math.inf):
         raise ValueError(
             f"bridge_ops: temperature must be a finite number > 0 when sampling, got {temperature!r} "
             "(for greedy decoding pass do_sample=False)"
@@ -202,7 +225,7 @@ def check_batch_fits(model: nn.Module, rows: int, max_new_tokens: int) -> None:
         )
 
 
-def _sampler(do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float]):
+def _sampler(sampling: SamplingConfig):
     """The logits processing of HF's sampling path (same warpers, same order), so seeded runs agree with it."""
     from transformers.generation.logits_process import (
         LogitsProcessorList,
@@ -211,10 +234,11 @@ def _sampler(do_sample: bool, temperature: float, top_k: Optional[int], top_p: O
         TopPLogitsWarper,
     )
 
+    do_sample, top_k, top_p = sampling.do_sample, sampling.top_k, sampling.top_p
     processors = LogitsProcessorList()
     if do_sample:
-        if temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(temperature))
+        if sampling.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(sampling.temperature))
         if top_k:
             processors.append(TopKLogitsWarper(top_k=int(top_k)))
         if top_p is not None and top_p < 1.0:
@@ -227,7 +251,7 @@ def _sampler(do_sample: bool, temperature: float, top_k: Optional[int], top_p: O
             next_tokens = torch.cat(
                 [
                     torch.multinomial(rows, num_samples=1, generator=generators[prompt]).squeeze(1)
-                    for prompt, rows in zip(batch.prompts, probs.split(batch.widths))
+                    for prompt, rows in zip(batch.prompts, probs.split(batch.layout.widths))
                 ]
             )
         elif do_sample:
@@ -246,7 +270,7 @@ class _Batch:
         self, widths: List[int], tokens: torch.Tensor, attention_mask: torch.Tensor, last_position: torch.Tensor
     ):
         device = tokens.device
-        self.widths = list(widths)  # sizes of the live groups
+        self.layout = GroupLayout.from_widths(widths, device=device)  # the live groups (what each decode step gets)
         self.prompts = list(range(len(widths)))  # prompt index of each live group
         self.rows = torch.arange(sum(widths), device=device)  # original row index of each live row
         self.finished = torch.zeros(sum(widths), dtype=torch.bool, device=device)
@@ -254,28 +278,21 @@ class _Batch:
         self.attention_mask = attention_mask  # [rows, L + steps]
         self.last_position = last_position  # [rows]: position id of each row's last fed token
 
-    def cu_group_lens(self, device) -> torch.Tensor:
-        return cu_group_lens_from_sizes(self.widths, device=device)
-
     def finished_groups(self) -> torch.Tensor:
         """[live G] bool: every row of the group has finished."""
-        sizes = torch.as_tensor(self.widths, device=self.finished.device)
-        group = torch.repeat_interleave(torch.arange(len(self.widths), device=self.finished.device), sizes)
-        unfinished = torch.zeros(len(self.widths), dtype=torch.long, device=self.finished.device)
-        return unfinished.index_add_(0, group, (~self.finished).long()) == 0
+        unfinished = torch.zeros(self.layout.num_groups, dtype=torch.long, device=self.finished.device)
+        return unfinished.index_add_(0, self.layout.row_group, (~self.finished).long()) == 0
 
     def drop_finished_groups(self) -> Optional[torch.Tensor]:
         """Removes the groups whose rows have all finished; returns the index of the kept live rows (None: none
-        finished, nothing changed)."""
+        finished, nothing changed). The cache then keeps the same rows (`batch_select_indices`), a GroupPrefixCache
+        deriving its layout through the same `GroupLayout.select`."""
         done = self.finished_groups()
         if not bool(done.any()):
             return None
-        keep_group = (~done).tolist()
-        sizes = torch.as_tensor(self.widths, device=self.finished.device)
-        keep_row = torch.repeat_interleave(~done, sizes)
-        self.widths = [w for w, k in zip(self.widths, keep_group) if k]
-        self.prompts = [p for p, k in zip(self.prompts, keep_group) if k]
-        keep = torch.nonzero(keep_row).flatten()
+        keep = torch.nonzero(~done[self.layout.row_group]).flatten()
+        self.layout, kept_groups = self.layout.select(keep)
+        self.prompts = [self.prompts[g] for g in kept_groups.tolist()]
         self.rows, self.finished = self.rows[keep], self.finished[keep]
         self.tokens, self.attention_mask = self.tokens[keep], self.attention_mask[keep]
         self.last_position = self.last_position[keep]
@@ -402,11 +419,12 @@ def generate(
     model: nn.Module,
     prompts: Prompts,
     width: Union[int, Sequence[int]] = 4,
-    max_new_tokens: int = 64,
+    max_new_tokens: Optional[int] = None,
     *,
+    sampling: Optional[SamplingConfig] = None,
     attention_mask: Optional[torch.Tensor] = None,
-    do_sample: bool = True,
-    temperature: float = 1.0,
+    do_sample: Optional[bool] = None,
+    temperature: Optional[float] = None,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     eos_token_id: Optional[Union[int, Sequence[int]]] = None,
@@ -427,10 +445,11 @@ def generate(
             `tokenizer`; one string is one prompt). Token ids must lie in the model's vocabulary, and the longest
             prompt plus max_new_tokens within its max_position_embeddings.
         width: samples per prompt, one int or one per prompt (ragged groups).
-        max_new_tokens: tokens generated per sequence at most.
-        do_sample, temperature, top_k, top_p: sampling as in HF (greedy when do_sample=False). The random numbers
-            come from torch's global generator (seed it with torch.manual_seed), or from `generators`.
-        eos_token_id, pad_token_id: default to the model's generation config (pad falls back to EOS).
+        sampling: how tokens are drawn (`SamplingConfig`; default SamplingConfig(): 64 new tokens, sampling at
+            temperature 1). The random numbers come from torch's global generator (seed it with torch.manual_seed),
+            or from `generators`.
+        max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id: a convenience: each one
+            given (not None) replaces that field of `sampling` (see `SamplingConfig` for their meaning).
         compact: drop groups whose rows have all finished from the batch and the cache.
         generators: one torch.Generator per prompt (on the model's device): the members of prompt p draw from
             generators[p] only, so a prompt's samples do not depend on which other prompts share the batch (what
@@ -439,7 +458,8 @@ def generate(
             cascade op `prefix_suffix_attention` (bridge_ops.hf.attention): N times less prompt KV memory and
             1.3-7x faster decode steps on the CPU (bench/test_bench_prefix_cache.py). "expanded": the prompt's KV
             copied to every member (a DynamicCache). "auto" (default): "shared-prefix" unless the model's attention
-            has a feature the cascade lacks (softcapping, sliding windows, non-attention layers), else "expanded".
+            has a feature the cascade lacks (`bridge_ops.hf.attention.unsupported_reason`: softcapping, sliding windows,
+            non-attention layers, sinks), else "expanded"; it never picks a path that raises.
             Same tokens and logits up to rounding.
         return_log_probs: also return each sequence's summed log-probability under the sampling distribution.
         return_logits: also return the raw logits each token was drawn from (memory: tokens x vocab floats).
@@ -449,32 +469,36 @@ def generate(
     cache expanded to (or shared by) the members of their groups (steps 1-2 of the module docstring); the step loop
     samples, drops finished groups and decodes (steps 3-5); the rows are regrouped per prompt into the output.
     """
+    sampling = (sampling or SamplingConfig()).updated(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
     request = _resolve_arguments(
         model,
         prompts,
         width,
-        max_new_tokens,
-        attention_mask,
-        do_sample,
-        temperature,
-        top_k,
-        top_p,
-        eos_token_id,
-        pad_token_id,
-        compact,
-        generators,
-        cache,
-        tokenizer,
-        progress,
+        sampling,
+        attention_mask=attention_mask,
+        compact=compact,
+        generators=generators,
+        cache=cache,
+        tokenizer=tokenizer,
+        progress=progress,
     )
     start = time.perf_counter()
     # 1-2. Prefill once per prompt, then expand the cache to the groups' members (or share it: `cache`).
     state = prefill_once(model, request.input_ids, request.attention_mask, request.widths, request.cache)
+    sampling = request.sampling
     record = _Record(
         sum(request.widths),
-        max_new_tokens,
+        sampling.max_new_tokens,
         state.logits.shape[-1],
-        request.pad,
+        sampling.pad_token_id,
         request.device,
         return_log_probs,
         return_logits,
@@ -492,8 +516,7 @@ class _Request:
     input_ids: torch.Tensor  # [P, L], left-padded
     attention_mask: torch.Tensor  # [P, L]
     widths: List[int]  # members of each prompt's group
-    max_new_tokens: int
-    pad: int
+    sampling: SamplingConfig  # eos_token_id (a tuple) and pad_token_id resolved
     eos: torch.Tensor  # long [E]: the EOS token ids (none: rows finish at max_new_tokens only)
     cache: str  # "shared-prefix" or "expanded"
     pick: Callable  # the sampler: (tokens so far, logits, batch, generators) -> (next tokens, processed scores)
@@ -504,34 +527,20 @@ class _Request:
 
 
 def _resolve_arguments(
-    model,
-    prompts,
-    width,
-    max_new_tokens,
-    attention_mask,
-    do_sample,
-    temperature,
-    top_k,
-    top_p,
-    eos_token_id,
-    pad_token_id,
-    compact,
-    generators,
-    cache,
-    tokenizer,
-    progress,
+    model, prompts, width, sampling: SamplingConfig, *, attention_mask, compact, generators, cache, tokenizer, progress
 ) -> _Request:
     """Defaults, the prompt batch and every check, before anything runs (see `generate` for the arguments)."""
     config = getattr(model, "generation_config", None)
-    eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
+    eos = sampling.eos_token_id if sampling.eos_token_id is not None else getattr(config, "eos_token_id", None)
     eos_ids = token_ids("eos_token_id", eos)
-    pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
+    pad = sampling.pad_token_id if sampling.pad_token_id is not None else getattr(config, "pad_token_id", None)
     pad = pad if pad is not None else (eos_ids[0] if eos_ids else 0)
+    sampling = dataclasses.replace(sampling, eos_token_id=tuple(eos_ids), pad_token_id=pad)
     device = next(model.parameters()).device
     input_ids, mask = _left_padded(prompts, attention_mask, pad, tokenizer, device)
     widths = _widths(width, input_ids.shape[0])
-    _validate_generate_args(model, input_ids, mask, max_new_tokens, pad, do_sample, temperature, top_k, top_p)
-    check_batch_fits(model, sum(widths), max_new_tokens)
+    _validate_generate_args(model, input_ids, mask, sampling)
+    check_batch_fits(model, sum(widths), sampling.max_new_tokens)
     if generators is not None and len(generators) != len(widths):
         raise ValueError(f"bridge_ops: {len(generators)} generators given for {len(widths)} prompts")
     if groups_active(model):
@@ -544,11 +553,10 @@ def _resolve_arguments(
         input_ids,
         mask,
         widths,
-        max_new_tokens,
-        pad,
+        sampling,
         torch.as_tensor(eos_ids, dtype=torch.long, device=device),
         cache,
-        _sampler(do_sample, temperature, top_k, top_p),
+        _sampler(sampling),
         generators,
         compact,
         progress,
@@ -580,17 +588,17 @@ def _decode_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def _step_loop(model: nn.Module, request: _Request, state: Prefill, record: _Record) -> None:
     """Steps 3-5 from the prefilled state, writing every sampled token to `record`."""
     batch = _Batch(request.widths, request.input_ids[state.expand], state.attention_mask, state.last_position)
-    logits = state.logits
+    logits, max_new_tokens, pad = state.logits, request.sampling.max_new_tokens, request.sampling.pad_token_id
     fast_step = step_for(model, state.cache)  # the same step without HF's module stack, where the model allows
     with _decode_attention(model, state.cache) as forward_kwargs, decode_linears(model):
-        for step in _steps(request.max_new_tokens, request.progress):
+        for step in _steps(max_new_tokens, request.progress):
             # 3. Sample one token per live row; finished rows get padding.
             next_tokens, scores = request.pick(batch.tokens, logits, batch, request.generators)
-            next_tokens = torch.where(batch.finished, torch.full_like(next_tokens, request.pad), next_tokens)
+            next_tokens = torch.where(batch.finished, torch.full_like(next_tokens, pad), next_tokens)
             live = ~batch.finished  # a row's EOS position is still a visible key; later positions are not
             record.add(step, batch.rows, live, next_tokens, scores, logits)
             batch.finished = batch.finished | torch.isin(next_tokens, request.eos)
-            if bool(batch.finished.all()) or step == request.max_new_tokens - 1:
+            if bool(batch.finished.all()) or step == max_new_tokens - 1:
                 break
             # 4. Groups whose rows have all finished leave the batch and the cache.
             if request.compact:
@@ -600,7 +608,7 @@ def _step_loop(model: nn.Module, request: _Request, state: Prefill, record: _Rec
                     next_tokens, live = next_tokens[keep], live[keep]
             # 5. One decode step for every live row.
             batch.append(next_tokens)
-            groups = _groups_kwargs(model, batch.cu_group_lens(request.device), live[:, None], len(next_tokens))
+            groups = _groups_kwargs(model, batch.layout.cu_group_lens, live[:, None], len(next_tokens))
             if fast_step is not None:
                 logits = fast_step(next_tokens, batch.last_position, state.cache, groups.get(GROUPS_KWARG))
                 continue

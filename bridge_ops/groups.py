@@ -3,10 +3,12 @@
 The N generations of one prompt are N *contiguous* rows (the layout of HF `repeat_interleave` /
 `num_return_sequences`). A batch of G groups is described like flash-attn's varlen batches, by
 `cu_group_lens`: int32 [G+1] offsets of each group's first row, cu[0] = 0 < cu[1] < ... < cu[G] = B.
-Groups may differ in size (ragged), size 1 included.
+Groups may differ in size (ragged), size 1 included. `GroupLayout` holds one batch's layout in every form its readers
+need (widths, cu_group_lens, the group of each row) and derives the layout of a subset of rows.
 """
 
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -77,3 +79,45 @@ def group_ids(cu_group_lens: torch.Tensor, batch_size: Optional[int] = None) -> 
     sizes = group_sizes(cu_group_lens).long()
     ids = torch.arange(sizes.numel(), device=cu_group_lens.device)
     return torch.repeat_interleave(ids, sizes, output_size=batch_size)
+
+
+@dataclass(frozen=True, eq=False)
+class GroupLayout:
+    """The groups of a batch's B rows, computed once per batch and read by everything that runs over it (the Bridge
+    groups of its forwards, the shared-prefix cache and its cascade attention, the sampler).
+
+    widths: rows per group (G ints >= 1); cu_group_lens: int32 [G+1] offsets; row_group: int64 [B], the group of
+    every row. Build it with `from_widths`; `select` gives the layout of a subset of the rows.
+    """
+
+    widths: Tuple[int, ...]
+    cu_group_lens: torch.Tensor
+    row_group: torch.Tensor
+
+    @classmethod
+    def from_widths(cls, widths: Union[Sequence[int], torch.Tensor], device: Device = None) -> "GroupLayout":
+        cu = cu_group_lens_from_sizes(widths, device=device)
+        return cls(tuple(group_sizes(cu).tolist()), cu, group_ids(cu))
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.widths)
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_group.numel()
+
+    def to(self, device: Device) -> "GroupLayout":
+        return GroupLayout(self.widths, self.cu_group_lens.to(device), self.row_group.to(device))
+
+    def select(self, rows: torch.Tensor, caller: str = "bridge_ops") -> Tuple["GroupLayout", torch.Tensor]:
+        """(the layout of the rows `rows`, int64 row indices in that order; the index [G'] of the group each of its
+        groups was). The kept rows of a group must stay adjacent and at least one row must be kept (else a ValueError
+        that names `caller`); groups left without rows are dropped."""
+        row_group = self.row_group[rows]
+        if row_group.numel() == 0:
+            raise ValueError(f"{caller} must keep at least one row")
+        groups, counts = torch.unique_consecutive(row_group, return_counts=True)
+        if groups.numel() != torch.unique(groups).numel():
+            raise ValueError(f"{caller} must keep the rows of a group adjacent")
+        return GroupLayout.from_widths(counts, device=counts.device), groups

@@ -1,4 +1,5 @@
-"""`python -m bridge_ops.info`: versions, how the extension was built, and which backend serves each device."""
+"""`python -m bridge_ops.info`: versions, how the extension was built, every backend with what it supports and why it is
+unavailable, and which backend serves each op on each device."""
 
 import platform
 import sys
@@ -6,7 +7,7 @@ import sys
 import torch
 
 from ._loader import LOAD_ERROR, build_info
-from .dispatch import BACKENDS, backend_for, gpu_backend_summary
+from .dispatch import BACKENDS, OPS, backend_for, gpu_backend_summary
 from .version import __version__
 
 
@@ -25,16 +26,16 @@ def report() -> str:
         )
     else:
         lines.append(f"extension bridge_ops._C: NOT loaded ({LOAD_ERROR})")
-    lines.append("backends (first available per device serves the call):")
+    lines.append("backends (a call goes to the first that supports its inputs; the reference supports every input):")
     width = max(len(b.name) for b in BACKENDS)
     for b in BACKENDS:
         reason = b.unavailable_reason()
         status = "available" if reason is None else f"unavailable: {reason}"
         lines.append(f"  {b.name:<{width}}  {b.description}: {status}")
+        lines.append(f"  {'':<{width}}  supports {b.support()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    lines.append("serving now: " + ", ".join(f"{d} -> {backend_for(d).name}" for d in devices))
-    cascade = ", ".join(f"{d} -> {backend_for(d, cascade=True).name}" for d in devices)
-    lines.append(f"serving the cascade decode ops now: {cascade}")
+    for op in OPS:
+        lines.append(f"serving {op} now: " + ", ".join(f"{d} -> {backend_for(d, op).name}" for d in devices))
     lines.append(gpu_backend_summary())
     return "\n".join(lines)
 

@@ -11,11 +11,18 @@ import torch
 
 from . import checks, reference
 from ._loader import _C
-from .dispatch import compiled_device_types, register_gpu_backend
+from .dispatch import Inputs, available_backends, register_gpu_backend, select
 
 register_gpu_backend()  # cupy kernels as the ops' CUDA kernels, when _C has none and cupy + a GPU are present
-_COMPILED = compiled_device_types()
-_COMPILED_CASCADE = compiled_device_types(cascade=True)
+_BACKENDS = available_backends()  # fixed for the process once the CUDA kernels are registered
+
+
+def _compiled(op: str, t: torch.Tensor, head_dim: bool = True) -> bool:
+    """Whether the backend that serves this call (`bridge_ops.dispatch.select`) runs through torch.ops.bridge_ops
+    (else the reference twin runs). `t`: the call's q (or o_a, or hidden); its last dim is the head dim if
+    `head_dim`."""
+    dim = t.shape[-1] if head_dim and t.dim() > 0 else None
+    return select(Inputs(op, t.device.type, t.dtype, dim), _BACKENDS).compiled
 
 
 def bridge_attention(
@@ -55,7 +62,7 @@ def bridge_attention(
         no backward of its own (no double backward). Accumulation is float32 (float64 for float64 inputs).
     """
     checks.check_tensors(q=q, k=k, v=v, cu_group_lens=cu_group_lens, key_mask=key_mask, optional=("key_mask",))
-    if q.device.type in _COMPILED:
+    if _compiled("bridge_attention", q):
         out, lse = torch.ops.bridge_ops.bridge_attention(q, k, v, cu_group_lens, key_mask, scale)
     else:
         out, lse = reference.bridge_attention(q, k, v, cu_group_lens, key_mask, scale)
@@ -102,7 +109,7 @@ def bridge_block_decode(
         optional=("key_mask",),
     )
     args = (hidden, norm_weight, eps, q_weight, k_weight, v_weight, o_weight, cu_group_lens, key_mask, num_heads, scale)
-    if hidden.device.type in _COMPILED:
+    if _compiled("bridge_block_decode", hidden, head_dim=False):
         return torch.ops.bridge_ops.bridge_block_decode(*args)
     return reference.bridge_block_decode(*args)
 
@@ -177,7 +184,7 @@ def prefix_suffix_attention(
         optional=("suffix_lens",),
     )
     args = (q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu_group_lens, suffix_lens, scale)
-    if q.device.type in _COMPILED_CASCADE:
+    if _compiled("prefix_suffix_attention", q):
         out, lse = torch.ops.bridge_ops.prefix_suffix_attention(*args)
     else:
         out, lse = _no_grad_reference(reference.prefix_suffix_attention, "prefix_suffix_attention", args)
@@ -206,7 +213,7 @@ def merge_attention_states(
         (out [..., Dh] in o's dtype, lse [...]). Computed in float32 (float64). No backward (an inference op).
     """
     checks.check_tensors(o_a=o_a, lse_a=lse_a, o_b=o_b, lse_b=lse_b)
-    if o_a.device.type in _COMPILED_CASCADE:
+    if _compiled("merge_attention_states", o_a):
         return torch.ops.bridge_ops.merge_attention_states(o_a, lse_a, o_b, lse_b)
     return _no_grad_reference(reference.merge_attention_states, "merge_attention_states", (o_a, lse_a, o_b, lse_b))
 

@@ -1,5 +1,6 @@
 """Bridge in HuggingFace models: patching, group metadata, save/load, and generation with the KV cache."""
 
+import dataclasses
 import os
 
 import pytest
@@ -640,3 +641,20 @@ def test_decode_steps_use_the_fused_op(monkeypatch):
     decode_calls = [s for s in calls if s[1] == 1]
     assert len(decode_calls) == 2 * 2  # 2 layers x 2 decode steps (the first token comes from the prefill)
     assert tiny_config("llama").num_hidden_layers == 2
+
+
+def test_a_sampling_config_draws_what_its_keyword_arguments_draw():
+    model = bridged_model("llama")
+    sampling = bridge_ops.SamplingConfig(max_new_tokens=5, temperature=0.7, top_k=20, top_p=0.9, eos_token_id=[EOS])
+    torch.manual_seed(3)
+    by_config = bridge_ops.generate(model, PROMPTS, [2, 1, 3], sampling=sampling)
+    torch.manual_seed(3)
+    by_keywords = bridge_ops.generate(
+        model, PROMPTS, [2, 1, 3], 5, temperature=0.7, top_k=20, top_p=0.9, eos_token_id=[EOS]
+    )
+    assert by_config.sequences == by_keywords.sequences
+    greedy = bridge_ops.generate(model, PROMPTS, 2, 2, sampling=sampling, do_sample=False)  # a keyword overrides
+    assert greedy.sequences == bridge_ops.generate(model, PROMPTS, 2, 2, do_sample=False).sequences
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sampling.temperature = 1.0
+    assert sampling.updated(temperature=None, top_k=5) == dataclasses.replace(sampling, top_k=5)

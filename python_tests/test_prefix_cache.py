@@ -210,3 +210,53 @@ def test_wrong_batches_and_unsupported_operations_are_refused():
 def test_the_cascade_view_needs_the_prompts_stored():
     with pytest.raises(ValueError, match="store the prompts first"):
         GroupPrefixCache(WIDTHS, torch.tensor([5, 2, 3])).cascade_view()
+
+
+def _with_sinks(model):
+    """A model whose attention modules carry sinks (gpt-oss style), which the cascade refuses."""
+    for layer in model.model.layers:
+        layer.self_attn.sinks = torch.nn.Parameter(torch.zeros(layer.self_attn.config.num_attention_heads))
+    return model
+
+
+AUTO_CASES = {  # model -> the reason the cascade gives (None: it serves the model)
+    "llama": (lambda: tiny_model("llama"), None),
+    "gemma2 (softcapping)": (
+        lambda: _auto_model("gemma2", head_dim=16, final_logit_softcapping=None),
+        "attention logit softcapping",
+    ),
+    "gemma3 (sliding layers)": (
+        lambda: _auto_model("gemma3_text", head_dim=16, sliding_window=4),
+        "layers other than full attention",
+    ),
+    "mistral (sliding window)": (lambda: tiny_model("mistral", sliding_window=4), "a sliding window (4 positions)"),
+    "falcon (no attention registry)": (lambda: _auto_model("falcon"), "does not call registered attention functions"),
+    "llama (sinks)": (lambda: _with_sinks(tiny_model("llama")), "attention sinks"),
+}
+
+
+def _auto_model(model_type, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(vocab_size=61, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4)
+    settings.update(num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, **overrides)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings)).eval()
+
+
+@pytest.mark.parametrize("case", list(AUTO_CASES))
+def test_auto_cache_never_picks_a_path_that_raises(case):
+    """Where the expanded cache generates, cache="auto" generates the same tokens: it refuses the cascade for every
+    feature the cascade attention would raise on, with the reason."""
+    build, reason = AUTO_CASES[case]
+    model = build()
+    got = attention.unsupported_reason(model)
+    assert got == reason if reason is None else reason in got
+    if reason is not None:
+        with pytest.raises((NotImplementedError, RuntimeError)):
+            bridge_ops.generate(model, PROMPTS, WIDTHS, max_new_tokens=3, cache="shared-prefix", do_sample=False)
+    expanded, auto = (
+        bridge_ops.generate(model, PROMPTS, WIDTHS, max_new_tokens=3, eos_token_id=[], cache=c, do_sample=False)
+        for c in ("expanded", "auto")
+    )
+    assert auto.sequences == expanded.sequences

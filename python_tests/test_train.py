@@ -251,7 +251,7 @@ def test_evaluate_widths_counts_by_hand(monkeypatch):
 
     samples = {0: [[4], [5], [5]], 1: [[4], [4], [4]]}  # the responses each prompt gets, in order
 
-    def fake_generate(model, prompts, width, max_new_tokens, **kwargs):
+    def fake_generate(model, prompts, width, max_new_tokens=None, **kwargs):
         index = {tuple(p): i for i, p in enumerate(PROMPTS)}
         sequences = [samples[index[tuple(p)]][:width] for p in prompts]
         return bridge_ops.GenerationOutput(sequences, None, 0, 1.0)

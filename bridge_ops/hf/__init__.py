@@ -2,6 +2,7 @@
 
 from .gguf import gguf_checkpoint, load_gguf, smollm2_gguf
 from .patch import (
+    BLOCK_NAME,
     SUPPORTED_MODEL_TYPES,
     add_residual_blocks,
     apply_bridge,
@@ -28,6 +29,7 @@ from .weights import (
 )
 
 __all__ = [
+    "BLOCK_NAME",
     "BRIDGE_FILES",
     "CONFIG_NAME",
     "SUPPORTED_MODEL_TYPES",

@@ -81,7 +81,9 @@ def _mask(*, q_length: int, **kwargs):
 
 
 def unsupported_reason(model: nn.Module) -> Optional[str]:
-    """Why the cascade cannot serve this model's self-attention (None if it can), judged from its config."""
+    """Why the cascade cannot serve this model's self-attention (None if it can), judged from its config and modules:
+    every feature `_attention` refuses. Head dims, dtypes and devices need no check here: the op itself serves them
+    all (`bridge_ops.dispatch` sends a call its kernels cannot take to the PyTorch reference)."""
     if not getattr(model, "_supports_attention_backend", False):
         return f"{type(model).__name__} does not call registered attention functions"
     config = model.config.get_text_config(decoder=True)
@@ -91,6 +93,8 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
         return f"layers other than full attention ({sorted(set(config.layer_types))})"
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
         return f"a sliding window ({config.sliding_window} positions)"
+    if any(getattr(module, "sinks", None) is not None for module in model.modules()):
+        return "attention sinks"
     return None
 
 

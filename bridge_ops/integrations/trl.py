@@ -50,7 +50,7 @@ from transformers import ProcessorMixin
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import get_config_model_id, split_tensor_dict
 
-from ..hf.patch import BLOCK_NAME, apply_bridge, bridge_blocks, is_bridged
+from ..hf import BLOCK_NAME, apply_bridge, bridge_blocks, is_bridged
 from ..hf.runtime import groups
 from ..hf.weights import save_bridge
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..checks import integer
-from ..generation import check_batch_fits, generate
+from ..generation import SamplingConfig, check_batch_fits, generate
 from ..groups import cu_group_lens_from_sizes
 from ..hf import groups, is_bridged
 from .trainer import seed_of
@@ -171,6 +171,8 @@ def token_log_probs(model: nn.Module, batch: GroupedBatch, temperature: float = 
 
 
 PEERS = ("group", "solo")
+# The sampling of the rollouts, evaluation and warm-up collection unless told otherwise: 16 new tokens at temperature 1.
+TASK_SAMPLING = SamplingConfig(max_new_tokens=16)
 
 
 def rollout(
@@ -178,12 +180,13 @@ def rollout(
     prompts: Sequence[Sequence[int]],
     indices: Sequence[int],
     width: int,
-    max_new_tokens: int,
+    max_new_tokens: Optional[int],
     seed_parts: tuple,
     *,
     copies: int = 1,
     peers: str = "group",
-    temperature: float = 1.0,
+    sampling: SamplingConfig = TASK_SAMPLING,
+    temperature: Optional[float] = None,
     eos_token_id=None,
     pad_token_id=None,
 ) -> List[List[List[int]]]:
@@ -194,12 +197,17 @@ def rollout(
     sample is alone (its Bridge sees only itself: the same checkpoint without interdependence). Copy c of prompt i
     draws from its own generator seeded by `seed_of(*seed_parts, i)` (c = 0) or `seed_of(*seed_parts, i, c)`, and in
     solo mode member m from `seed_of(..., "solo", m)`, so a prompt's samples do not depend on the batch.
+    The tokens are drawn as `sampling` says; max_new_tokens, temperature, eos_token_id and pad_token_id, when given
+    (not None), replace its fields (`SamplingConfig.updated`).
     """
+    sampling = sampling.updated(
+        max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+    )
     if peers not in PEERS:
         raise ValueError(f"bridge_ops: peers must be one of {PEERS}, got {peers!r}")
     if copies < 1 or width < 1:
         raise ValueError(f"bridge_ops: copies and width must be >= 1, got {copies} and {width}")
-    check_batch_fits(model, len(indices) * copies * width, max_new_tokens)
+    check_batch_fits(model, len(indices) * copies * width, sampling.max_new_tokens)
     device = next(model.parameters()).device
     seeds = [(*seed_parts, i) + ((c,) if c else ()) for i in indices for c in range(copies)]
     if peers == "solo":
@@ -211,11 +219,8 @@ def rollout(
         model,
         [prompts[i] for i in indices for _ in range(repeat)],
         group_width,
-        max_new_tokens,
-        temperature=temperature,
+        sampling=sampling,
         generators=generators,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
     )
     rows = [sample for group in result.sequences for sample in group]
     return [rows[g * width : (g + 1) * width] for g in range(len(indices) * copies)]

@@ -26,9 +26,10 @@ from typing import Callable, Dict, Hashable, Iterator, List, Mapping, Optional, 
 import torch
 from torch import nn
 
+from ..generation import SamplingConfig
 from ..hf import bridge_blocks, groups
 from ..ops import bridge_attention
-from .data import GroupedBatch, rollout, token_log_probs
+from .data import TASK_SAMPLING, GroupedBatch, rollout, token_log_probs
 from .losses import sft_loss
 
 
@@ -165,7 +166,8 @@ def distinct_answers(
     *,
     groups_per_prompt: int = 4,
     solo_samples: int = 16,
-    max_new_tokens: int = 16,
+    sampling: SamplingConfig = TASK_SAMPLING,
+    max_new_tokens: Optional[int] = None,
     seed: int = 0,
     prompts_per_batch: int = 64,
     eos_token_id=None,
@@ -177,15 +179,17 @@ def distinct_answers(
     groups: what independent draws with the same per-sample distribution would reach), "valid": share of correct
     with-peers samples, "valid_solo": share of correct solo samples}. distinct > marginal_bound means the members of a
     group coordinate (their answers are negatively correlated); distinct > bound means peers raise the number of
-    distinct correct answers over what the same checkpoint reaches with independent samples."""
+    distinct correct answers over what the same checkpoint reaches with independent samples. Samples are drawn as
+    `sampling` says (default: 16 new tokens at temperature 1); max_new_tokens, eos_token_id and pad_token_id, when
+    given, replace its fields."""
+    sampling = sampling.updated(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     out = []
     for start in range(0, len(prompts), prompts_per_batch):
         indices = list(range(start, min(start + prompts_per_batch, len(prompts))))
-        kwargs = dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         grouped = rollout(
-            model, prompts, indices, width, max_new_tokens, (seed, "peers"), copies=groups_per_prompt, **kwargs
+            model, prompts, indices, width, None, (seed, "peers"), copies=groups_per_prompt, sampling=sampling
         )
-        solo = rollout(model, prompts, indices, solo_samples, max_new_tokens, (seed, "solo"), peers="solo", **kwargs)
+        solo = rollout(model, prompts, indices, solo_samples, None, (seed, "solo"), peers="solo", sampling=sampling)
         for p, i in enumerate(indices):
             groups_of_i = grouped[p * groups_per_prompt : (p + 1) * groups_per_prompt]
             correct = [[extract_answer(r) for r in g if reward_fn(i, r) > 0] for g in groups_of_i]

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..aggregation import majority_vote
-from .data import rollout
+from ..generation import SamplingConfig
+from .data import TASK_SAMPLING, rollout
 
 
 @torch.no_grad()
@@ -33,8 +34,9 @@ def evaluate_widths(
     widths: Sequence[int] = (1, 2, 4, 8, 16),
     *,
     peers: str = "group",
-    max_new_tokens: int = 16,
-    temperature: float = 1.0,
+    sampling: SamplingConfig = TASK_SAMPLING,
+    max_new_tokens: Optional[int] = None,
+    temperature: Optional[float] = None,
     seed: int = 0,
     rows_per_batch: int = 512,
     eos_token_id=None,
@@ -46,8 +48,13 @@ def evaluate_widths(
     "distinct_correct"} (and "problems" with details=True).
 
     reward_fn(i, response_ids) scores a response to prompt i (> 0: correct); extract_answer(response_ids) is what
-    votes, compared with answers[i] (for multi-answer tasks a vote is right when reward_fn accepts it).
+    votes, compared with answers[i] (for multi-answer tasks a vote is right when reward_fn accepts it). The samples
+    are drawn as `sampling` says (default: 16 new tokens at temperature 1); max_new_tokens, temperature, eos_token_id
+    and pad_token_id, when given, replace its fields.
     """
+    sampling = sampling.updated(
+        max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+    )
     model.eval()
     results = []
     bar = None
@@ -60,18 +67,7 @@ def evaluate_widths(
         chunk = max(1, rows_per_batch // width)
         for start in range(0, len(prompts), chunk):
             indices = range(start, min(start + chunk, len(prompts)))
-            samples = rollout(
-                model,
-                prompts,
-                indices,
-                width,
-                max_new_tokens,
-                (seed, width),
-                peers=peers,
-                temperature=temperature,
-                eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id,
-            )
+            samples = rollout(model, prompts, indices, width, None, (seed, width), peers=peers, sampling=sampling)
             for i, group in zip(indices, samples):
                 problems.append(_score(i, group, reward_fn, extract_answer, answers[i]))
             if bar is not None:

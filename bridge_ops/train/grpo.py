@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..files import json_digest
+from ..generation import SamplingConfig
 from .data import grouped_batch, pad_id, rollout, token_log_probs
 from .distributed import DistContext
 from .losses import GRPOLossConfig, checked_reward, group_advantages, grpo_loss
@@ -88,6 +89,16 @@ class GRPOConfig(TrainConfig):
                 f"minibatches={self.minibatches}"
             )
 
+    def sampling(self, eos_token_id=None, pad_token_id: Optional[int] = None) -> SamplingConfig:
+        """How the rollouts draw: max_new_tokens and temperature of this config (the loss's log-probabilities use the
+        same temperature), with the run's EOS and pad ids."""
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+
 
 def train_grpo(
     model: nn.Module,
@@ -124,6 +135,7 @@ def train_grpo(
     k = config.groups_per_prompt
 
     device = next(model.parameters()).device
+    sampling = config.sampling(eos_token_id=eos_token_id, pad_token_id=pad)
 
     def step_fn(step: int, optimizer_step) -> Dict[str, float]:
         chosen = step_rng(config.seed, step).sample(range(len(prompts)), config.prompts_per_step)
@@ -133,16 +145,7 @@ def train_grpo(
         indices = [i for share in shares for i in share]
         model.eval()
         responses = rollout(
-            model,
-            prompts,
-            indices,
-            config.width,
-            config.max_new_tokens,
-            (config.seed, step),
-            copies=k,
-            temperature=config.temperature,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad,
+            model, prompts, indices, config.width, None, (config.seed, step), copies=k, sampling=sampling
         )
         rewards = score_groups(reward_fn, [i for i in indices for _ in range(k)], responses)
         per_prompt = [sum(len(g) for g in responses[p * k : (p + 1) * k]) for p in range(len(indices))]

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from ..charlm import tiny_causal_lm
-from ..hf import apply_bridge, parameter_share
+from ..hf import BLOCK_NAME, apply_bridge, parameter_share
 from .grpo import GRPOConfig, RewardFn, train_grpo
+from .pmatch import BLOCK_NAME as PMATCH_BLOCK_NAME
 from .pmatch import apply_parameter_matched_mlp
 from .sft import WARMUP_MODES, SFTConfig, collect_warmup_groups, identical_groups, train_sft
 from .task_data import TaskData
@@ -227,5 +228,9 @@ def grpo_stage(
 
 def output_norm(model: nn.Module) -> float:
     """Frobenius norm of the added blocks' zero-initialized output projections (how far they are from inert)."""
-    weights = [p for n, p in model.named_parameters() if n.endswith(("bridge.o_proj.weight", "pmatch.down.weight"))]
+    weights = [
+        p
+        for n, p in model.named_parameters()
+        if n.endswith((f"{BLOCK_NAME}.o_proj.weight", f"{PMATCH_BLOCK_NAME}.down.weight"))
+    ]
     return float(torch.stack([w.detach().norm() for w in weights]).norm())

@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from ..files import json_digest
+from ..generation import SamplingConfig
 from ..hf import is_bridged
-from .data import check_token_ids, grouped_batch, pad_id, rollout, token_log_probs
+from .data import TASK_SAMPLING, check_token_ids, grouped_batch, pad_id, rollout, token_log_probs
 from .distributed import DistContext
 from .losses import sft_loss
 from .trainer import TrainConfig, Trainer, step_rng
@@ -135,8 +136,9 @@ def collect_warmup_groups(
     repair_fn: Optional[RepairFn] = None,
     rank_fn: Optional[RankFn] = None,
     min_correct: int = 2,
-    max_new_tokens: int = 16,
-    temperature: float = 1.0,
+    sampling: SamplingConfig = TASK_SAMPLING,
+    max_new_tokens: Optional[int] = None,
+    temperature: Optional[float] = None,
     seed: int = 0,
     batch_prompts: int = 64,
     eos_token_id=None,
@@ -146,7 +148,11 @@ def collect_warmup_groups(
     module docstring). A prompt is kept when at least `min_correct` of its rows are correct: rewarded (reward_fn > 0)
     for "correct" and "distinct" (distinct ones), with correct own reasoning for "repair" (repair_fn's flag), rows of
     the ranked group for "ranked" (rank_fn's output); a repair group also keeps its rows whose reasoning went wrong,
-    with the loss on their answer only."""
+    with the loss on their answer only. The samples are drawn as `sampling` says (default: 16 new tokens at
+    temperature 1); max_new_tokens, temperature, eos_token_id and pad_token_id, when given, replace its fields."""
+    sampling = sampling.updated(
+        max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+    )
     if mode not in WARMUP_MODES:
         raise ValueError(f"bridge_ops: warm-up mode must be one of {WARMUP_MODES}, got {mode!r}")
     needed = {"repair": ("repair_fn",), "ranked": ("reward_fn", "rank_fn")}.get(mode, ("reward_fn",))
@@ -156,17 +162,7 @@ def collect_warmup_groups(
     out: List[Group] = []
     for start in range(0, len(prompts), batch_prompts):
         indices = list(range(start, min(start + batch_prompts, len(prompts))))
-        samples = rollout(
-            model,
-            prompts,
-            indices,
-            width,
-            max_new_tokens,
-            (seed, 0),
-            temperature=temperature,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-        )
+        samples = rollout(model, prompts, indices, width, None, (seed, 0), sampling=sampling)
         for i, responses in zip(indices, samples):
             group = _warmup_group(list(prompts[i]), i, responses, mode, reward_fn, repair_fn, rank_fn)
             if group is not None and group[1] >= min_correct:

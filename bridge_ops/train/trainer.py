@@ -46,7 +46,9 @@ from ..files import (
     verify_sha256,
     write_json,
 )
+from ..hf import BLOCK_NAME
 from .distributed import DistContext
+from .pmatch import BLOCK_NAME as PMATCH_BLOCK_NAME
 
 CHECKPOINT = "checkpoint.pt"
 MANIFEST = "checkpoint.json"
@@ -404,7 +406,7 @@ def _flat(config: dict, prefix: str = "") -> dict:
     return out
 
 
-ADDED_BLOCKS = ("bridge", "pmatch")
+ADDED_BLOCKS = (BLOCK_NAME, PMATCH_BLOCK_NAME)  # the submodule names of the added blocks
 TRAINABLE = ("all", *ADDED_BLOCKS)
 
 
