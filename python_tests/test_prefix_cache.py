@@ -6,7 +6,7 @@ import torch
 from hf_models import MODEL_TYPES, bridged_model, left_padded, tiny_model
 
 import bridge_ops
-from bridge_ops.hf import attention
+from bridge_ops.hf import attention, decode_step
 
 pytest.importorskip("transformers")
 from bridge_ops.cache import GroupPrefixCache  # noqa: E402
@@ -25,7 +25,8 @@ def cascade_calls(monkeypatch):
         calls.append(args[0].shape)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "prefix_suffix_attention", spy)
+    monkeypatch.setattr(attention, "prefix_suffix_attention", spy)  # the HF forward's attention function
+    monkeypatch.setattr(decode_step, "prefix_suffix_attention", spy)  # generate's flat decode step
     return calls
 
 
