@@ -42,7 +42,7 @@ from .groups import GroupLayout
 from .hf.attention import cascade_attention, unsupported_reason
 from .hf.decode_step import step_for
 from .hf.runtime import GROUPS_KWARG, BridgeGroups, cache_argument, groups_active, is_bridged
-from .ops import decode_linear
+from .ops import decode_linear, sample_categorical
 
 Prompts = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[str]]
 
@@ -226,7 +226,8 @@ def check_batch_fits(model: nn.Module, rows: int, max_new_tokens: int) -> None:
 
 
 def _sampler(sampling: SamplingConfig):
-    """The logits processing of HF's sampling path (same warpers, same order), so seeded runs agree with it."""
+    """The logits processing of HF's sampling path (same warpers, same order) and its draw (torch.multinomial's,
+    through `ops.sample_categorical`: the same tokens and generator state), so seeded runs agree with it."""
     from transformers.generation.logits_process import (
         LogitsProcessorList,
         TemperatureLogitsWarper,
@@ -250,12 +251,12 @@ def _sampler(sampling: SamplingConfig):
             probs = torch.softmax(scores, dim=-1)
             next_tokens = torch.cat(
                 [
-                    torch.multinomial(rows, num_samples=1, generator=generators[prompt]).squeeze(1)
+                    sample_categorical(rows, generators[prompt])
                     for prompt, rows in zip(batch.prompts, probs.split(batch.layout.widths))
                 ]
             )
         elif do_sample:
-            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            next_tokens = sample_categorical(torch.softmax(scores, dim=-1))
         else:
             next_tokens = torch.argmax(scores, dim=-1)
         return next_tokens, scores

@@ -48,6 +48,9 @@ TORCH_LIBRARY(bridge_ops, m) {
   // The CPU kernel streams each weight row once for all rows (float32, at most 32 rows; anything else is at::linear).
   // No backward.
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  // One token per row of probs [rows, vocab]: torch.multinomial(probs, 1).squeeze(1)'s draw (same tokens, same
+  // generator state), its transformation and argmax in parallel over rows on the CPU. No backward.
+  m.def("sample_categorical(Tensor probs, Generator? generator=None) -> Tensor");
 }
 
 namespace bridge_ops {

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..ops import decode_linear, prefix_suffix_attention
+from .attention import unsupported_reason as cascade_unsupported_reason
 from .patch import _base_forward_attr, _ResidualForward, decoder_layers
 from .runtime import BridgeGroups
 
@@ -46,7 +47,12 @@ def _residual_chain(layer: nn.Module) -> Optional[List[_ResidualForward]]:
 
 
 def unsupported_reason(model: nn.Module) -> Optional[str]:
-    """Why `DecodeStep` cannot run this model's decode steps (None if it can)."""
+    """Why `DecodeStep` cannot run this model's decode steps (None if it can): what the cascade attention refuses
+    (sliding windows, sinks, softcapping: `bridge_ops.hf.attention.unsupported_reason`), or a layer it does not
+    reproduce."""
+    cascade = cascade_unsupported_reason(model)
+    if cascade is not None:
+        return cascade
     config = model.config
     if getattr(config, "model_type", None) not in MODEL_TYPES:
         return f"model type {getattr(config, 'model_type', None)!r} is not one of {MODEL_TYPES}"
@@ -67,8 +73,8 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
         linears += [getattr(mlp, f"{p}_proj", None) for p in ("gate", "up", "down")]
         if any(type(m) is not nn.Linear for m in linears) or any("forward" in vars(m) for m in linears):
             return "projections that are not plain nn.Linear layers (e.g. LoRA or quantized)"
-        if hasattr(attention, "q_norm") or getattr(attention, "sliding_window", None) is not None:
-            return "attention with query/key norms or a sliding window"
+        if hasattr(attention, "q_norm"):
+            return "attention with query/key norms"
     if type(model.get_output_embeddings()) is not nn.Linear:
         return "an LM head that is not a plain nn.Linear"
     return None
