@@ -133,6 +133,13 @@ def real_model_tables(data) -> None:
         print(f"| without Bridge | {fmt(i['unbridged'])} | {i['tokens'] / i['unbridged']:.1f} |")
         print(f"| with Bridge ({i['share']:.1%} parameters) | {fmt(i['bridged'])} | {i['tokens'] / i['bridged']:.1f} |")
         print(f"| **bridged / unbridged** (median of per-round ratios) | **{i['ratio']:.3f}x** (goal <= 1.10x) | |")
+    for i in by_kind["real_flat_step"]:
+        print()
+        print("| bridge_ops.generate, N = 8, P = 64, 32 new tokens (alternated, same tokens) | time | tokens/s |")
+        print("|---|---|---|")
+        print(f"| decode steps through the HF forward | {fmt(i['hf_forward'])} | {i['tokens'] / i['hf_forward']:.1f} |")
+        print(f"| the flat decode step (hf.decode_step) | {fmt(i['flat'])} | {i['tokens'] / i['flat']:.1f} |")
+        print(f"| **speedup** (median of per-round ratios) | **{i['speedup']:.2f}x** | |")
     for i in by_kind["real_profile"]:
         print()
         wall, steps = i["wall"], i["steps"]

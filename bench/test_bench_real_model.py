@@ -21,6 +21,8 @@ Llama: 30 layers, hidden 576, 9 query / 3 key-value heads, vocabulary 49152, 134
   SmolLM2 with Bridge). Stored per N for the report.
 - overhead: `bridge_ops.generate` at N = 8, P = 64 on the bridged model vs the same model without Bridge,
   alternated. Goal: bridged / unbridged <= 1.10.
+- flat step: `bridge_ops.generate` at N = 8, P = 64 with its flat decode step (bridge_ops.hf.decode_step) vs the same
+  steps through the HF forward, alternated (the same tokens; the speedup is the HF module stack's cost).
 - profile: where the time of one decode step of `bridge_ops.generate` goes (N = 8 and 16, P = 64): torch.profiler's
   self CPU time per operator group, stored in extra_info (the report prints it).
 """
@@ -170,6 +172,33 @@ def test_roofline(benchmark, model):
     benchmark.pedantic(bandwidths, kwargs=dict(gib=0.25, repeats=1), rounds=1, warmup_rounds=0)
 
 
+def test_flat_decode_step(benchmark, model, monkeypatch):
+    import bridge_ops.generation as generation
+
+    ids = prompt(64)
+    real = generation.step_for
+
+    def run(fast):
+        def call():
+            with monkeypatch.context() as m:
+                m.setattr(generation, "step_for", real if fast else (lambda model, cache: None))
+                return bridge_ops.generate(model, ids, 8, NEW_TOKENS, eos_token_id=[], top_k=0)
+
+        return call
+
+    benchmark.group = "flat decode step"
+    flat, hf_forward, speedup = paired_rounds(benchmark, run(True), run(False), 5, warmup_rounds=1)
+    benchmark.extra_info.update(
+        kind="real_flat_step",
+        tokens=8 * NEW_TOKENS,
+        flat=flat,
+        hf_forward=hf_forward,
+        speedup=speedup,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )
+
+
 OPERATOR_GROUPS = {
     "matmuls (decode_linear, linear, mm, bmm)": (
         "bridge_ops::decode_linear",
@@ -181,7 +210,14 @@ OPERATOR_GROUPS = {
     ),
     "attention (SDPA, cascade)": ("aten::_scaled_dot_product", "bridge_ops::prefix_suffix", "bridge_ops::merge"),
     "Bridge (fused decode op)": ("bridge_ops::bridge_block_decode", "bridge_ops::bridge_attention"),
-    "sampling (softmax, multinomial, sort)": ("aten::softmax", "aten::multinomial", "aten::sort", "aten::_softmax"),
+    "sampling (softmax, multinomial's draw, sort)": (
+        "aten::softmax",
+        "aten::_softmax",
+        "aten::multinomial",
+        "aten::exponential_",
+        "bridge_ops::sample_categorical",
+        "aten::sort",
+    ),
 }
 
 
