@@ -56,6 +56,24 @@ def cached_base(train, size: dict, directory: str, progress: bool, seed: int = 0
     return model, seconds
 
 
+def confirmatory_data(task, size: dict, validation_stream: int, test_stream: int):
+    """(train, validation, confirmatory test) TaskData of a char-level `task`: size["train"] train problems; validation:
+    problems test .. test + val of the test split's `validation_stream` (its first size["test"] are what a pilot or an
+    earlier round may have looked at); test: size["test"] problems of the `test_stream`, without any problem of the
+    validation stream's first test + val."""
+    from bridge_ops.charlm import char_tokenizer
+    from bridge_ops.train import TaskData, task_data
+
+    tok = char_tokenizer(task.alphabet)
+    train = task_data(task, tok, "train", size["train"])
+    val = task_data(task, tok, "test", size["val"], seed=validation_stream, skip=size["test"])
+    seen = {p.prompt for p in task.problems("test", size["test"] + size["val"], validation_stream)}
+    fresh = [p for p in task.problems("test", size["test"] + len(seen), test_stream) if p.prompt not in seen]
+    problems = fresh[: size["test"]]
+    test = TaskData(task, tok, problems, [tok(p.prompt)["input_ids"] for p in problems])
+    return train, val, test
+
+
 def evaluate(
     model,
     data,

@@ -49,6 +49,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # (run as a script or imported by the tests)
 from common import (  # noqa: E402
     cached_base,
+    confirmatory_data,
     evaluate,
     experiment_parser,
     grpo_summary,
@@ -158,20 +159,9 @@ def grid(size: dict) -> Dict[str, List[Choice]]:
 def data(setting: Setting):
     """(train, validation, confirmatory test) task data. The test set is the test split's TEST_STREAM without any
     problem of the validation stream's first test + val problems (the stream a pilot may have looked at)."""
-    from bridge_ops.charlm import char_tokenizer
     from bridge_ops.tasks import ScratchpadSumTask
-    from bridge_ops.train import TaskData, task_data
 
-    size = setting.spec
-    task = ScratchpadSumTask(**size["task"])
-    tok = char_tokenizer(task.alphabet)
-    train = task_data(task, tok, "train", size["train"])
-    val = task_data(task, tok, "test", size["val"], seed=VALIDATION_STREAM, skip=size["test"])
-    seen = {p.prompt for p in task.problems("test", size["test"] + size["val"], VALIDATION_STREAM)}
-    fresh = [p for p in task.problems("test", size["test"] + len(seen), TEST_STREAM) if p.prompt not in seen]
-    problems = fresh[: size["test"]]
-    test = TaskData(task, tok, problems, [tok(p.prompt)["input_ids"] for p in problems])
-    return train, val, test
+    return confirmatory_data(ScratchpadSumTask(**setting.spec["task"]), setting.spec, VALIDATION_STREAM, TEST_STREAM)
 
 
 def base_dir(setting: Setting, seed: int) -> str:
