@@ -19,19 +19,6 @@ from .ops import bridge_attention, bridge_block_decode
 
 DEFAULT_HEAD_DIM = 128
 
-# The HF model types Bridge supports explicitly, each with the name of its RMSNorm class, whose forward is the HF
-# Llama RMSNorm formula that bridge_block_decode computes. The one list of supported model types: bridge_ops.hf
-# (SUPPORTED_MODEL_TYPES) and the CLI read it from here.
-RMS_NORM_CLASSES = {
-    "llama": "LlamaRMSNorm",
-    "mistral": "MistralRMSNorm",
-    "qwen2": "Qwen2RMSNorm",
-    "qwen3": "Qwen3RMSNorm",
-}
-
-# Norm classes (by name) that the fused op computes.
-FUSABLE_RMS_NORMS = frozenset(RMS_NORM_CLASSES.values())
-
 
 def default_init_std(hidden_size: int) -> float:
     """hidden_size ** -0.5: the std of the Q/K/V (and P-Match input) projections that keeps projections of a
@@ -49,6 +36,9 @@ class BridgeBlock(nn.Module):
         num_heads: attention heads; default max(1, d_bridge // 128). Must divide d_bridge.
         norm: the input normalization module (e.g. an instance of the base model's RMSNorm class); default
             `torch.nn.RMSNorm(hidden_size, eps)`.
+        llama_rms_norm: `norm` computes HF's Llama RMSNorm (`weight * x / sqrt(mean(x^2) + norm.variance_epsilon)`,
+            in float32), so the fused decode op can compute it (bridge_ops.hf says so for the model types it
+            supports); a torch.nn.RMSNorm is fused without it.
         eps: epsilon of the default RMSNorm.
         init_std: standard deviation of the normal initialization of the Q/K/V projections; default
             `hidden_size ** -0.5`, which gives unit-variance queries and keys from the normalized input, so attention
@@ -67,6 +57,7 @@ class BridgeBlock(nn.Module):
         num_heads: Optional[int] = None,
         *,
         norm: Optional[nn.Module] = None,
+        llama_rms_norm: bool = False,
         eps: float = 1e-6,
         init_std: Optional[float] = None,
         device=None,
@@ -83,6 +74,8 @@ class BridgeBlock(nn.Module):
         self.init_std = default_init_std(hidden_size) if init_std is None else init_std
         factory = {"device": device, "dtype": dtype}
         self.norm = norm if norm is not None else nn.RMSNorm(hidden_size, eps=eps, **factory)
+        # the class that computes it: a wrapper that changes the norm's class (e.g. FSDP's) turns the fusion off
+        self._llama_norm_class = type(self.norm).__name__ if llama_rms_norm else None
         self.q_proj = nn.Linear(hidden_size, d_bridge, bias=False, **factory)
         self.k_proj = nn.Linear(hidden_size, d_bridge, bias=False, **factory)
         self.v_proj = nn.Linear(hidden_size, d_bridge, bias=False, **factory)
@@ -123,7 +116,7 @@ class BridgeBlock(nn.Module):
         self, hidden: torch.Tensor, cu_group_lens: torch.Tensor, key_mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """`hidden + self(hidden, ...)`. When no gradient is needed and the norm is an RMSNorm the fused op computes
-        (torch.nn.RMSNorm, the RMSNorm classes of RMS_NORM_CLASSES), it runs as one `bridge_block_decode` call."""
+        (torch.nn.RMSNorm, or a Llama RMSNorm: `llama_rms_norm`), it runs as one `bridge_block_decode` call."""
         eps = self.fused_norm_eps(hidden.dtype)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, *self.parameters()))
         if eps is None or needs_grad:
@@ -135,7 +128,7 @@ class BridgeBlock(nn.Module):
         """The epsilon of the norm if `bridge_block_decode` can compute it, else None."""
         if isinstance(self.norm, nn.RMSNorm) and self.norm.weight is not None:
             return torch.finfo(dtype).eps if self.norm.eps is None else self.norm.eps
-        if type(self.norm).__name__ in FUSABLE_RMS_NORMS:
+        if type(self.norm).__name__ == self._llama_norm_class:
             return self.norm.variance_epsilon
         return None
 

@@ -149,12 +149,12 @@ def test_the_checks_catch_violations(tmp_path, monkeypatch):
 
 
 def test_supported_model_types_are_listed_once_and_tested():
-    """bridge_ops.block names the supported model types; hf and the CLI derive theirs; the tests build each one."""
-    from bridge_ops.block import RMS_NORM_CLASSES
+    """bridge_ops.hf.patch names the supported model types; the CLI derives its own; the tests build each one."""
     from bridge_ops.hf import SUPPORTED_MODEL_TYPES
+    from bridge_ops.hf.patch import RMS_NORM_CLASSES
 
     assert SUPPORTED_MODEL_TYPES == tuple(RMS_NORM_CLASSES)
     assert sorted(MODEL_TYPES) == sorted(SUPPORTED_MODEL_TYPES)
     for path in PACKAGE.rglob("*.py"):
-        if path.name != "block.py":
+        if path.name != "patch.py":
             assert '"qwen3"' not in path.read_text(), f"{path} lists model types; use SUPPORTED_MODEL_TYPES"

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..block import RMS_NORM_CLASSES, BridgeBlock
+from ..block import BridgeBlock
 from ..checks import integer
 from .runtime import (
     ACTIVE_BLOCK,
@@ -53,8 +53,18 @@ def _generic_norm(layer: nn.Module, config) -> nn.Module:
     return nn.RMSNorm(config.hidden_size, eps=eps)
 
 
+# The HF model types Bridge supports explicitly, each with the name of its RMSNorm class, whose forward is the HF
+# Llama RMSNorm formula that the fused decode op computes. The one list of supported model types (the CLI and the
+# tests read SUPPORTED_MODEL_TYPES).
+RMS_NORM_CLASSES = {
+    "llama": "LlamaRMSNorm",
+    "mistral": "MistralRMSNorm",
+    "qwen2": "Qwen2RMSNorm",
+    "qwen3": "Qwen3RMSNorm",
+}
+
 # model_type -> how to build the input norm of a block added to a layer. Layers are `<base model>.layers` for all of
-# them. The model types are those of bridge_ops.block.RMS_NORM_CLASSES (their norm is the fused op's formula).
+# them.
 REGISTRY: Dict[str, Callable[[nn.Module, object], nn.Module]] = {
     model_type: _llama_like_norm for model_type in RMS_NORM_CLASSES
 }
@@ -97,9 +107,10 @@ def residual_norm(model: nn.Module, layer: nn.Module) -> nn.Module:
 
 def new_bridge_block(model: nn.Module, layer: nn.Module, cfg: BridgeConfig) -> BridgeBlock:
     """The BridgeBlock `apply_bridge` adds to `layer` (on the current default device, in float32)."""
-    return BridgeBlock(
-        model.config.hidden_size, cfg.d_bridge, cfg.num_heads, norm=residual_norm(model, layer), init_std=cfg.init_std
-    )
+    norm = residual_norm(model, layer)
+    llama_rms = type(norm).__name__ == RMS_NORM_CLASSES.get(getattr(model.config, "model_type", None))
+    hidden = model.config.hidden_size
+    return BridgeBlock(hidden, cfg.d_bridge, cfg.num_heads, norm=norm, llama_rms_norm=llama_rms, init_std=cfg.init_std)
 
 
 # ---- residual blocks on decoder layers: the instance patching Bridge and the P-Match baseline share ----------------
