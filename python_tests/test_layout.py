@@ -3,6 +3,7 @@
 import pkgutil
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,3 +52,12 @@ def test_layout_is_the_module_and_groups_the_function():
     # the package's own modules (read from its directory: an editable install of another checkout can map names too)
     modules = {m.name for m in pkgutil.iter_modules(bridge_ops.__path__)}
     assert "layout" in modules and "groups" not in modules
+
+
+@pytest.mark.guarantee
+def test_cu_group_lens_from_sizes_refuses_fractions_and_int32_overflow():
+    with pytest.raises(ValueError, match="group sizes must be integers"):
+        bridge_ops.cu_group_lens_from_sizes([2.5, 1.5])
+    with pytest.raises(ValueError, match="add up to 2147483649 rows"):
+        bridge_ops.cu_group_lens_from_sizes([2**31, 1])
+    assert bridge_ops.cu_group_lens_from_sizes(np.array([2, 3])).tolist() == [0, 2, 5]
