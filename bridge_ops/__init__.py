@@ -4,8 +4,8 @@ from . import reference
 from .aggregation import best_of_n, majority_vote
 from .block import BridgeBlock
 from .generation import GenerationOutput, SamplingConfig, generate
-from .groups import cu_group_lens_from_ids, cu_group_lens_from_sizes, cu_group_lens_from_width, group_sizes
 from .hf import apply_bridge, bridge_parameters, groups, load_bridge, parameter_share, remove_bridge, save_bridge
+from .layout import cu_group_lens_from_ids, cu_group_lens_from_sizes, cu_group_lens_from_width, group_sizes
 from .ops import bridge_attention, bridge_block_decode, merge_attention_states, prefix_suffix_attention
 from .version import __version__
 

@@ -23,7 +23,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .checks import fail, integer
-from .groups import GroupLayout
+from .layout import GroupLayout
 
 _SUFFIX_GROWTH = 64  # suffix capacity grows in steps of this many positions (amortized O(1) append)
 

@@ -38,10 +38,10 @@ from torch import nn
 
 from .aggregation import best_of_n, majority_vote
 from .checks import integer, token_ids
-from .groups import GroupLayout
 from .hf.attention import cascade_attention, unsupported_reason
 from .hf.decode_step import step_for
 from .hf.runtime import GROUPS_KWARG, BridgeGroups, cache_argument, groups_active, is_bridged
+from .layout import GroupLayout
 from .ops import decode_linear, sample_categorical
 
 Prompts = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[str]]

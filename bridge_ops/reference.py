@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checks
-from .groups import group_ids
+from .layout import group_ids
 
 
 def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:

@@ -1,5 +1,5 @@
-"""Shared helpers of the test suite: input builders, the flash-attn style error rule, and the harness that kills a
-process while it saves."""
+"""Shared helpers of the test suite: input builders, parameter snapshots, the flash-attn style error rule, and the
+harness that kills a process while it saves."""
 
 import os
 import random
@@ -141,6 +141,35 @@ def naive_bridge_attention(q, k, v, cu, key_mask=None, scale=None):
                     weights = torch.exp(scores - lse[b, s, h])
                     out[b, s, h] = sum(w * v[j, s, h] for w, j in zip(weights, keys))
     return out, lse
+
+
+def tiny_decode_args() -> dict:
+    """bridge_block_decode's keyword arguments at a tiny size: 4 rows in 2 groups of 2, hidden 16, 2 heads of 4."""
+    hidden, norm = torch.randn(4, 1, 16), torch.ones(16)
+    w, o = torch.randn(8, 16), torch.randn(16, 8)
+    mask = torch.ones(4, 1, dtype=torch.bool)
+    return dict(
+        hidden=hidden,
+        norm_weight=norm,
+        eps=1e-6,
+        q_weight=w,
+        k_weight=w,
+        v_weight=w,
+        o_weight=o,
+        cu_group_lens=bridge_ops.cu_group_lens_from_width(4, 2),
+        key_mask=mask,
+        num_heads=2,
+    )
+
+
+def named_params(model: torch.nn.Module) -> dict:
+    """A copy of every parameter of `model`, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_same_params(model: torch.nn.Module, before: dict) -> None:
+    """Every parameter of `model` still equals its copy in `before` (from named_params)."""
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 # ---- kill -9 during a save ----------------------------------------------------------------------------------------

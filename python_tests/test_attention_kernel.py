@@ -355,3 +355,19 @@ def test_empty_sequence(device):
     assert out.shape == q.shape and lse.shape == (3, 0, 2)
     grads = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
     assert all(g.shape == q.shape for g in grads)
+
+
+@pytest.mark.guarantee
+def test_double_backward_raises_instead_of_returning_zeros():
+    q, k, v, cu, mask = make_inputs([3, 2], 3, 2, 8, torch.float64, requires_grad=True)
+
+    def loss(impl):
+        out, lse = impl(q, k, v, cu, mask)
+        return out.square().sum() + lse.sum()
+
+    grads = torch.autograd.grad(loss(torch.ops.bridge_ops.bridge_attention), (q, k, v), create_graph=True)
+    expected = torch.autograd.grad(loss(reference.bridge_attention), (q, k, v))
+    for got, want in zip(grads, expected):  # first order is right, even with create_graph=True
+        torch.testing.assert_close(got, want)
+    with pytest.raises(RuntimeError, match="bridge_attention has no double backward"):
+        torch.autograd.grad(grads[0].sum(), q)

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from helpers import DTYPES, max_err
+from helpers import DTYPES, max_err, tiny_decode_args
 from torch import nn
 
 import bridge_ops
 from bridge_ops import reference
 
+NAN, INF = float("nan"), float("inf")
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.bridge_ops, "bridge_block_decode"), reason="no compiled _C")
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 5e-2, torch.float16: 5e-3}
@@ -92,3 +93,23 @@ def test_bad_inputs(impl, index, value, message):
     fn = torch.ops.bridge_ops.bridge_block_decode if impl == "kernel" else reference.bridge_block_decode
     with pytest.raises(ValueError, match=message):
         fn(*(args if impl == "kernel" else args[:-1]))
+
+
+@pytest.mark.guarantee
+@pytest.mark.parametrize("name", ["norm_weight", "cu_group_lens", "key_mask", "k_weight"])
+def test_block_decode_with_an_argument_on_meta_is_an_error(name):
+    args = tiny_decode_args()
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=f"{name} is on meta but hidden is on cpu"):
+        bridge_ops.bridge_block_decode(**args)
+
+
+@pytest.mark.guarantee
+@pytest.mark.parametrize("impl", [bridge_ops.bridge_block_decode, reference.bridge_block_decode])
+def test_block_decode_refuses_a_bad_eps_and_a_norm_weight_of_another_dtype(impl):
+    for eps in (0.0, -1e-6, NAN, INF):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            impl(**dict(tiny_decode_args(), eps=eps))
+    args = tiny_decode_args()
+    with pytest.raises(ValueError, match="norm_weight must have the dtype of hidden"):
+        impl(**dict(args, norm_weight=args["norm_weight"].double()))

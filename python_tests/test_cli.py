@@ -130,3 +130,35 @@ def test_package_exports():
         "parameter_share",
     ):
         assert callable(getattr(bridge_ops, name)), name
+
+
+@pytest.mark.guarantee
+def test_cli_user_errors_are_one_line_with_status_2(tmp_path, capsys):
+    from bridge_ops.cli import main
+
+    args = ["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]
+    assert main(args) == 2  # the exit status of `bridge-ops` (sys.exit(main()))
+    err = capsys.readouterr().err
+    assert err.startswith("bridge-ops: error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    with pytest.raises(OSError):
+        main(["--debug", *args])
+
+
+@pytest.mark.guarantee
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--model", "m", "--widths", "1,a"], "argument --widths: 'a' is not an integer"),
+        (["eval", "--model", "m", "--widths", "0"], "argument --widths: must be >= 1, got 0"),
+        (["eval", "--model", "m", "--test-problems", "0"], "argument --test-problems: must be >= 1, got 0"),
+        (["tiny-model", "d", "--hidden-size", "0"], "argument --hidden-size: must be >= 1, got 0"),
+        (["tiny-model", "d", "--layers", "0"], "argument --layers: must be >= 1, got 0"),
+        (["train", "grpo", "--model", "m", "--out", "o", "--minibatches", "0"], "argument --minibatches: must be >= 1"),
+    ],
+)
+def test_cli_bad_numbers_are_argument_errors(args, message, capsys):
+    from bridge_ops.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

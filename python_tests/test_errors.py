@@ -1,12 +1,15 @@
 """Bad inputs get a ValueError naming the argument, from the compiled kernel and from the reference alike."""
 
+import numpy as np
 import pytest
 import torch
-from helpers import HAS_GPU, make_inputs
+from helpers import HAS_GPU, make_inputs, tiny_decode_args
+from test_prefix_attention import cascade_inputs
 
 import bridge_ops
 from bridge_ops import reference
 
+compiled = pytest.mark.skipif(not hasattr(torch.ops.bridge_ops, "prefix_suffix_attention"), reason="no compiled _C")
 IMPLEMENTATIONS = {
     "kernel": lambda q, k, v, cu, mask: torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None),
     "reference": lambda q, k, v, cu, mask: reference.bridge_attention(q, k, v, cu, mask),
@@ -121,3 +124,45 @@ def test_non_finite_inputs_propagate_instead_of_crashing():
     out = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)[0]
     assert torch.isnan(out[0, 0, 0]).all()  # the row with the NaN query
     assert torch.isfinite(out[3:]).all()  # another group is untouched
+
+
+@pytest.mark.guarantee
+@compiled
+@pytest.mark.parametrize("name", ["lse", "grad_lse"])
+def test_attention_backward_with_an_argument_on_meta_is_an_error(name):
+    q, k, v, cu, mask = make_inputs([3, 2], 4, 2, 8)
+    _, lse = torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None)
+    args = dict(
+        grad_out=torch.randn_like(q),
+        grad_lse=torch.randn_like(lse),
+        q=q,
+        k=k,
+        v=v,
+        lse=lse,
+        cu_group_lens=cu,
+        key_mask=mask,
+        scale=None,
+    )
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=f"{name} is on meta but q is on cpu"):
+        torch.ops.bridge_ops.bridge_attention_backward(*args.values())
+
+
+@pytest.mark.guarantee
+@pytest.mark.parametrize(
+    "bad", [np.zeros((5, 4, 2, 8), dtype=np.float32), [[0.0]], None], ids=["numpy", "list", "None"]
+)
+def test_ops_refuse_non_tensors_naming_the_argument(bad):
+    q, k, v, cu, mask = make_inputs([3, 2], 4, 2, 8)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got"):
+        bridge_ops.bridge_attention(bad, k, v, cu, mask)
+    with pytest.raises(TypeError, match="key_mask must be a torch.Tensor or None"):
+        bridge_ops.bridge_attention(q, k, v, cu, np.ones((5, 4), dtype=bool))
+    with pytest.raises(TypeError, match="hidden must be a torch.Tensor"):
+        bridge_ops.bridge_block_decode(**dict(tiny_decode_args(), hidden=bad))
+    with pytest.raises(TypeError, match="lse_b must be a torch.Tensor"):
+        bridge_ops.merge_attention_states(torch.randn(2, 4), torch.randn(2), torch.randn(2, 4), bad)
+    args = cascade_inputs([2], 2, 1, 8, 4, 1)
+    args[3] = bad
+    with pytest.raises(TypeError, match="prefix_lens must be a torch.Tensor"):
+        bridge_ops.prefix_suffix_attention(*args)

@@ -13,6 +13,7 @@ from bridge_ops.hf import bridge_blocks
 pytest.importorskip("transformers")
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+NAN = float("nan")
 
 
 def teacher_forced_logits(model, prompts, widths, result, eos=EOS):
@@ -658,3 +659,136 @@ def test_a_sampling_config_draws_what_its_keyword_arguments_draw():
     with pytest.raises(dataclasses.FrozenInstanceError):
         sampling.temperature = 1.0
     assert sampling.updated(temperature=None, top_k=5) == dataclasses.replace(sampling, top_k=5)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, getattr(model.config, "bridge", None)
+
+
+def _assert_unchanged(model, snapshot):
+    state, bridge = snapshot
+    assert model.state_dict().keys() == state.keys() and getattr(model.config, "bridge", None) == bridge
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def _resave(directory, edit_tensors=None, **config_changes):
+    """Rewrites a saved Bridge consistently (its checksum updated): a wrong save, not a corrupted file."""
+    from safetensors.torch import load_file, save_file
+
+    from bridge_ops.files import read_json, self_digest, sha256_of, write_json
+
+    path = directory / "bridge.safetensors"
+    tensors = load_file(path)
+    if edit_tensors is not None:
+        edit_tensors(tensors)
+    save_file(tensors, path)
+    config = read_json(directory / "bridge_config.json")
+    config.update(config_changes, sha256={"bridge.safetensors": sha256_of(path)})
+    config["sha256"]["bridge_config.json"] = self_digest(config, "bridge_config.json")
+    write_json(directory / "bridge_config.json", config)
+
+
+def _drop_layer_1(tensors):
+    for key in [k for k in tensors if k.startswith("layers.1.")]:
+        del tensors[key]
+
+
+def _nan_norm(tensors):
+    tensors["layers.0.norm.weight"][3] = NAN
+
+
+def _int_q(tensors):
+    tensors["layers.0.q_proj.weight"] = tensors["layers.0.q_proj.weight"].int()
+
+
+BAD_SAVES = {
+    "missing layer": (dict(edit_tensors=_drop_layer_1), "no tensor layers.1.k_proj.weight"),
+    "misshapen tensor": (
+        dict(edit_tensors=lambda t: t.update({"layers.1.o_proj.weight": torch.zeros(64, 16)})),
+        r"layers.1.o_proj.weight has shape \[64, 16\], the model needs \[64, 32\]",
+    ),
+    "edited d_bridge": (dict(d_bridge=16), "d_bridge 16 \\(saved\\) vs 32 \\(model\\)|the model needs \\[16, 64\\]"),
+    "NaN weight": (dict(edit_tensors=_nan_norm), "layers.0.norm.weight holds NaN or infinite values"),
+    "integer tensor": (dict(edit_tensors=_int_q), "not a floating-point tensor"),
+}
+
+
+@pytest.mark.guarantee
+@pytest.mark.parametrize("bridged", [False, True], ids=["plain", "bridged"])
+@pytest.mark.parametrize("case", list(BAD_SAVES))
+def test_load_bridge_refuses_before_changing_the_model(tmp_path, case, bridged):
+    from hf_models import bridged_model, tiny_model
+
+    bridge_ops.save_bridge(bridged_model("llama", seed=1), tmp_path)
+    changes, message = BAD_SAVES[case]
+    _resave(tmp_path, **changes)
+    target = bridged_model("llama") if bridged else tiny_model("llama")
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=message):
+        bridge_ops.load_bridge(target, tmp_path)
+    _assert_unchanged(target, before)
+    assert bridge_ops.hf.is_bridged(target) == bridged
+
+
+@pytest.mark.guarantee
+def test_load_bridge_refuses_another_model_type_unless_allowed(tmp_path):
+    from hf_models import bridged_model, tiny_model
+
+    saved = bridged_model("llama")
+    bridge_ops.save_bridge(saved, tmp_path)
+    qwen2 = tiny_model("qwen2")
+    before = _snapshot(qwen2)
+    with pytest.raises(ValueError, match="model_type 'llama' \\(saved\\) vs 'qwen2' \\(model\\); pass allow_other"):
+        bridge_ops.load_bridge(qwen2, tmp_path)
+    _assert_unchanged(qwen2, before)
+    bridge_ops.load_bridge(qwen2, tmp_path, allow_other_model_type=True)
+    for a, b in zip(bridge_ops.bridge_parameters(saved), bridge_ops.bridge_parameters(qwen2)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.guarantee
+def test_load_bridge_refuses_a_flipped_bit_naming_the_file(tmp_path):
+    from hf_models import bridged_model, tiny_model
+
+    bridge_ops.save_bridge(bridged_model("llama"), tmp_path)
+    path = tmp_path / "bridge.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x10  # one bit of a weight: still a valid safetensors file
+    path.write_bytes(bytes(data))
+    target = tiny_model("llama")
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=f"{path} is corrupted or was replaced: its sha256 is"):
+        bridge_ops.load_bridge(target, tmp_path)
+    _assert_unchanged(target, before)
+
+
+@pytest.mark.guarantee
+def test_unreadable_bridge_files_are_named(tmp_path):
+    from hf_models import bridged_model, tiny_model
+
+    bridge_ops.save_bridge(bridged_model("llama"), tmp_path)
+    config = tmp_path / "bridge_config.json"
+    text = config.read_text()
+    config.write_text(text[:-10])
+    with pytest.raises(ValueError, match=f"{config} is not valid JSON"):
+        bridge_ops.load_bridge(tiny_model("llama"), tmp_path)
+    config.write_text(text.replace('"sha256"', '"old_sha256"'))  # a file saved before checksums existed
+    weights = tmp_path / "bridge.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"cannot read {weights} \\(truncated or not a safetensors file\\)"):
+        bridge_ops.load_bridge(tiny_model("llama"), tmp_path, allow_missing_checksum=True)
+
+
+@pytest.mark.guarantee
+def test_save_bridge_records_checksums_and_leaves_no_temporary_files(tmp_path):
+    from hf_models import bridged_model
+
+    from bridge_ops.files import read_json, self_digest, sha256_of
+
+    bridge_ops.save_bridge(bridged_model("llama"), tmp_path)
+    config = read_json(tmp_path / "bridge_config.json")
+    assert config["sha256"] == {
+        "bridge.safetensors": sha256_of(tmp_path / "bridge.safetensors"),
+        "bridge_config.json": self_digest(config, "bridge_config.json"),
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bridge.safetensors", "bridge_config.json"]

@@ -1,6 +1,6 @@
 """Import layering (issue 12): the core never reaches for research tooling, and training uses only public names.
 
-    core      ops, block, hf/, generation, cache, groups, ... : the kernels, the layer, the HF patching, generation
+    core      ops, block, hf/, generation, cache, layout, ... : the kernels, the layer, the HF patching, generation
     research  train/, tasks/, charlm (tiny-model builders), demo, integrations/, the CLI (cli, argtypes)
 
 The core imports nothing of the research side (not even lazily, inside a function); the training side imports no
@@ -29,8 +29,8 @@ CORE = [
     "dispatch.py",
     "files.py",
     "generation.py",
-    "groups.py",
     "info.py",
+    "layout.py",
     "ops.py",
     "reference.py",
     "version.py",

@@ -210,3 +210,42 @@ def test_reference_bridge_attention_reads_an_inf_value_as_sdpa_and_the_kernel(hi
     assert torch.isposinf(ref[:, 0, 0, 0]).tolist() == sees.tolist()
     assert_same(ref, kernel, rtol=1e-5, atol=1e-5)
     assert_same(ref[sees], dense[sees], rtol=1e-5, atol=1e-5)  # SDPA: 0 * inf = NaN in the rows that do not see it
+
+
+def _poison(args, case):
+    """A NaN or +inf where the row of group 0 (rows 0-1) or row 3 (group 1) can see it; P = 70 spans two key blocks
+    and the vectorized exp."""
+    q, pk, pv, _, sk, sv, _, _ = args
+    if case == "prefix-key-nan":
+        pk[0, 0, 60, 3] = NAN
+    elif case == "prefix-value-nan":
+        pv[0, 1, 69, 0] = NAN
+    elif case == "prefix-key-plus-inf-score":
+        q[0, 0] = q[0, 0].abs()
+        pk[0, 0, 65] = INF
+    elif case == "suffix-key-nan":
+        sk[3, 1, 2, 5] = NAN
+    elif case == "query-nan":
+        q[3, 2, 0] = NAN
+
+
+@pytest.mark.guarantee
+@pytest.mark.parametrize(
+    "case", ["prefix-key-nan", "prefix-value-nan", "prefix-key-plus-inf-score", "suffix-key-nan", "query-nan"]
+)
+def test_prefix_suffix_attention_propagates_nan_and_inf_like_the_reference(case):
+    args = cascade_inputs([2, 3], 4, 2, 16, 70, 4, prefix_lens=[70, 70])
+    _poison(args, case)
+    out, lse = bridge_ops.prefix_suffix_attention(*args, return_lse=True)
+    ref_out, ref_lse = reference.prefix_suffix_attention(*args)
+    q, pk, pv, _, sk, sv, _, _ = args  # stock attention over each row's [prefix; suffix]
+    group = torch.tensor([0, 0, 1, 1, 1])
+    keys, values = (torch.cat([p[group], s], 2).repeat_interleave(2, 1) for p, s in ((pk, sk), (pv, sv)))
+    sdpa = F.scaled_dot_product_attention(q[:, :, None], keys, values)[:, :, 0]
+    nan = torch.isnan(ref_out)
+    assert nan.any() and not nan.all()
+    assert torch.equal(torch.isnan(out), nan) and torch.equal(torch.isnan(sdpa), nan)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(out[~nan], ref_out[~nan])
+    torch.testing.assert_close(lse[finite], ref_lse[finite])

@@ -14,6 +14,7 @@ from helpers import DEVICES, DTYPES, HAS_GPU, assert_flash_rule, max_err
 import bridge_ops
 from bridge_ops import reference
 
+NAN, INF = float("nan"), float("inf")
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.bridge_ops, "prefix_suffix_attention"), reason="no compiled _C")
 
 
@@ -265,3 +266,31 @@ def test_merge_bad_arguments_are_named(merge):
         merge(o, lse, o, lse[:2])
     with pytest.raises(ValueError, match="lse_a must be"):
         merge(o, lse.double(), o, lse)
+
+
+@pytest.mark.guarantee
+def test_prefix_suffix_attention_never_reads_padding():
+    args = cascade_inputs([2, 1], 2, 1, 8, 12, 3, prefix_lens=[5, 12], suffix_lens=[1, 3, 2])
+    q, pk, pv, _, sk, sv, _, _ = args
+    pk[0, :, :7], pv[0, :, :7] = NAN, INF  # left padding of group 0's prompt
+    sk[0, :, 1:], sv[0, :, 1:], sv[2, :, 2] = NAN, NAN, NAN  # beyond suffix_lens
+    out, lse = bridge_ops.prefix_suffix_attention(*args, return_lse=True)
+    ref_out, ref_lse = reference.prefix_suffix_attention(*args)
+    assert torch.isfinite(out).all() and torch.isfinite(ref_out).all()
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+
+
+@pytest.mark.guarantee
+@pytest.mark.parametrize("merge", [bridge_ops.merge_attention_states, reference.merge_attention_states])
+def test_merge_attention_states_takes_plus_inf_lse_as_an_empty_side(merge):
+    o_a, o_b = torch.randn(4, 8), torch.randn(4, 8)
+    lse_a = torch.tensor([INF, 0.5, INF, NAN])
+    lse_b = torch.tensor([1.5, INF, INF, 0.0])
+    o_a[0], o_b[1], o_a[2] = NAN, NAN, NAN  # an empty side is never read
+    out, lse = merge(o_a, lse_a, o_b, lse_b)
+    torch.testing.assert_close(out[0], o_b[0])
+    torch.testing.assert_close(out[1], o_a[1])
+    assert torch.equal(out[2], torch.zeros(8)) and lse[2] == -INF
+    assert torch.isnan(out[3]).all() and torch.isnan(lse[3])
+    torch.testing.assert_close(lse[:2], torch.tensor([1.5, 0.5]))

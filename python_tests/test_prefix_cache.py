@@ -261,3 +261,72 @@ def test_auto_cache_never_picks_a_path_that_raises(case):
         for c in ("expanded", "auto")
     )
     assert auto.sequences == expanded.sequences
+
+
+CASCADE_PROMPTS = [[1, 5, 6, 7, 8], [1, 10], [1, 12, 13]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    pytest.importorskip("transformers")
+    from hf_models import bridged_model
+
+    return bridged_model("llama")
+
+
+def _cascade_decode_logits(model, cache, steps=3):
+    """The prompts' forward into `cache`, then decode steps through the cascade attention, as `generate` runs them."""
+    from hf_models import left_padded
+
+    from bridge_ops.hf.attention import cascade_attention
+
+    ids, mask = left_padded(CASCADE_PROMPTS)
+    rows = torch.repeat_interleave(torch.arange(len(CASCADE_PROMPTS)), torch.tensor([3, 1, 2]))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    tokens = torch.randint(3, 60, (steps, rows.numel(), 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), bridge_ops.groups(model, sizes=[1, 1, 1]):
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    mask, positions = mask[rows], positions[rows, -1:]
+    with torch.no_grad(), cascade_attention(model, cache) as kwargs, bridge_ops.groups(model, sizes=[3, 1, 2]):
+        for step in range(steps):
+            mask, positions = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), positions + 1
+            logits = model(
+                input_ids=tokens[step], attention_mask=mask, position_ids=positions, use_cache=True, **kwargs
+            ).logits  # kwargs hold the cache's cascade view
+    return logits
+
+
+@pytest.mark.guarantee
+def test_a_deep_copied_group_prefix_cache_is_independent(model):
+    import copy
+
+    from bridge_ops.cache import GroupPrefixCache
+
+    lens = torch.tensor([len(p) for p in CASCADE_PROMPTS])
+    fresh = _cascade_decode_logits(model, GroupPrefixCache([3, 1, 2], lens))
+    copied = _cascade_decode_logits(model, copy.deepcopy(GroupPrefixCache([3, 1, 2], lens)))
+    torch.testing.assert_close(copied, fresh, rtol=0, atol=0)
+    original = GroupPrefixCache([3, 1, 2], lens)
+    _cascade_decode_logits(model, original)
+    clone = copy.deepcopy(original)
+    clone.batch_select_indices(torch.tensor([0, 1, 2]))
+    assert original.num_rows == 6 and original.layers[0].cache is original and clone.layers[0].cache is clone
+
+
+@pytest.mark.guarantee
+def test_group_prefix_cache_honors_the_cache_layer_api():
+    """transformers' test_dynamic_cache pattern: update layers, read `cache.layers[i].keys / .values`."""
+    from bridge_ops.cache import GroupPrefixCache
+
+    prefill = torch.tensor([1.0, 2.0])[None, None, :, None]
+    update3, update4 = torch.tensor(3.0)[None, None, None, None], torch.tensor(4.0)[None, None, None, None]
+    cache = GroupPrefixCache([1], torch.tensor([2]))
+    cache.update(prefill, prefill, 0)
+    cache.update(update3, update3, 0)
+    assert cache.layers[0].keys[0, 0, :, 0].tolist() == [1.0, 2.0, 3.0]
+    cache.update(update4, update4, 0)
+    assert cache.layers[0].values[0, 0, :, 0].tolist() == [1.0, 2.0, 3.0, 4.0]
+    cache.update(prefill + 10, prefill + 10, 1)  # a second layer, independently
+    assert cache.layers[1].keys[0, 0, :, 0].tolist() == [11.0, 12.0] and cache.layers[0].keys.shape[2] == 4
+    with pytest.raises(NotImplementedError, match="convert with to_dynamic_cache"):
+        cache.layers[0].keys = prefill

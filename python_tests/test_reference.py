@@ -4,7 +4,10 @@ import pytest
 import torch
 from helpers import make_inputs, max_err, naive_bridge_attention
 
+import bridge_ops
 from bridge_ops import reference
+
+NAN = float("nan")
 
 
 @pytest.mark.parametrize(
@@ -42,3 +45,22 @@ def test_low_precision_mode_computes_in_the_input_dtype():
     assert up.dtype == low.dtype == torch.bfloat16
     assert max_err(up, oracle) <= max_err(low, oracle)
     assert not torch.equal(up, low)
+
+
+@pytest.mark.guarantee
+def test_reference_keeps_nan_of_hidden_keys_in_their_own_row():
+    """A padding or finished row's key/value is hidden from its peers: a NaN there reaches its own output only, in
+    the reference as in the fused kernel."""
+    q, k, v, cu, mask = make_inputs([3, 2, 1], 4, 2, 8)  # ragged: the reference pads the groups
+    mask[:] = True
+    mask[1, :2] = False  # row 1: left padding at positions 0-1
+    mask[4, 3] = False  # row 4: finished before position 3
+    for row, position in ((1, 0), (1, 1), (4, 3)):
+        k[row, position], v[row, position] = NAN, NAN
+    out = bridge_ops.bridge_attention(q, k, v, cu, mask)
+    ref, _ = reference.bridge_attention(q, k, v, cu, mask)
+    poisoned = torch.zeros(6, 4, dtype=torch.bool)
+    poisoned[1, :2] = poisoned[4, 3] = True
+    for result in (out, ref):
+        assert torch.equal(torch.isnan(result).any(-1).any(-1), poisoned)
+    torch.testing.assert_close(out[~poisoned], ref[~poisoned])

@@ -216,3 +216,15 @@ def test_subset_sum_problems_are_those_of_before_the_counting():
         "3,7,8,9,11,15:18=",
         "2,4,6,10,11,12:18=",
     ]
+
+
+@pytest.mark.guarantee
+def test_arithmetic_task_refuses_more_problems_than_exist_at_once():
+    import time
+
+    from bridge_ops.tasks import ArithmeticTask
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="train split of .* has 3321 distinct problems, fewer than the 100000"):
+        ArithmeticTask(max_operand=9).problems("train", 100_000)
+    assert time.perf_counter() - start < 5

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_same_params, named_params
 from hf_models import EOS, PAD, bridged_model, tiny_model
 
 import bridge_ops
@@ -24,6 +25,7 @@ from bridge_ops.train import (
     train_sft,
 )
 
+NAN, INF = float("nan"), float("inf")
 PROMPTS = [[1, 5, 6, 7], [1, 9, 10], [1, 11, 12, 13, 14], [1, 20, 21]]
 
 
@@ -566,3 +568,84 @@ def test_the_identical_rows_warning_is_true_for_every_warm_up():
     message = str(warned[0].message)
     assert "1 of 2 SFT groups have identical rows" in message and "only groups whose rows differ train them" in message
     assert "'repair'" not in message
+
+
+@pytest.mark.guarantee
+@pytest.mark.parametrize("bad", [NAN, INF, None, "1"], ids=["nan", "inf", "None", "str"])
+def test_grpo_refuses_a_reward_that_is_not_a_finite_number(bad):
+    from hf_models import EOS, bridged_model
+
+    from bridge_ops.train import GRPOConfig, train_grpo
+
+    model = bridged_model()
+    before = named_params(model)
+    config = GRPOConfig(steps=1, width=3, prompts_per_step=2, max_new_tokens=2, progress=False)
+    chosen = []
+
+    def reward(index, response):
+        chosen.append(index)
+        return bad if len(chosen) == 5 else 1.0  # the second group's second member
+
+    with pytest.raises(
+        ValueError, match=f"reward_fn returned {bad!r} for prompt {{}} \\(response 1\\)".replace("{}", r"\d")
+    ):
+        train_grpo(model, PROMPTS, reward, config, eos_token_id=EOS)
+    assert_same_params(model, before)
+
+
+@pytest.mark.guarantee
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("log_every", 0),
+        ("steps", 0),
+        ("lr", 0.0),
+        ("lr", NAN),
+        ("checkpoint_every", -1),
+        ("max_grad_norm", -1.0),
+        ("steps", 2.5),
+    ],
+)
+def test_train_configs_refuse_bad_values(field, value):
+    from bridge_ops.train import GRPOConfig, SFTConfig
+
+    for config in (SFTConfig, GRPOConfig):
+        with pytest.raises(ValueError, match=f"{field} must be"):
+            config(**{field: value})
+
+
+@pytest.mark.guarantee
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("minibatches", 0, "minibatches must be an integer >= 1, got 0"),
+        ("groups_per_prompt", 0, "groups_per_prompt must be an integer >= 1"),
+        ("width", 2.0, "width must be an integer >= 1"),
+        ("max_new_tokens", 0, "max_new_tokens must be an integer >= 1"),
+        ("temperature", 0.0, "temperature must be a finite number > 0"),
+        ("minibatches", 3, "prompts_per_step=16 must be a multiple of minibatches=3"),
+    ],
+)
+def test_grpo_config_refuses_bad_values_when_built_and_when_set_later(field, value, message):
+    from hf_models import bridged_model
+
+    from bridge_ops.train import GRPOConfig, train_grpo
+
+    with pytest.raises(ValueError, match=message):
+        GRPOConfig(**{field: value})
+    config = GRPOConfig(progress=False)
+    setattr(config, field, value)  # set after construction (as the recipes do): refused when training starts
+    with pytest.raises(ValueError, match=message):
+        train_grpo(bridged_model(), PROMPTS, lambda i, r: 1.0, config)
+
+
+@pytest.mark.guarantee
+def test_sft_config_set_after_construction_is_checked_when_training_starts():
+    from hf_models import bridged_model
+
+    from bridge_ops.train import SFTConfig, train_sft
+
+    config = SFTConfig(progress=False)
+    config.steps = 0
+    with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
+        train_sft(bridged_model(), [(PROMPTS[0], [[3, 2]])], config)

@@ -297,3 +297,41 @@ def test_real_model_experiment_smoke(tmp_path, smollm2_checkpoint):
     summary = (out / "summary.md").read_text()
     assert "bridge with peers - bridge alone" in summary and "Relative gain" in summary
     assert (out / "accuracy_vs_width.png").stat().st_size > 10_000
+
+
+PRETRAIN = [
+    "train",
+    "pretrain",
+    "--hidden-size",
+    "32",
+    "--layers",
+    "1",
+    "--batch",
+    "8",
+    "--train-problems",
+    "16",
+    "--no-progress",
+]
+
+
+@pytest.mark.guarantee
+def test_pretrain_checks_its_output_directory_before_training(tmp_path, capsys):
+    from bridge_ops.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main([*PRETRAIN, "--out", str(blocker / "out"), "--steps", "1000"]) == 2  # fails at once, trains nothing
+    assert f"cannot write to the output directory {blocker / 'out'}" in capsys.readouterr().err
+
+
+@pytest.mark.guarantee
+def test_pretrain_checkpoints_and_resumes(tmp_path):
+    import json
+
+    from bridge_ops.cli import main
+
+    out = tmp_path / "base"
+    assert main([*PRETRAIN, "--out", str(out), "--steps", "2"]) == 0
+    assert (out / "checkpoint.pt").exists() and (out / "checkpoint.json").exists()
+    assert main([*PRETRAIN, "--out", str(out), "--steps", "3"]) == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

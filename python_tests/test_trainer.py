@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+from helpers import assert_same_params, named_params
 from hf_models import EOS, bridged_model
 
 from bridge_ops.train import GRPOConfig, SFTConfig, TrainConfig, Trainer, train_grpo, train_sft
 
+NAN = float("nan")
 PROMPTS = [[1, 5, 6, 7], [1, 9, 10], [1, 11, 12, 13, 14], [1, 20, 21]]
 GROUPS = [(PROMPTS[0], [[3, 4, 2], [3, 5, 2]]), (PROMPTS[1], [[6, 2], [7, 2]])]
 OTHER_GROUPS = [(PROMPTS[2], [[3, 4, 2], [3, 5, 2]]), (PROMPTS[3], [[6, 2], [7, 2]])]
@@ -101,3 +103,128 @@ def test_grpo_resume_refuses_another_reward_function(tmp_path):
     with pytest.raises(ValueError, match=r"reward_fn '.*\.reward' \(checkpoint\) vs '.*\.other_reward' \(now\)"):
         grpo(other_reward, 2)
     assert [h["step"] for h in grpo(other_reward, 2, allow_resume_changes=("reward_fn",))] == [2]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A finished 2-step SFT run's output directory (tests copy it before changing anything)."""
+    from hf_models import bridged_model
+
+    out = tmp_path_factory.mktemp("sft")
+    _sft(bridged_model(), out)
+    return out
+
+
+@pytest.fixture
+def run_dir(sft_run, tmp_path):
+    import shutil
+
+    return shutil.copytree(sft_run, tmp_path / "run")
+
+
+@pytest.mark.guarantee
+def test_checkpoints_have_a_manifest_and_are_written_atomically(run_dir):
+    from bridge_ops.files import read_json, sha256_of
+
+    manifest = read_json(run_dir / "checkpoint.json")
+    assert manifest["sha256"] == sha256_of(run_dir / "checkpoint.pt") and manifest["step"] == 2
+    assert manifest["run"] == "sft (SFTConfig)" and manifest["config"]["lr"] == 1e-2
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.json", "checkpoint.pt", "metrics.jsonl"]
+
+
+def _flip_a_bit(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.guarantee
+@pytest.mark.parametrize("damage", ["flipped bit", "truncated", "no manifest", "garbage manifest"])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(run_dir, damage):
+    from hf_models import bridged_model
+
+    checkpoint, manifest = run_dir / "checkpoint.pt", run_dir / "checkpoint.json"
+    if damage == "flipped bit":
+        _flip_a_bit(checkpoint)
+        message = f"{checkpoint} is corrupted or was replaced"
+    elif damage == "truncated":
+        checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+        message = f"{checkpoint} is corrupted or was replaced"
+    elif damage == "no manifest":
+        manifest.unlink()
+        message = f"{checkpoint} has no checkpoint.json beside it"
+    else:
+        manifest.write_text("{not json")
+        message = f"{manifest} is not valid JSON"
+    model = bridged_model()
+    before = named_params(model)
+    with pytest.raises(ValueError, match=message):
+        _sft(model, run_dir, steps=3)
+    assert_same_params(model, before)
+
+
+@pytest.mark.guarantee
+def test_resume_refuses_another_config_unless_the_changes_are_allowed(run_dir):
+    from hf_models import bridged_model
+
+    model = bridged_model()
+    with pytest.raises(
+        ValueError,
+        match=r"another configuration: lr 0.01 \(checkpoint\) vs 0.02 \(now\), seed 0 "
+        r"\(checkpoint\) vs 1 \(now\); resume with the same settings",
+    ):
+        _sft(model, run_dir, steps=3, lr=0.02, seed=1)
+    history = _sft(model, run_dir, steps=3, lr=0.02, allow_resume_changes=("lr",))
+    assert [h["step"] for h in history] == [3]  # resumed after step 2, at the new learning rate
+
+
+@pytest.mark.guarantee
+def test_grpo_refuses_the_output_directory_of_an_sft_run(run_dir):
+    from hf_models import EOS, bridged_model
+
+    from bridge_ops.train import GRPOConfig, train_grpo
+
+    model = bridged_model()
+    before = named_params(model)
+    config = GRPOConfig(steps=3, width=2, prompts_per_step=2, max_new_tokens=2, progress=False, out_dir=str(run_dir))
+    with pytest.raises(ValueError, match=r"holds the checkpoint of a sft \(SFTConfig\) run, not of this grpo"):
+        train_grpo(model, PROMPTS, lambda i, r: 1.0, config, eos_token_id=EOS)
+    assert_same_params(model, before)
+
+
+@pytest.mark.guarantee
+def test_resume_into_another_d_bridge_changes_nothing(run_dir):
+    from hf_models import bridged_model
+
+    model = bridged_model(d_bridge=16)
+    before = named_params(model)
+    with pytest.raises(
+        ValueError,
+        match="q_proj.weight is torch.float32 \\[32, 64\\] in the checkpoint, torch.float32 \\[16, 64\\] in the model",
+    ):  # other initial weights are allowed here, so the tensors themselves are checked
+        _sft(model, run_dir, steps=3, allow_resume_changes=("initial_weights",))
+    assert_same_params(model, before)
+
+
+@pytest.mark.guarantee
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_a_non_finite_loss_or_gradient_stops_training_before_the_update(poison):
+    from bridge_ops.train import TrainConfig, Trainer
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    model = torch.nn.Module()
+    model.weight = weight
+
+    def step_fn(step, optimizer_step):
+        loss = weight.sum() + (NAN if poison == "loss" and step == 2 else 0.0)
+        if poison == "gradient" and step == 2:
+            weight.register_hook(lambda g: g * NAN)
+        loss.backward()
+        optimizer_step(loss)
+        return {"loss": loss.item()}
+
+    trainer = Trainer(model, {"weight": weight}, TrainConfig(steps=3, lr=0.1, progress=False), step_fn)
+    with pytest.raises(FloatingPointError, match="step 2: the .* is not finite; training stopped before the update"):
+        trainer.train()
+    assert trainer.step == 1 and torch.isfinite(weight).all() and weight.grad is None
+    torch.testing.assert_close(weight.detach(), torch.full((3,), 0.9), atol=1e-3, rtol=0)  # one AdamW step of lr 0.1

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..checks import integer, token_ids
-from ..groups import cu_group_lens_from_sizes, cu_group_lens_from_width
+from ..layout import cu_group_lens_from_sizes, cu_group_lens_from_width
 
 GROUPS_KWARG = "bridge_groups"  # the forward keyword argument that carries a forward's BridgeGroups
 ACTIVE_BLOCK = "_bridge_groups_block"  # attribute of a bridged model: its active groups(...) block, or None

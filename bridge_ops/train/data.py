@@ -22,8 +22,8 @@ from torch import nn
 
 from ..checks import integer
 from ..generation import SamplingConfig, check_batch_fits, generate
-from ..groups import cu_group_lens_from_sizes
 from ..hf import groups, is_bridged
+from ..layout import cu_group_lens_from_sizes
 from .trainer import seed_of
 
 

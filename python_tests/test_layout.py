@@ -1,10 +1,14 @@
-"""Helpers that build cu_group_lens."""
+"""bridge_ops.layout: the helpers that build cu_group_lens."""
 
+import pkgutil
+import types
+
+import numpy as np
 import pytest
 import torch
 
 import bridge_ops
-from bridge_ops.groups import group_ids
+from bridge_ops.layout import GroupLayout, group_ids
 
 
 def test_from_width():
@@ -38,3 +42,22 @@ def test_from_ids():
         bridge_ops.cu_group_lens_from_ids(torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="non-empty 1-D"):
         bridge_ops.cu_group_lens_from_ids(torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_layout_is_the_module_and_groups_the_function():
+    """One name per concept: `bridge_ops.layout` is the group-layout module, `bridge_ops.groups` only the function."""
+    assert isinstance(bridge_ops.layout, types.ModuleType) and bridge_ops.layout.__name__ == "bridge_ops.layout"
+    assert bridge_ops.layout.GroupLayout is GroupLayout and bridge_ops.layout.group_ids is group_ids
+    assert isinstance(bridge_ops.groups, types.FunctionType) and bridge_ops.groups is bridge_ops.hf.runtime.groups
+    # the package's own modules (read from its directory: an editable install of another checkout can map names too)
+    modules = {m.name for m in pkgutil.iter_modules(bridge_ops.__path__)}
+    assert "layout" in modules and "groups" not in modules
+
+
+@pytest.mark.guarantee
+def test_cu_group_lens_from_sizes_refuses_fractions_and_int32_overflow():
+    with pytest.raises(ValueError, match="group sizes must be integers"):
+        bridge_ops.cu_group_lens_from_sizes([2.5, 1.5])
+    with pytest.raises(ValueError, match="add up to 2147483649 rows"):
+        bridge_ops.cu_group_lens_from_sizes([2**31, 1])
+    assert bridge_ops.cu_group_lens_from_sizes(np.array([2, 3])).tolist() == [0, 2, 5]
