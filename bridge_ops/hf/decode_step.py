@@ -16,7 +16,7 @@ HF forward. No backward: decode steps run under torch.no_grad.
 """
 
 import sys
-from typing import List, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -80,46 +80,84 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
     return None
 
 
+class _Layer(NamedTuple):
+    """What a decode step reads of one decoder layer, looked up once (module attribute lookups are most of the Python
+    cost of a step): its norms, (weight, bias) of each projection, and the residual blocks after it."""
+
+    input_norm: nn.Module
+    q: Tuple[torch.Tensor, Optional[torch.Tensor]]
+    k: Tuple[torch.Tensor, Optional[torch.Tensor]]
+    v: Tuple[torch.Tensor, Optional[torch.Tensor]]
+    o: Tuple[torch.Tensor, Optional[torch.Tensor]]
+    post_norm: nn.Module
+    gate: Tuple[torch.Tensor, Optional[torch.Tensor]]
+    up: Tuple[torch.Tensor, Optional[torch.Tensor]]
+    down: Tuple[torch.Tensor, Optional[torch.Tensor]]
+    act_fn: nn.Module
+    head_dim: int
+    scaling: float
+    residuals: List[Tuple[object, nn.Module, bool]]  # (residual function, block, whether it takes the groups)
+
+    @staticmethod
+    def of(layer: nn.Module) -> "_Layer":
+        attention, mlp = layer.self_attn, layer.mlp
+
+        def weights(linear: nn.Linear):
+            return linear.weight, linear.bias
+
+        residuals = [(w.residual, getattr(layer, w.name), w.take is not None) for w in _residual_chain(layer)]
+        return _Layer(
+            layer.input_layernorm,
+            *(weights(getattr(attention, f"{p}_proj")) for p in "qkvo"),
+            layer.post_attention_layernorm,
+            *(weights(getattr(mlp, f"{p}_proj")) for p in ("gate", "up", "down")),
+            mlp.act_fn,
+            attention.head_dim,
+            attention.scaling,
+            residuals,
+        )
+
+
 class DecodeStep:
     """`step(tokens, positions, cache, groups)`: next-token logits float32 [B, vocab] of one decode step.
 
     tokens: long [B], the token fed to each row; positions: long [B], its position id; cache: the GroupPrefixCache of
     `generate` (prompts stored; each layer's suffix grows by one position); groups: the step's BridgeGroups (None for
-    a model without Bridge). The weights are read from the model at every call (in-place updates are seen)."""
+    a model without Bridge). The weight tensors are looked up once, at construction (a step object serves one
+    generation): in-place updates are seen, parameters replaced on the modules afterwards are not."""
 
     def __init__(self, model: nn.Module):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"bridge_ops: DecodeStep cannot run this model: {reason}")
-        self.model = model
-        self.decoder = model.model
-        self.layers = list(decoder_layers(model))
-        self.chains = [_residual_chain(layer) for layer in self.layers]
-        self.rotate = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
-        self.head = model.get_output_embeddings()
+        decoder = model.model
+        self.embed, self.rotary, self.norm = decoder.embed_tokens, decoder.rotary_emb, decoder.norm
+        layers = list(decoder_layers(model))
+        self.layers = [_Layer.of(layer) for layer in layers]
+        self.rotate = sys.modules[type(layers[0].self_attn).__module__].apply_rotary_pos_emb
+        head = model.get_output_embeddings()
+        self.head = head.weight, head.bias
 
     @torch.no_grad()
     def __call__(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache, groups: Optional[BridgeGroups]
     ) -> torch.Tensor:
-        hidden = self.decoder.embed_tokens(tokens[:, None])  # [B, 1, D], HF's layout throughout
-        cos, sin = self.decoder.rotary_emb(hidden, positions[:, None])  # [B, 1, Dh]
+        hidden = self.embed(tokens[:, None])  # [B, 1, D], HF's layout throughout
+        cos, sin = self.rotary(hidden, positions[:, None])  # [B, 1, Dh]
         cos, sin = cos[:, 0], sin[:, 0]  # [B, Dh]: broadcast over the heads of [B, H, Dh]
-        for layer, chain, kv in zip(self.layers, self.chains, cache.layers):
+        for layer, kv in zip(self.layers, cache.layers):
             hidden = self._layer(layer, hidden, cos, sin, kv, cache)
-            for wrapper in chain:
-                hidden = wrapper.residual(getattr(layer, wrapper.name), hidden, groups if wrapper.take else None)
-        hidden = self.decoder.norm(hidden)
-        return _linear(self.head, hidden)[:, -1].float()
+            for residual, block, takes_groups in layer.residuals:
+                hidden = residual(block, hidden, groups if takes_groups else None)
+        return decode_linear(self.norm(hidden), *self.head)[:, -1].float()
 
-    def _layer(self, layer, hidden, cos, sin, kv, cache) -> torch.Tensor:
+    def _layer(self, layer: _Layer, hidden, cos, sin, kv, cache) -> torch.Tensor:
         """LlamaDecoderLayer.forward for one new position per row: pre-norm attention and MLP, each a residual."""
-        attention = layer.self_attn
-        rows, head_dim = hidden.shape[0], attention.head_dim
-        x = layer.input_layernorm(hidden)
-        q = _linear(attention.q_proj, x).view(rows, -1, head_dim)  # [B, Hq, Dh]
-        k = _linear(attention.k_proj, x).view(rows, -1, head_dim)  # [B, Hkv, Dh]
-        v = _linear(attention.v_proj, x).view(rows, -1, 1, head_dim)  # [B, Hkv, 1, Dh]
+        rows, head_dim = hidden.shape[0], layer.head_dim
+        x = layer.input_norm(hidden)
+        q = decode_linear(x, *layer.q).view(rows, -1, head_dim)  # [B, Hq, Dh]
+        k = decode_linear(x, *layer.k).view(rows, -1, head_dim)  # [B, Hkv, Dh]
+        v = decode_linear(x, *layer.v).view(rows, -1, 1, head_dim)  # [B, Hkv, 1, Dh]
         q, k = self.rotate(q, k, cos, sin)
         kv.append_rows(k[:, :, None], v)
         out = prefix_suffix_attention(
@@ -131,17 +169,12 @@ class DecodeStep:
             kv.suffix_values,
             cache.cu_group_lens,
             None,
-            attention.scaling,
+            layer.scaling,
         )
-        hidden = hidden + _linear(attention.o_proj, out.reshape(rows, 1, -1))
-        mlp = layer.mlp
-        x = layer.post_attention_layernorm(hidden)
-        x = _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
+        hidden = hidden + decode_linear(out.reshape(rows, 1, -1), *layer.o)
+        x = layer.post_norm(hidden)
+        x = decode_linear(layer.act_fn(decode_linear(x, *layer.gate)) * decode_linear(x, *layer.up), *layer.down)
         return hidden + x
-
-
-def _linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return decode_linear(x, module.weight, module.bias)
 
 
 def step_for(model: nn.Module, cache) -> Optional[DecodeStep]:
