@@ -9,12 +9,32 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import ClassVar, Dict, List, Optional
 
 import torch
 
 MAX_NEW_TOKENS = 16
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What every job of one run needs (picklable): the size's name, where the run writes, whether jobs show
+    progress. An experiment subclasses it with its SIZES and NAME (its directory under `out`)."""
+
+    size: str
+    out: str
+    progress: bool
+    SIZES: ClassVar[dict] = {}
+    NAME: ClassVar[str] = ""
+
+    @property
+    def spec(self) -> dict:
+        return self.SIZES[self.size]
+
+    @property
+    def directory(self) -> str:
+        return os.path.join(self.out, self.NAME)
 
 
 def experiment_parser(description: str, sizes) -> argparse.ArgumentParser:

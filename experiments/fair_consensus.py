@@ -47,6 +47,7 @@ from typing import Dict, List, Tuple
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # (run as a script or imported by the tests)
+import common  # noqa: E402
 from common import (  # noqa: E402
     cached_base,
     confirmatory_data,
@@ -115,21 +116,10 @@ WIDTH, GROUPS_PER_PROMPT = 4, 2  # every method's GRPO: k groups of N per prompt
 VALIDATION_STREAM, TEST_STREAM = 0, 1  # split seeds: validation (tuning) and the confirmatory test set
 
 
-@dataclasses.dataclass(frozen=True)
-class Setting:
+class Setting(common.Setting):
     """What every job of one run needs (picklable)."""
 
-    size: str
-    out: str
-    progress: bool
-
-    @property
-    def spec(self) -> dict:
-        return SIZES[self.size]
-
-    @property
-    def directory(self) -> str:
-        return os.path.join(self.out, "fair_consensus")
+    SIZES, NAME = SIZES, "fair_consensus"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,7 +43,6 @@ seed), grid.csv, training.csv, summary.md and distinct_vs_yardsticks.png.
 """
 
 import copy
-import dataclasses
 import gzip
 import os
 import statistics
@@ -54,6 +53,7 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # (run as a script or imported by the tests)
+import common  # noqa: E402
 from common import (  # noqa: E402
     cached_base,
     confirmatory_data,
@@ -125,21 +125,10 @@ YARDSTICKS = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class Setting:
+class Setting(common.Setting):
     """What every job of one run needs (picklable)."""
 
-    size: str
-    out: str
-    progress: bool
-
-    @property
-    def spec(self) -> dict:
-        return SIZES[self.size]
-
-    @property
-    def directory(self) -> str:
-        return os.path.join(self.out, "fair_coordination")
+    SIZES, NAME = SIZES, "fair_coordination"
 
 
 def data(setting: Setting):
