@@ -1,6 +1,7 @@
 """Run by test_train_distributed.py, alone or under `torchrun --nproc_per_node 2`: Bridge SFT then GRPO on a tiny
 model with a toy reward; rank 0 saves the final parameters to argv[1]."""
 
+import os
 import sys
 
 import torch
@@ -64,3 +65,6 @@ def main(path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the work is written: skip interpreter teardown, where a gloo rank's threads can still abort it

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from trl_worker import WIDTH
 
+from bridge_ops.train import DistContext
+
 
 def per_prompt_seeded(model, pad_id: int, step) -> None:
     """The bridged model's generate runs each group of WIDTH rows alone, seeded by its prompt and `step()`."""
@@ -93,9 +95,11 @@ def main(mode: str, path: str, beta: float) -> None:
             "restored_bridge": {k: v for k, v in restored.items() if ".bridge." in k},
         }
         torch.save(result, path)
-    if world > 1:
-        torch.distributed.barrier()
+    DistContext(rank, world).finish()  # wait for every rank, then leave the group before exit (an abort otherwise)
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], float(sys.argv[3]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the work is written: skip interpreter teardown, where a gloo rank's threads can still abort it

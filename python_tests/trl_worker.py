@@ -17,6 +17,7 @@ import torch
 import bridge_ops
 from bridge_ops.charlm import char_tokenizer, tiny_causal_lm
 from bridge_ops.hf.runtime import base_model
+from bridge_ops.train import DistContext
 
 WIDTH = 4
 PROMPTS = [f"{a}+{b}=" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 1), (2, 3), (4, 5), (6, 7)]]
@@ -187,7 +188,11 @@ def main(path: str) -> None:
     summary.update(world_size=trainer.accelerator.num_processes, prompts=prompts)
     with open(f"{path}.rank{rank}.json", "w") as f:
         json.dump(summary, f)
+    DistContext(rank, trainer.accelerator.num_processes).finish()  # leave the group before exit (an abort otherwise)
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the work is written: skip interpreter teardown, where a gloo rank's threads can still abort it
