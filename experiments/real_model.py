@@ -53,7 +53,6 @@ from common import RESULTS, grpo_summary, interval, per_problem, write_csv  # no
 
 SYSTEM = "Solve the word problem. Write one equation per step, then: The answer is N."
 METHODS = ("grpo-correct", "pmatch-correct", "bridge-correct")
-INDEPENDENT = ("grpo-correct", "pmatch-correct")
 VALIDATION_STREAM, TEST_STREAM = 0, 1  # split seeds of the test split: validation (the pilots) and confirmatory test
 SIZES = {
     "smoke": dict(
@@ -265,17 +264,18 @@ def evaluate(setting: Setting, model, data, widths, peers: str = "group") -> Lis
     )
 
 
-def first_samples(entry: dict, width: int) -> dict:
+def first_samples(entry: dict, width: int, answers: List[str]) -> dict:
     """An evaluation at width N restricted to each problem's first `width` samples: the evaluation at `width` of a
-    method whose samples are independent (no Bridge, or Bridge solo)."""
+    method whose samples are independent (no Bridge, or Bridge solo). The vote is scored as `evaluate_widths` scores
+    it: right when it is the problem's answer (`answers[i]`) or a correct sample gives it."""
     from bridge_ops.aggregation import majority_vote
 
     problems = []
-    for p in entry["problems"]:
-        correct, answers = p["correct"][:width], p["answers"][:width]
-        vote = majority_vote(answers)
-        ok = vote is not None and any(c for c, a in zip(correct, answers) if a == vote)
-        problems.append({"correct": correct, "answers": answers, "vote_correct": ok})
+    for p, answer in zip(entry["problems"], answers):
+        correct, given = p["correct"][:width], p["answers"][:width]
+        vote = majority_vote(given)
+        ok = vote is not None and (vote == answer or any(c for c, a in zip(correct, given) if a == vote))
+        problems.append({"correct": correct, "answers": given, "vote_correct": ok})
     return {"width": width, "peers": entry["peers"], "problems": problems}
 
 
@@ -290,12 +290,12 @@ def evaluations(setting: Setting, model, test, bridge: bool) -> Dict[tuple, dict
             out[(entry["width"], "group")] = entry
         solo = evaluate(setting, model, test, [top], peers="solo")[0]
         for w in widths:
-            out[(w, "solo")] = first_samples(solo, w)
+            out[(w, "solo")] = first_samples(solo, w, test.answers)
         out[(1, "group")] = out[(1, "solo")]
     else:
         full = evaluate(setting, model, test, [top])[0]
         for w in widths:
-            out[(w, "group")] = first_samples(full, w)
+            out[(w, "group")] = first_samples(full, w, test.answers)
     return out
 
 
@@ -320,7 +320,7 @@ def run(setting: Setting, log) -> dict:
     stages["validation"] = time.perf_counter() - start
     log(f"validation: base mean accuracy {100 * validation['mean_accuracy']:.1f}%")
 
-    spec = method_spec(size)
+    spec, top = method_spec(size), max(size["widths"])
     start = time.perf_counter()
     groups = warmup_groups(base, "correct", train, spec)
     stages["warm-up samples"] = time.perf_counter() - start
@@ -356,7 +356,14 @@ def run(setting: Setting, log) -> dict:
         )
         log(f"{method}: trained {trained:.0f} s, evaluated {evaluated:.0f} s; GRPO reward {summary}")
         del model
-    return {"evals": evals, "training": training, "stages": stages, "validation": validation, "groups": len(groups)}
+    header = (
+        f"Base: SmolLM2-135M-Instruct after format fine-tuning; validation ({size['val']} problems, N={top}): "
+        f"{100 * validation['mean_accuracy']:.1f}% mean accuracy. Test: {size['test']} problems (stream "
+        f"{TEST_STREAM}). Warm-up: {len(groups)} groups of correct base samples, {size['warmup_steps']} steps; "
+        f"GRPO: {size['grpo_steps']} steps x {size['prompts_per_step']} prompts x 1 group of {size['width']} "
+        "(the same for every method)."
+    )
+    return {"evals": evals, "training": training, "stages": stages, "methods": METHODS, "header": header}
 
 
 # ---- the report ------------------------------------------------------------------------------------------------------
@@ -385,20 +392,25 @@ def gain_ratio(bridge: dict, baseline: dict, base: dict, metric: str, resamples:
     }
 
 
+def roles(methods) -> tuple:
+    """(the Bridge method, the independent methods, the GRPO method) among `methods`."""
+    bridge = next(m for m in methods if m.startswith("bridge"))
+    return bridge, tuple(m for m in methods if m != bridge), next(m for m in methods if m.startswith("grpo"))
+
+
 def report(setting: Setting, result: dict) -> str:
-    size, evals = setting.spec, result["evals"]
+    """The tables of summary.md: every method and width, the paired differences, the relative gain, training; the
+    methods are result["methods"] (one Bridge method, one GRPO method, any other independent ones)."""
+    size, evals, methods = setting.spec, result["evals"], result["methods"]
     widths, top = size["widths"], max(size["widths"])
+    bridge_method, independent, grpo_method = roles(methods)
     lines = [
-        f"Base: SmolLM2-135M-Instruct after format fine-tuning; validation ({size['val']} problems, N={top}): "
-        f"{100 * result['validation']['mean_accuracy']:.1f}% mean accuracy. Test: {size['test']} problems (stream "
-        f"{TEST_STREAM}). Warm-up: {result['groups']} groups of correct base samples, {size['warmup_steps']} steps; "
-        f"GRPO: {size['grpo_steps']} steps x {size['prompts_per_step']} prompts x 1 group of {size['width']} "
-        "(the same for every method).",
+        result["header"],
         "",
         "| method | N | peers | " + " | ".join(name.split(" (")[0] for _, name in METRICS) + " |",
         "|---|---|---|" + "---|" * len(METRICS),
     ]
-    for method in ("base",) + METHODS:
+    for method in ("base",) + tuple(methods):
         for (width, peers), entry in sorted(evals[method].items()):
             if peers == "solo" and width == 1:
                 continue
@@ -406,12 +418,12 @@ def report(setting: Setting, result: dict) -> str:
             lines.append(
                 f"| {method} | {width} | {'alone' if peers == 'solo' else 'peers'} | " + " | ".join(cells) + " |"
             )
-    bridge = evals["bridge-correct"]
+    bridge = evals[bridge_method]
     lines += ["", "Differences in points, paired bootstrap over test problems (95%):", ""]
     lines += ["| comparison | N | " + " | ".join(name.split(" (")[0] for _, name in METRICS) + " |"]
     lines += ["|---|---|" + "---|" * len(METRICS)]
     rows = [("bridge with peers - bridge alone", top, bridge[(top, "group")], bridge[(top, "solo")])]
-    for baseline in INDEPENDENT:
+    for baseline in independent:
         for w in widths:
             rows.append((f"bridge - {baseline}", w, bridge[(w, "group")], evals[baseline][(w, "group")]))
     for name, w, a, b in rows:
@@ -421,7 +433,7 @@ def report(setting: Setting, result: dict) -> str:
     for w in widths:
         cells = []
         for m in ("mean_accuracy", "majority_accuracy"):
-            r = gain_ratio(bridge[(w, "group")], evals["grpo-correct"][(w, "group")], evals["base"][(w, "group")], m)
+            r = gain_ratio(bridge[(w, "group")], evals[grpo_method][(w, "group")], evals["base"][(w, "group")], m)
             cells.append(f"{r['mean']:.2f} [{r['low']:.2f}, {r['high']:.2f}]")
         lines.append(f"| {w} | " + " | ".join(cells) + " |")
     lines += [
@@ -433,7 +445,8 @@ def report(setting: Setting, result: dict) -> str:
     lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in result["training"]:
         lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
-    lines += ["", "Stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["stages"].items())]
+    if "stages" in result:
+        lines += ["", "Stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["stages"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -466,11 +479,11 @@ def plot(setting: Setting, result: dict, path: str) -> None:
     widths, top, evals = setting.spec["widths"], max(setting.spec["widths"]), result["evals"]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
     for ax, (metric, name) in zip(axes, METRICS):
-        for method in ("base",) + METHODS:
+        for method in ("base",) + tuple(result["methods"]):
             ax.plot(
                 widths, [100 * value(evals[method][(w, "group")], metric) for w in widths], marker="o", label=method
             )
-        alone = 100 * value(evals["bridge-correct"][(top, "solo")], metric)
+        alone = 100 * value(evals[roles(result["methods"])[0]][(top, "solo")], metric)
         ax.plot([top], [alone], "kx", markersize=10, label="bridge, each sample alone")
         ax.set_xscale("log", base=2)
         ax.set_xticks(widths, [str(w) for w in widths])
@@ -484,16 +497,21 @@ def plot(setting: Setting, result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def arguments(doc: str, sizes: dict):
+    """The command line of a real-model script: --size, --out, --device, --cache-dir, --no-progress."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="default")
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(sizes), default="default")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cache-dir", help="where the converted model and the format-tuned base are kept")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = arguments(__doc__, SIZES).parse_args(argv)
     setting = Setting(args.size, args.out, not args.no_progress, args.device, args.cache_dir)
     started = time.perf_counter()
 

@@ -179,6 +179,20 @@ def test_word_problems_are_seeded_correct_and_parse_answers():
         WordProblemTask(operations="+/")
 
 
+def test_word_problem_repair_keeps_the_chain_and_writes_the_correct_answer():
+    from bridge_ops.tasks import WordProblemTask
+
+    task = WordProblemTask(steps=2)
+    problem = task.problems("train", 1, seed=0)[0]
+    (reference,) = task.references(problem)
+    assert task.repair(reference, problem) == (reference, len(f" {problem.answer}."), True)
+    wrong = "1 + 1 = 3. The Answer is 3, I think."
+    fixed, tail, own_ok = task.repair(wrong, problem)
+    assert fixed == f"1 + 1 = 3. The Answer is {problem.answer}." and fixed[-tail:] == f" {problem.answer}."
+    assert not own_ok and task.reward(fixed, problem) == 1.0
+    assert task.repair("1 + 1 = 2.", problem) is None  # no "answer is": no chain to keep
+
+
 @pytest.mark.parametrize(
     "task, count, message",
     [

@@ -436,6 +436,28 @@ def test_distinct_warmup_removes_duplicates_and_repair_keeps_wrong_rows_with_ans
         collect_warmup_groups(model, PROMPTS, 2, "best", reward_fn=reward_even_first)
 
 
+def test_one_sample_set_builds_the_groups_of_every_mode_as_collect_does():
+    """warmup_groups_of over samples drawn once equals collect_warmup_groups (same seed) for each mode, so one
+    sample set can feed an independent method's "correct" warm-up and Bridge's "repair" one."""
+    from bridge_ops.train import rollout, warmup_groups_of
+    from bridge_ops.train.data import TASK_SAMPLING
+
+    model = bridged_model()
+    sampling = TASK_SAMPLING.updated(max_new_tokens=3, eos_token_id=EOS, pad_token_id=PAD)
+    samples = rollout(model, PROMPTS, list(range(len(PROMPTS))), 6, None, (0, 0), sampling=sampling)
+
+    def repair(index, response):
+        ok = response[0] % 2 == 0
+        return [response[0], 9, EOS], [ok, True, True], ok
+
+    functions = dict(reward_fn=reward_even_first, repair_fn=repair)
+    for mode in ("correct", "distinct", "repair"):
+        collected = collect_warmup_groups(model, PROMPTS, 6, mode, sampling=sampling, min_correct=1, **functions)
+        assert warmup_groups_of(PROMPTS, samples, mode, min_correct=1, **functions) == collected
+    with pytest.raises(ValueError, match="repair_fn"):
+        warmup_groups_of(PROMPTS, samples, "repair", reward_fn=reward_even_first)
+
+
 def test_sft_warns_about_identical_rows_and_trains_only_loss_tokens():
     model = bridge_ops.apply_bridge(tiny_model(), d_bridge=16, num_heads=2)
     same = [(PROMPTS[0], [[3, 4, EOS], [3, 4, EOS]])]

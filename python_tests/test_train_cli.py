@@ -335,3 +335,27 @@ def test_pretrain_checkpoints_and_resumes(tmp_path):
     assert (out / "checkpoint.pt").exists() and (out / "checkpoint.json").exists()
     assert main([*PRETRAIN, "--out", str(out), "--steps", "3"]) == 0
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_real_model_tuned_experiment_smoke(tmp_path, smollm2_checkpoint):
+    """Part C's tuned run end to end at smoke size: the warm-up grid on validation, the three methods on the test set,
+    the goals; a second invocation reuses every finished stage and writes the same results."""
+    pytest.importorskip("matplotlib")
+    cache = os.path.dirname(smollm2_checkpoint)
+    argv = ["--size", "smoke", "--out", str(tmp_path), "--cache-dir", cache, "--device", "cpu", "--no-progress"]
+    argv += ["--work-dir", str(tmp_path / "stages")]
+    assert _experiment("real_model_tuned").main(argv) == 0
+    out = tmp_path / "real_model_tuned"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["method"] for r in rows} == {"base", "grpo-correct", "pmatch-repair", "bridge-repair"}
+    grid = list(csv.DictReader(open(out / "grid.csv")))
+    assert sorted((r["method"], float(r["warmup_lr"])) for r in grid) == sorted(
+        (m, lr) for m in ("pmatch-repair", "bridge-repair") for lr in (1e-4, 1e-3)
+    )
+    summary = (out / "summary.md").read_text()
+    assert all(f"- Goal {k}," in summary for k in range(1, 5)) and "Relative gain" in summary
+    stages = sorted(p.name for p in (tmp_path / "stages").iterdir())
+    assert "test-bridge-repair.json" in stages and "warmup-samples.json" in stages and len(stages) == 10
+    first_results = (out / "results.csv").read_text()
+    assert _experiment("real_model_tuned").main(argv) == 0
+    assert (out / "results.csv").read_text() == first_results

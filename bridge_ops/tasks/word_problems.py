@@ -84,6 +84,18 @@ class WordProblemTask(GeneratedTask):
         """The worked chain, one equation per step, then "The answer is N."."""
         return list(problem.solutions)
 
+    def repair(self, response: str, problem: Problem) -> Optional[Tuple[str, int, bool]]:
+        """The 'repair' warm-up row of a sampled response: (its own text up to its last "answer is", then the correct
+        answer and "." ("... The answer is 14."), the length in characters of what follows "answer is" (" 14.",
+        tokenized as the model writes it), whether its own answer was correct), or None when it never says "answer
+        is" (no chain to keep). A row whose own answer was wrong keeps its chain and must take the answer from its
+        peers."""
+        at = response.lower().rfind("answer is")
+        if at < 0:
+            return None
+        tail = f" {problem.answer}."
+        return response[: at + len("answer is")] + tail, len(tail), self.is_correct(response, problem)
+
     @staticmethod
     def extract_answer(response: str) -> Optional[str]:
         """The integer after the last "answer is" (any case), else the last integer of the response; None if none."""

@@ -28,7 +28,7 @@ from .evaluate import evaluate_widths
 from .grpo import GroupReward, GRPOConfig, train_grpo
 from .losses import GRPOLossConfig, group_advantages, grpo_loss, sft_loss
 from .pmatch import ResidualMLP, apply_parameter_matched_mlp, remove_parameter_matched_mlp
-from .sft import WARMUP_MODES, Group, SFTConfig, collect_warmup_groups, train_sft
+from .sft import WARMUP_MODES, Group, SFTConfig, collect_warmup_groups, train_sft, warmup_groups_of
 from .task_data import TaskData, task_data
 from .trainer import TrainConfig, Trainer, select_trainable
 
@@ -50,6 +50,7 @@ __all__ = [
     "attention_stats",
     "bridge_gradient_norms",
     "collect_warmup_groups",
+    "warmup_groups_of",
     "distinct_answers",
     "evaluate_widths",
     "group_advantages",

@@ -23,10 +23,11 @@ from torch import nn
 
 from ..charlm import tiny_causal_lm
 from ..hf import BLOCK_NAME, apply_bridge, parameter_share
+from .data import TASK_SAMPLING
 from .grpo import GRPOConfig, RewardFn, train_grpo
 from .pmatch import BLOCK_NAME as PMATCH_BLOCK_NAME
 from .pmatch import apply_parameter_matched_mlp
-from .sft import WARMUP_MODES, SFTConfig, collect_warmup_groups, identical_groups, train_sft
+from .sft import WARMUP_MODES, SFTConfig, draw_warmup_samples, identical_groups, train_sft, warmup_groups_of
 from .task_data import TaskData
 from .trainer import seed_of, select_trainable
 
@@ -123,20 +124,25 @@ def add_block(model: nn.Module, block: str, spec: MethodSpec) -> None:
             apply_bridge(model, d_bridge=spec.d_bridge, num_heads=spec.bridge_heads, init_std=spec.init_std)
 
 
-def warmup_groups(base: nn.Module, mode: str, train: TaskData, spec: MethodSpec):
-    """The warm-up data of `mode`, sampled from the base model."""
-    return collect_warmup_groups(
-        base,
+def warmup_samples(base: nn.Module, train: TaskData, spec: MethodSpec) -> List[List[List[int]]]:
+    """The base model's samples that every warm-up mode builds its groups from (`warmup_groups(..., samples=)`)."""
+    sampling = TASK_SAMPLING.updated(max_new_tokens=spec.grpo.max_new_tokens, eos_token_id=train.tokenizer.eos_token_id)
+    return draw_warmup_samples(base, train.prompts[: spec.warmup_prompts], spec.warmup_samples, sampling, spec.seed)
+
+
+def warmup_groups(
+    base: nn.Module, mode: str, train: TaskData, spec: MethodSpec, samples: Optional[List[List[List[int]]]] = None
+):
+    """The warm-up data of `mode`, from `samples` (`warmup_samples`; drawn from the base model when None)."""
+    samples = samples if samples is not None else warmup_samples(base, train, spec)
+    return warmup_groups_of(
         train.prompts[: spec.warmup_prompts],
-        spec.warmup_samples,
+        samples,
         mode,
         reward_fn=train.reward,
         repair_fn=train.repair,
         rank_fn=train.rank,
         min_correct=spec.warmup_min_correct,
-        max_new_tokens=spec.grpo.max_new_tokens,
-        seed=spec.seed,
-        eos_token_id=train.tokenizer.eos_token_id,
     )
 
 

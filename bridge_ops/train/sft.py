@@ -153,21 +153,56 @@ def collect_warmup_groups(
     sampling = sampling.updated(
         max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=eos_token_id, pad_token_id=pad_token_id
     )
+    _check_mode(mode, reward_fn, repair_fn, rank_fn)  # before any sample is drawn
+    samples = draw_warmup_samples(model, prompts, width, sampling, seed, batch_prompts)
+    return warmup_groups_of(prompts, samples, mode, reward_fn, repair_fn, rank_fn, min_correct)
+
+
+def draw_warmup_samples(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    width: int,
+    sampling: SamplingConfig,
+    seed: int = 0,
+    batch_prompts: int = 64,
+) -> List[List[List[int]]]:
+    """The samples `collect_warmup_groups` draws: `width` responses (token ids) per prompt, `batch_prompts` prompts
+    per rollout, each rollout seeded by (seed, 0)."""
+    samples: List[List[List[int]]] = []
+    for start in range(0, len(prompts), batch_prompts):
+        indices = list(range(start, min(start + batch_prompts, len(prompts))))
+        samples += rollout(model, prompts, indices, width, None, (seed, 0), sampling=sampling)
+    return samples
+
+
+def warmup_groups_of(
+    prompts: Sequence[Sequence[int]],
+    samples: Sequence[Sequence[List[int]]],
+    mode: str,
+    reward_fn: Optional[Callable[[int, List[int]], float]] = None,
+    repair_fn: Optional[RepairFn] = None,
+    rank_fn: Optional[RankFn] = None,
+    min_correct: int = 2,
+) -> List[Group]:
+    """The warm-up groups of `mode` built from samples already drawn (`samples[i]`: the responses of prompt i), as
+    `collect_warmup_groups` builds them: one sample set can feed several modes (e.g. "correct" for an independent
+    method and "repair" for Bridge)."""
+    _check_mode(mode, reward_fn, repair_fn, rank_fn)
+    out: List[Group] = []
+    for i, responses in enumerate(samples):
+        group = _warmup_group(list(prompts[i]), i, responses, mode, reward_fn, repair_fn, rank_fn)
+        if group is not None and group[1] >= min_correct:
+            out.append(group[0])
+    return out
+
+
+def _check_mode(mode, reward_fn, repair_fn, rank_fn) -> None:
     if mode not in WARMUP_MODES:
         raise ValueError(f"bridge_ops: warm-up mode must be one of {WARMUP_MODES}, got {mode!r}")
     needed = {"repair": ("repair_fn",), "ranked": ("reward_fn", "rank_fn")}.get(mode, ("reward_fn",))
     given = dict(reward_fn=reward_fn, repair_fn=repair_fn, rank_fn=rank_fn)
     if any(given[name] is None for name in needed):
         raise ValueError(f"bridge_ops: the {mode!r} warm-up needs {' and '.join(needed)}")
-    out: List[Group] = []
-    for start in range(0, len(prompts), batch_prompts):
-        indices = list(range(start, min(start + batch_prompts, len(prompts))))
-        samples = rollout(model, prompts, indices, width, None, (seed, 0), sampling=sampling)
-        for i, responses in zip(indices, samples):
-            group = _warmup_group(list(prompts[i]), i, responses, mode, reward_fn, repair_fn, rank_fn)
-            if group is not None and group[1] >= min_correct:
-                out.append(group[0])
-    return out
 
 
 def _warmup_group(prompt, index, responses, mode, reward_fn, repair_fn, rank_fn) -> Optional[Tuple[Group, int]]:
