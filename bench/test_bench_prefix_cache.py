@@ -11,11 +11,11 @@ N members (P = 512 / 2048 / 8192, N = 4 / 16).
   `generate(cache="expanded")` holds) vs shared (`GroupPrefixCache`, one copy per group). Exactly 1/N by construction.
 - step: one decode step of the N rows (8 layers, LM head included: `model(...)` with one new token per row) over a
   cache holding the prompt and 16 generated tokens, expanded (DynamicCache, SDPA) vs shared (GroupPrefixCache,
-  cascade op `prefix_suffix_attention` through `cascade_attention`), alternated within each round. Target: shared
+  cascade op `cascade_attention` through `hf.attention.routed_to_cascade`), alternated within each round. Target: shared
   >= 2x faster at P = 2048, N = 16. The caches hold random keys/values (the decode cost does not depend on them; a
   real prefill of 8192 tokens would take minutes here).
 - gpu (skipped without a GPU; bench/gpu_check.py runs it): the attention op alone on CUDA, bf16, the same head
-  layout, one layer: `prefix_suffix_attention` over the shared prefix vs SDPA over the expanded keys (CUDA events).
+  layout, one layer: `cascade_attention` over the shared prefix vs SDPA over the expanded keys (CUDA events).
 """
 
 import statistics
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from bridge_ops.cache import GroupPrefixCache
-from bridge_ops.hf.attention import cascade_attention
+from bridge_ops.hf.attention import routed_to_cascade
 
 HIDDEN, LAYERS, HEADS, KV_HEADS = 1024, 8, 16, 4
 HEAD_DIM = HIDDEN // HEADS
@@ -81,7 +81,7 @@ def filled_caches(prompt_len: int, width: int):
 
 class Stepper:
     """One decode step per call (the cache grows by one position per call, as in generation). `forward_kwargs`
-    give the model its cache (`cascade_attention`'s kwargs for the shared-prefix cache)."""
+    give the model its cache (`routed_to_cascade`'s kwargs for the shared-prefix cache)."""
 
     def __init__(self, model, cache, width, **forward_kwargs):
         self.model, self.kwargs = model, forward_kwargs or {"past_key_values": cache}
@@ -109,7 +109,7 @@ def test_decode_step(benchmark, models, prompt_len, width):
     expanded_model, shared_model = models
     expanded_cache, shared_cache = filled_caches(prompt_len, width)
     expanded_bytes, (shared_bytes, suffix_bytes) = prompt_bytes(expanded_cache, prompt_len), shared_cache.nbytes()
-    with cascade_attention(shared_model, shared_cache) as kwargs:
+    with routed_to_cascade(shared_model, shared_cache) as kwargs:
         steps = {
             "expanded": Stepper(expanded_model, expanded_cache, width),
             "shared": Stepper(shared_model, shared_cache, width, **kwargs),
@@ -164,9 +164,7 @@ def test_cascade_op_gpu(benchmark, prompt_len, width):
     rows = torch.arange(groups, device="cuda").repeat_interleave(width)
     keys, values = (torch.cat([p[rows], s], dim=2) for p, s in ((prefix_k, suffix_k), (prefix_v, suffix_v)))
     calls = {
-        "cascade": lambda: bridge_ops.prefix_suffix_attention(
-            q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu
-        ),
+        "cascade": lambda: bridge_ops.cascade_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu),
         "sdpa_expanded": lambda: F.scaled_dot_product_attention(q[:, :, None], keys, values, enable_gqa=True),
     }
     with torch.no_grad():
@@ -182,5 +180,5 @@ def test_cascade_op_gpu(benchmark, prompt_len, width):
         sdpa_expanded_s=times["sdpa_expanded"],
         speedup=times["sdpa_expanded"] / times["cascade"],
         device=torch.cuda.get_device_name(),
-        gpu_backend=bridge_ops.dispatch.backend_for("cuda", "prefix_suffix_attention").name,
+        gpu_backend=bridge_ops.dispatch.backend_for("cuda", "cascade_attention").name,
     )

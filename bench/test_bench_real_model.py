@@ -208,7 +208,7 @@ OPERATOR_GROUPS = {
         "aten::linear",
         "aten::matmul",
     ),
-    "attention (SDPA, cascade)": ("aten::_scaled_dot_product", "bridge_ops::prefix_suffix", "bridge_ops::merge"),
+    "attention (SDPA, cascade)": ("aten::_scaled_dot_product", "bridge_ops::cascade_attention", "bridge_ops::merge"),
     "Bridge (fused decode op)": ("bridge_ops::bridge_block_decode", "bridge_ops::bridge_attention"),
     "sampling (softmax, multinomial's draw, sort)": (
         "aten::softmax",

@@ -6,7 +6,8 @@ from .block import BridgeBlock
 from .generation import GenerationOutput, SamplingConfig, generate
 from .hf import apply_bridge, bridge_parameters, groups, load_bridge, parameter_share, remove_bridge, save_bridge
 from .layout import cu_group_lens_from_ids, cu_group_lens_from_sizes, cu_group_lens_from_width, group_sizes
-from .ops import bridge_attention, bridge_block_decode, merge_attention_states, prefix_suffix_attention
+from .ops import bridge_attention, bridge_block_decode, cascade_attention, merge_attention_states
+from .ops import prefix_suffix_attention as prefix_suffix_attention  # deprecated alias of cascade_attention
 from .version import __version__
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "bridge_attention",
     "bridge_block_decode",
     "bridge_parameters",
+    "cascade_attention",
     "cu_group_lens_from_ids",
     "cu_group_lens_from_sizes",
     "cu_group_lens_from_width",
@@ -28,7 +30,6 @@ __all__ = [
     "load_bridge",
     "majority_vote",
     "merge_attention_states",
-    "prefix_suffix_attention",
     "parameter_share",
     "reference",
     "remove_bridge",

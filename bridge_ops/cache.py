@@ -12,8 +12,8 @@ It is a `transformers.Cache` (importing this module imports transformers) and wo
 a forward over the G prompts fills the prefix, later forwards over the B rows append to the suffix, and `update`
 returns the expanded keys/values `[B, Hkv, P + T, Dh]` (materialized per call, so any attention implementation reads
 the right keys). The cascade attention reads it differently, through `cache.cascade_view()`: a cache over the same
-layers whose `update` returns only the suffix, while the cascade op `prefix_suffix_attention` reads the prefix in
-place, so no copy of the prompt is ever made, in memory or per step (`bridge_ops.hf.attention.cascade_attention`
+layers whose `update` returns only the suffix, while the cascade op `cascade_attention` reads the prefix in
+place, so no copy of the prompt is ever made, in memory or per step (`bridge_ops.hf.attention.routed_to_cascade`
 passes both to the model; `bridge_ops.generate(..., cache="shared-prefix")` decodes that way).
 """
 
@@ -232,7 +232,11 @@ class GroupPrefixCache(Cache):
                 f"GroupPrefixCache: batch_select_indices takes integer row indices or a bool mask, got {indices.dtype}"
             )
         indices = indices.long()
-        layout, groups = self.layout.select(indices, "bridge_ops: GroupPrefixCache: batch_select_indices")
+        self.select_rows(indices, *self.layout.select(indices, "bridge_ops: GroupPrefixCache: batch_select_indices"))
+
+    def select_rows(self, indices: torch.Tensor, layout: GroupLayout, groups: torch.Tensor) -> None:
+        """Keeps the rows `indices` (long [rows kept]), whose `self.layout.select(indices)` is (layout, groups) already:
+        the cache then holds that very layout object (generate's step loop and the cache share one)."""
         for layer in self.layers:
             layer.select(indices, groups)
         self.prefix_lens, self.layout = self.prefix_lens[groups], layout
@@ -299,7 +303,7 @@ class CascadeView(Cache):
     """A `GroupPrefixCache` as the cascade attention reads it: the same layers (writes go to the cache), but `update`
     appends a forward's keys/values to the rows' suffixes and returns only those suffixes, [B, Hkv, T, Dh]; the cascade
     op reads the prefix in place. Give it to a model only together with the cascade attention, which attends to the
-    prefix itself: `bridge_ops.hf.attention.cascade_attention(model, cache)` yields both."""
+    prefix itself: `bridge_ops.hf.attention.routed_to_cascade(model, cache)` yields both."""
 
     def __init__(self, cache: GroupPrefixCache):
         if not cache.layers or any(layer.prefix_keys is None for layer in cache.layers):

@@ -204,7 +204,7 @@ def _check_kv(t: torch.Tensor, name: str, shape: str, d0: int, d1: int, head_dim
     check_same_device(t, name, q, "q")
 
 
-def check_prefix_attention_args(
+def check_cascade_attention_args(
     q: torch.Tensor,
     prefix_k: torch.Tensor,
     prefix_v: torch.Tensor,
@@ -214,7 +214,7 @@ def check_prefix_attention_args(
     suffix_lens: Optional[torch.Tensor],
     cu_group_lens: torch.Tensor,
 ) -> None:
-    """Shapes, dtypes and devices of a prefix_suffix_attention call (mirrors check_prefix_attention_args in C++)."""
+    """Shapes, dtypes and devices of a cascade_attention call (mirrors check_cascade_attention_args in C++)."""
     if q.dim() != 3:
         fail(f"q must have shape [B, Hq, Dh] (3 dims: one new token per row), got shape {list(q.shape)}")
     if q.dtype not in SUPPORTED_DTYPES:

@@ -25,7 +25,7 @@ from ._loader import _C, LOAD_ERROR, build_info
 from .checks import SUPPORTED_DTYPES
 
 BRIDGE_OPS = ("bridge_attention", "bridge_block_decode")
-CASCADE_OPS = ("prefix_suffix_attention", "merge_attention_states")  # the cascade decode ops
+CASCADE_OPS = ("cascade_attention", "merge_attention_states")  # the cascade decode ops
 OPS = BRIDGE_OPS + CASCADE_OPS
 
 

@@ -8,7 +8,7 @@
    prompt are adjacent (the `num_return_sequences` layout); widths may differ per prompt. With
    `cache="shared-prefix"` (what the default `cache="auto"` picks where the cascade supports the model's attention)
    it is not expanded: a `GroupPrefixCache` keeps the prompt's keys/values once per group,
-   and every decode step attends to them through the cascade op `prefix_suffix_attention` (bridge_ops.hf.attention).
+   and every decode step attends to them through the cascade op `cascade_attention` (bridge_ops.hf.attention).
 3. Each step samples one token per row. A row that emitted EOS keeps its EOS position visible to its peers, is
    hidden as a Bridge key from the next position on, and is fed padding.
 4. When every row of a group has finished, the group's rows leave the batch and the cache (`compact=True`).
@@ -38,7 +38,7 @@ from torch import nn
 
 from .aggregation import best_of_n, majority_vote
 from .checks import integer, token_ids
-from .hf.attention import cascade_attention, unsupported_reason
+from .hf.attention import routed_to_cascade, unsupported_reason
 from .hf.decode_step import step_for
 from .hf.runtime import GROUPS_KWARG, BridgeGroups, cache_argument, groups_active, is_bridged
 from .layout import GroupLayout
@@ -268,13 +268,13 @@ class _Batch:
     """The live rows of a generation: which original row each is, its group, and its per-row state."""
 
     def __init__(
-        self, widths: List[int], tokens: torch.Tensor, attention_mask: torch.Tensor, last_position: torch.Tensor
+        self, layout: GroupLayout, tokens: torch.Tensor, attention_mask: torch.Tensor, last_position: torch.Tensor
     ):
         device = tokens.device
-        self.layout = GroupLayout.from_widths(widths, device=device)  # the live groups (what each decode step gets)
-        self.prompts = list(range(len(widths)))  # prompt index of each live group
-        self.rows = torch.arange(sum(widths), device=device)  # original row index of each live row
-        self.finished = torch.zeros(sum(widths), dtype=torch.bool, device=device)
+        self.layout = layout  # the live groups (what each decode step gets; a GroupPrefixCache holds the same object)
+        self.prompts = list(range(layout.num_groups))  # prompt index of each live group
+        self.rows = torch.arange(layout.num_rows, device=device)  # original row index of each live row
+        self.finished = torch.zeros(layout.num_rows, dtype=torch.bool, device=device)
         self.tokens = tokens  # [rows, L + steps]: prompt and sampled tokens (what the logits processors see)
         self.attention_mask = attention_mask  # [rows, L + steps]
         self.last_position = last_position  # [rows]: position id of each row's last fed token
@@ -284,15 +284,21 @@ class _Batch:
         unfinished = torch.zeros(self.layout.num_groups, dtype=torch.long, device=self.finished.device)
         return unfinished.index_add_(0, self.layout.row_group, (~self.finished).long()) == 0
 
-    def drop_finished_groups(self) -> Optional[torch.Tensor]:
-        """Removes the groups whose rows have all finished; returns the index of the kept live rows (None: none
-        finished, nothing changed). The cache then keeps the same rows (`batch_select_indices`), a GroupPrefixCache
-        deriving its layout through the same `GroupLayout.select`."""
+    def drop_finished_groups(self, cache) -> Optional[torch.Tensor]:
+        """Removes the groups whose rows have all finished, here and in `cache`; returns the index of the kept live
+        rows (None: none finished, nothing changed). The new layout is derived once and a GroupPrefixCache takes the
+        same object (`select_rows`); another cache keeps the rows through `batch_select_indices`."""
+        from .cache import GroupPrefixCache
+
         done = self.finished_groups()
         if not bool(done.any()):
             return None
         keep = torch.nonzero(~done[self.layout.row_group]).flatten()
         self.layout, kept_groups = self.layout.select(keep)
+        if isinstance(cache, GroupPrefixCache):
+            cache.select_rows(keep, self.layout, kept_groups)
+        else:
+            cache.batch_select_indices(keep)
         self.prompts = [self.prompts[g] for g in kept_groups.tolist()]
         self.rows, self.finished = self.rows[keep], self.finished[keep]
         self.tokens, self.attention_mask = self.tokens[keep], self.attention_mask[keep]
@@ -411,7 +417,7 @@ def _decode_attention(model: nn.Module, kv):
     from .cache import GroupPrefixCache
 
     if isinstance(kv, GroupPrefixCache):
-        return cascade_attention(model, kv)
+        return routed_to_cascade(model, kv)
     return contextlib.nullcontext({cache_argument(model): kv})
 
 
@@ -456,7 +462,7 @@ def generate(
             generators[p] only, so a prompt's samples do not depend on which other prompts share the batch (what
             data-parallel training needs to give every rank the rollouts a single process would draw).
         cache: "shared-prefix": a GroupPrefixCache, the prompt's KV once per group, decode attention through the
-            cascade op `prefix_suffix_attention` (bridge_ops.hf.attention): N times less prompt KV memory and
+            cascade op `cascade_attention` (bridge_ops.hf.attention): N times less prompt KV memory and
             1.3-7x faster decode steps on the CPU (bench/test_bench_prefix_cache.py). "expanded": the prompt's KV
             copied to every member (a DynamicCache). "auto" (default): "shared-prefix" unless the model's attention
             has a feature the cascade lacks (`bridge_ops.hf.attention.unsupported_reason`: softcapping, sliding windows,
@@ -588,7 +594,11 @@ def _decode_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def _step_loop(model: nn.Module, request: _Request, state: Prefill, record: _Record) -> None:
     """Steps 3-5 from the prefilled state, writing every sampled token to `record`."""
-    batch = _Batch(request.widths, request.input_ids[state.expand], state.attention_mask, state.last_position)
+    from .cache import GroupPrefixCache
+
+    shared = isinstance(state.cache, GroupPrefixCache)  # then the cache's layout is the step loop's too
+    layout = state.cache.layout if shared else GroupLayout.from_widths(request.widths, device=state.logits.device)
+    batch = _Batch(layout, request.input_ids[state.expand], state.attention_mask, state.last_position)
     logits, max_new_tokens, pad = state.logits, request.sampling.max_new_tokens, request.sampling.pad_token_id
     fast_step = step_for(model, state.cache)  # the same step without HF's module stack, where the model allows
     with _decode_attention(model, state.cache) as forward_kwargs, decode_linears(model):
@@ -603,9 +613,8 @@ def _step_loop(model: nn.Module, request: _Request, state: Prefill, record: _Rec
                 break
             # 4. Groups whose rows have all finished leave the batch and the cache.
             if request.compact:
-                keep = batch.drop_finished_groups()
+                keep = batch.drop_finished_groups(state.cache)
                 if keep is not None:
-                    state.cache.batch_select_indices(keep)
                     next_tokens, live = next_tokens[keep], live[keep]
             # 5. One decode step for every live row.
             batch.append(next_tokens)

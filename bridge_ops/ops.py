@@ -5,6 +5,7 @@ fake kernel (`register_fake`), so that FakeTensor tracing and torch.compile(full
 shapes without running it and keep it as one graph node.
 """
 
+import warnings
 from typing import Optional, Tuple, Union
 
 import torch
@@ -114,7 +115,7 @@ def bridge_block_decode(
     return reference.bridge_block_decode(*args)
 
 
-def prefix_suffix_attention(
+def cascade_attention(
     q: torch.Tensor,
     prefix_k: torch.Tensor,
     prefix_v: torch.Tensor,
@@ -184,11 +185,27 @@ def prefix_suffix_attention(
         optional=("suffix_lens",),
     )
     args = (q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu_group_lens, suffix_lens, scale)
-    if _compiled("prefix_suffix_attention", q):
-        out, lse = torch.ops.bridge_ops.prefix_suffix_attention(*args)
+    if _compiled("cascade_attention", q):
+        out, lse = torch.ops.bridge_ops.cascade_attention(*args)
     else:
-        out, lse = _no_grad_reference(reference.prefix_suffix_attention, "prefix_suffix_attention", args)
+        out, lse = _no_grad_reference(reference.cascade_attention, "cascade_attention", args)
     return (out, lse) if return_lse else out
+
+
+def prefix_suffix_attention(*args, **kwargs) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Deprecated alias of `cascade_attention` (same arguments, same results): warns (DeprecationWarning) and calls it.
+
+    The op is named after what it computes, the cascade over a shared-prefix cache, no longer after its two inputs.
+    The torch op was renamed with it: its schema is `bridge_ops::cascade_attention`
+    (`torch.ops.bridge_ops.cascade_attention`); there is no `torch.ops.bridge_ops.prefix_suffix_attention` any more,
+    only this Python alias (also `bridge_ops.prefix_suffix_attention`).
+    """
+    warnings.warn(
+        "bridge_ops.prefix_suffix_attention was renamed to cascade_attention; the old name is a deprecated alias",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return cascade_attention(*args, **kwargs)
 
 
 def merge_attention_states(
@@ -202,7 +219,7 @@ def merge_attention_states(
     (how FlashAttention-2 and vLLM mark an empty split; vLLM's merge treats it the same way); its o is never read (it
     may be NaN). Both empty give out = 0, lse = -inf. A NaN lse gives out and lse NaN. A side whose weight
     exp(lse_x - lse) underflows to 0 is not read either; otherwise an inf or NaN in o reaches out. With head dim 0,
-    out is empty and lse is still the merged lse of every row. (`prefix_suffix_attention` never returns lse +inf:
+    out is empty and lse is still the merged lse of every row. (`cascade_attention` never returns lse +inf:
     its +inf scores give NaN, so that they survive a merge.)
 
     Args:
@@ -282,11 +299,11 @@ if _C is not None:
         )
         return torch.empty_like(hidden)
 
-    @torch.library.register_fake("bridge_ops::prefix_suffix_attention")
-    def _prefix_suffix_attention_fake(
+    @torch.library.register_fake("bridge_ops::cascade_attention")
+    def _cascade_attention_fake(
         q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu_group_lens, suffix_lens=None, scale=None
     ):
-        checks.check_prefix_attention_args(
+        checks.check_cascade_attention_args(
             q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, cu_group_lens
         )
         return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(

@@ -198,7 +198,7 @@ def merge_attention_states(
     return (term(weight_a, o_a) + term(weight_b, o_b)).to(o_a.dtype), lse
 
 
-def prefix_suffix_attention(
+def cascade_attention(
     q: torch.Tensor,
     prefix_k: torch.Tensor,
     prefix_v: torch.Tensor,
@@ -211,7 +211,7 @@ def prefix_suffix_attention(
     *,
     upcast: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Reference of `bridge_ops.prefix_suffix_attention`: standard attention of each row over the concatenation
+    """Reference of `bridge_ops.cascade_attention`: standard attention of each row over the concatenation
     [its group's prefix; its own suffix], built explicitly (the expanded cache), with the pad positions masked.
 
     `upcast=False` computes in the input dtype (the tests' low-precision reference). Returns out [B, Hq, Dh] in
@@ -219,7 +219,7 @@ def prefix_suffix_attention(
     score -inf is absent like a pad (weight 0, value never read), a row with no present key gets out 0 and lse -inf,
     a NaN or +inf score makes out and lse NaN.
     """
-    checks.check_prefix_attention_args(
+    checks.check_cascade_attention_args(
         q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, cu_group_lens
     )
     batch, q_heads, head_dim = q.shape

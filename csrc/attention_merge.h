@@ -1,11 +1,11 @@
 // Exact merge of two partial attention results over disjoint key sets (the cascade's log-sum-exp merge), shared by
-// the CPU kernels (csrc/cpu/prefix_attention_cpu.cpp) and the CUDA kernels (csrc/cuda/kernels/prefix_attention.cuh).
+// the CPU kernels (csrc/cpu/cascade_attention_cpu.cpp) and the CUDA kernels (csrc/cuda/kernels/cascade_attention.cuh).
 //
 // A partial result over key set A is (o_A, lse_A): o_A = sum_{j in A} softmax_A(s)_j v_j, lse_A = logsumexp_{j in A}
 // s_j. Over A u B:  lse = logaddexp(lse_A, lse_B),  o = exp(lse_A - lse) o_A + exp(lse_B - lse) o_B.
 // An empty key set has lse = -inf or +inf (its o is ignored); two empty sets merge to o = 0, lse = -inf.
 //
-// Non-finite scores (the policy of prefix_suffix_attention, bridge_ops/ops.py, and of its reference), applied by both
+// Non-finite scores (the policy of cascade_attention, bridge_ops/ops.py, and of its reference), applied by both
 // kernels through the helpers below, per block of keys (a CPU key block, a CUDA tile or chunk):
 //   - a score of -inf is an ABSENT key, as a masked position: weight 0 and its value is never read (an inf or NaN
 //     there does not reach the output); a block whose scores are all -inf is empty (o = 0, lse = -inf), never

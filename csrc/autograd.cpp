@@ -1,6 +1,6 @@
 // Autograd kernels of the bridge_ops operators (device-independent: they call the ops back through the
 // dispatcher, which picks the CPU or CUDA kernel): bridge_attention's backward, and the refusal of the backward op
-// (no double backward) and of the inference ops (bridge_block_decode, prefix_suffix_attention,
+// (no double backward) and of the inference ops (bridge_block_decode, cascade_attention,
 // merge_attention_states) to run where a backward would be needed.
 // Registered in C++ rather than from Python so that a call from Python, under no_grad included, never re-enters the
 // interpreter: at decode shapes a Python autograd wrapper costs more than the kernel itself.
@@ -128,16 +128,17 @@ at::Tensor bridge_block_decode_autograd(const at::Tensor& hidden, const at::Tens
                  scale);
 }
 
-std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention_autograd(
-    const at::Tensor& q, const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& prefix_lens,
-    const at::Tensor& suffix_k, const at::Tensor& suffix_v, const at::Tensor& cu_group_lens,
-    const std::optional<at::Tensor>& suffix_lens, std::optional<double> scale) {
-  refuse_grad("prefix_suffix_attention", {q, prefix_k, prefix_v, suffix_k, suffix_v},
+std::tuple<at::Tensor, at::Tensor> cascade_attention_autograd(const at::Tensor& q, const at::Tensor& prefix_k,
+                                                              const at::Tensor& prefix_v, const at::Tensor& prefix_lens,
+                                                              const at::Tensor& suffix_k, const at::Tensor& suffix_v,
+                                                              const at::Tensor& cu_group_lens,
+                                                              const std::optional<at::Tensor>& suffix_lens,
+                                                              std::optional<double> scale) {
+  refuse_grad("cascade_attention", {q, prefix_k, prefix_v, suffix_k, suffix_v},
               "train with ordinary attention over the expanded keys");
   static const auto op = find_op<std::tuple<at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, const std::optional<at::Tensor>&, std::optional<double>)>(
-      "bridge_ops::prefix_suffix_attention");
+      const at::Tensor&, const std::optional<at::Tensor>&, std::optional<double>)>("bridge_ops::cascade_attention");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu_group_lens, suffix_lens, scale);
 }
@@ -158,7 +159,7 @@ TORCH_LIBRARY_IMPL(bridge_ops, Autograd, m) {
   m.impl("bridge_attention", &bridge_attention_autograd);
   m.impl("bridge_attention_backward", &bridge_attention_backward_autograd);
   m.impl("bridge_block_decode", &bridge_block_decode_autograd);
-  m.impl("prefix_suffix_attention", &prefix_suffix_attention_autograd);
+  m.impl("cascade_attention", &cascade_attention_autograd);
   m.impl("merge_attention_states", &merge_attention_states_autograd);
 }
 

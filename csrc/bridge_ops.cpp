@@ -38,7 +38,7 @@ TORCH_LIBRARY(bridge_ops, m) {
   // int32 [B] valid positions from the start (None: all T); cu_group_lens int32 [G+1]. Hq a multiple of Hkv (GQA).
   // Returns (out [B, Hq, Dh], lse [B, Hq] float32, float64 for float64 inputs). No backward.
   m.def(
-      "prefix_suffix_attention(Tensor q, Tensor prefix_k, Tensor prefix_v, Tensor prefix_lens, Tensor suffix_k, "
+      "cascade_attention(Tensor q, Tensor prefix_k, Tensor prefix_v, Tensor prefix_lens, Tensor suffix_k, "
       "Tensor suffix_v, Tensor cu_group_lens, Tensor? suffix_lens=None, float? scale=None) -> "
       "(Tensor out, Tensor lse)");
   // Exact merge of two attention results over disjoint key sets: o_a, o_b [..., Dh]; lse_a, lse_b [...] in the lse

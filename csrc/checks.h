@@ -118,8 +118,8 @@ inline double resolve_scale(std::optional<double> scale, int64_t head_dim) {
   return scale.has_value() ? *scale : std::pow(static_cast<double>(head_dim), -0.5);  // as Python head_dim ** -0.5
 }
 
-// Shapes of one call of prefix_suffix_attention: q [B, Hq, Dh]; prefix_k/v [G, Hkv, P, Dh]; suffix_k/v [B, Hkv, T, Dh].
-struct PrefixAttentionDims {
+// Shapes of one call of cascade_attention: q [B, Hq, Dh]; prefix_k/v [G, Hkv, P, Dh]; suffix_k/v [B, Hkv, T, Dh].
+struct CascadeAttentionDims {
   int64_t batch, q_heads, kv_heads, head_dim, groups, prefix_len, suffix_len;
 };
 
@@ -142,11 +142,11 @@ inline void check_kv(const at::Tensor& t, const char* name, const char* shape, i
                "; all tensors must be on one device");
 }
 
-inline PrefixAttentionDims check_prefix_attention_args(const at::Tensor& q, const at::Tensor& prefix_k,
-                                                       const at::Tensor& prefix_v, const at::Tensor& prefix_lens,
-                                                       const at::Tensor& suffix_k, const at::Tensor& suffix_v,
-                                                       const std::optional<at::Tensor>& suffix_lens,
-                                                       const at::Tensor& cu_group_lens) {
+inline CascadeAttentionDims check_cascade_attention_args(const at::Tensor& q, const at::Tensor& prefix_k,
+                                                         const at::Tensor& prefix_v, const at::Tensor& prefix_lens,
+                                                         const at::Tensor& suffix_k, const at::Tensor& suffix_v,
+                                                         const std::optional<at::Tensor>& suffix_lens,
+                                                         const at::Tensor& cu_group_lens) {
   BRIDGE_CHECK(q.dim() == 3, "q must have shape [B, Hq, Dh] (3 dims: one new token per row), got shape ", q.sizes());
   BRIDGE_CHECK(is_supported_float(q.scalar_type()), "q must be float16, bfloat16, float32 or float64, got ",
                q.scalar_type());

@@ -154,17 +154,17 @@ void bind_hosts(py::module_& m) {
       py::arg("lse"), py::arg("cu_group_lens"), py::arg("key_mask") = py::none(), py::arg("scale") = py::none(),
       "The C++ host of the op bridge_attention_backward, launching through `launcher`.");
   m.def(
-      "prefix_suffix_attention",
+      "cascade_attention",
       [](py::object launcher, const at::Tensor& q, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
          const at::Tensor& prefix_lens, const at::Tensor& suffix_k, const at::Tensor& suffix_v,
          const at::Tensor& cu_group_lens, const std::optional<at::Tensor>& suffix_lens, std::optional<double> scale) {
         PythonLauncher l(std::move(launcher));
-        return host::prefix_suffix_attention(l, q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu_group_lens,
-                                             suffix_lens, scale);
+        return host::cascade_attention(l, q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu_group_lens,
+                                       suffix_lens, scale);
       },
       py::arg("launcher"), py::arg("q"), py::arg("prefix_k"), py::arg("prefix_v"), py::arg("prefix_lens"),
       py::arg("suffix_k"), py::arg("suffix_v"), py::arg("cu_group_lens"), py::arg("suffix_lens") = py::none(),
-      py::arg("scale") = py::none(), "The C++ host of the op prefix_suffix_attention, launching through `launcher`.");
+      py::arg("scale") = py::none(), "The C++ host of the op cascade_attention, launching through `launcher`.");
   m.def(
       "merge_attention_states",
       [](py::object launcher, const at::Tensor& o_a, const at::Tensor& lse_a, const at::Tensor& o_b,

@@ -32,7 +32,7 @@ SOURCES = [
         "csrc/cuda/kernels/kernel_table.h",
         "csrc/cuda/kernels/kernel_table.cuh",
         "csrc/cuda/kernels/bridge_attention.cuh",
-        "csrc/cuda/kernels/prefix_attention.cuh",
+        "csrc/cuda/kernels/cascade_attention.cuh",
         "csrc/attention_merge.h",
     )
 ]
@@ -136,8 +136,8 @@ def backward(grad_out, grad_lse, q, k, v, lse, cu, key_mask=None, scale=None):
     return kernels.bridge_attention_backward(emulator(), grad_out, grad_lse, q, k, v, lse, cu, key_mask, scale)
 
 
-def prefix_suffix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu, suffix_lens=None, scale=None):
-    return kernels.prefix_suffix_attention(
+def cascade_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu, suffix_lens=None, scale=None):
+    return kernels.cascade_attention(
         emulator(), q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu, suffix_lens, scale
     )
 

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 from helpers import HAS_GPU
-from test_prefix_attention import cascade_inputs
+from test_cascade_attention import cascade_inputs
 
 import bridge_ops
 from bridge_ops import dispatch, info, ops, reference
@@ -47,9 +47,7 @@ def test_the_cuda_cascade_kernels_limit_the_head_dim():
         ]
     assert cuda.input_reasons(Inputs("bridge_attention", "cuda", torch.bfloat16, 1024)) == []  # its simple path
     # the CUDA cascade with a larger head dim goes to the reference, not to a kernel that raises
-    chosen = dispatch.select(
-        Inputs("prefix_suffix_attention", "cuda", torch.float16, 300), [cuda, BY_NAME["reference"]]
-    )
+    chosen = dispatch.select(Inputs("cascade_attention", "cuda", torch.float16, 300), [cuda, BY_NAME["reference"]])
     assert chosen.name == "reference"
 
 
@@ -85,15 +83,15 @@ def test_every_input_has_a_backend_without_reasons():
 
 def test_an_op_call_takes_the_backend_its_inputs_allow(monkeypatch):
     """A compiled backend that cannot take this head dim: the call runs the reference instead of raising."""
-    limited = dataclasses.replace(BY_NAME["cpu"], max_head_dim={"prefix_suffix_attention": 8})
+    limited = dataclasses.replace(BY_NAME["cpu"], max_head_dim={"cascade_attention": 8})
     monkeypatch.setattr(ops, "_BACKENDS", (limited, BY_NAME["reference"]))
     calls = []
-    monkeypatch.setattr(reference, "prefix_suffix_attention", lambda *a: calls.append(a) or (a[0], a[0][..., 0]))
+    monkeypatch.setattr(reference, "cascade_attention", lambda *a: calls.append(a) or (a[0], a[0][..., 0]))
     small = cascade_inputs([2, 1], 4, 2, 8, 3, 2)
     large = cascade_inputs([2, 1], 4, 2, 16, 3, 2)
-    bridge_ops.prefix_suffix_attention(*small)
+    bridge_ops.cascade_attention(*small)
     assert not calls
-    bridge_ops.prefix_suffix_attention(*large)
+    bridge_ops.cascade_attention(*large)
     assert len(calls) == 1
 
 
@@ -103,6 +101,6 @@ def test_info_lists_what_every_backend_supports_and_why_it_is_unavailable():
         reason = b.unavailable_reason()
         assert (f"unavailable: {reason}" if reason else "available") in text
         assert f"supports {b.support()}" in text
-    assert f"prefix_suffix_attention: head_dim <= {CUDA_CASCADE_LIMIT}" in text
+    assert f"cascade_attention: head_dim <= {CUDA_CASCADE_LIMIT}" in text
     for op in OPS:
         assert f"serving {op} now: cpu -> " in text

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 from helpers import HAS_GPU, make_inputs, tiny_decode_args
-from test_prefix_attention import cascade_inputs
+from test_cascade_attention import cascade_inputs
 
 import bridge_ops
 from bridge_ops import reference
 
-compiled = pytest.mark.skipif(not hasattr(torch.ops.bridge_ops, "prefix_suffix_attention"), reason="no compiled _C")
+compiled = pytest.mark.skipif(not hasattr(torch.ops.bridge_ops, "cascade_attention"), reason="no compiled _C")
 IMPLEMENTATIONS = {
     "kernel": lambda q, k, v, cu, mask: torch.ops.bridge_ops.bridge_attention(q, k, v, cu, mask, None),
     "reference": lambda q, k, v, cu, mask: reference.bridge_attention(q, k, v, cu, mask),
@@ -165,4 +165,4 @@ def test_ops_refuse_non_tensors_naming_the_argument(bad):
     args = cascade_inputs([2], 2, 1, 8, 4, 1)
     args[3] = bad
     with pytest.raises(TypeError, match="prefix_lens must be a torch.Tensor"):
-        bridge_ops.prefix_suffix_attention(*args)
+        bridge_ops.cascade_attention(*args)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import DEVICES, DTYPES, HAS_GPU, assert_flash_rule, assert_same_nonfinite, term_magnitudes
 from hypothesis import given
 from hypothesis import strategies as st
-from test_prefix_attention import cascade_inputs
+from test_cascade_attention import cascade_inputs
 
 from bridge_ops import checks, reference
 
@@ -69,7 +69,7 @@ def reference_scaled(q, k, v, cu, mask, scale, grad_out, grad_lse, dtype, upcast
 
 
 # ---- the cascade ops with non-finite inputs (issue 20) -------------------------------------------------------------
-# The non-finite policy of prefix_suffix_attention / merge_attention_states (ops.py): one result for the reference, the
+# The non-finite policy of cascade_attention / merge_attention_states (ops.py): one result for the reference, the
 # CPU kernel and the CUDA kernel (emulated on the CPU; on a GPU where there is one), which the reference shares with
 # SDPA. Inputs: poisons that make scores +-inf (an inf in a key, or a key or query scaled to the dtype's maximum so that
 # q . k overflows) or NaN, NaN queries, inf / NaN values behind present keys and behind absent ones (score -inf), rows
@@ -111,7 +111,7 @@ def cascade_problems(draw):
 
 
 def poisoned_cascade_inputs(sizes, kv_heads, ratio, head_dim, prefix_len, suffix_len, dtype, ragged, poisons, seed):
-    """prefix_suffix_attention's arguments (test_prefix_attention.cascade_inputs) with `poisons` applied."""
+    """cascade_attention's arguments (test_cascade_attention.cascade_inputs) with `poisons` applied."""
     gen = torch.Generator().manual_seed(seed)
 
     def pick(n):
@@ -225,9 +225,9 @@ def assert_same_as(name, got, want, dtype):
 
 
 def emulated_cascade_or_none():
-    """test_prefix_cuda_emulated.emulated_cascade bound to the emulator, or None where the emulator cannot be built."""
+    """test_cascade_cuda_emulated.emulated_cascade bound to the emulator, or None where the emulator cannot be built."""
     try:
-        import test_prefix_cuda_emulated as emulated
+        import test_cascade_cuda_emulated as emulated
     except pytest.skip.Exception:
         return None
     emulator = emulated.emulator_launcher.emulator()
@@ -239,16 +239,16 @@ def test_fuzz_cascade_non_finite_inputs(problem):
     *shape, poisons, scale, seed = problem
     dtype = shape[6]
     args = poisoned_cascade_inputs(*shape, poisons, seed)
-    out, lse = reference.prefix_suffix_attention(*args, scale)
+    out, lse = reference.cascade_attention(*args, scale)
     acc = checks.lse_dtype(dtype)
     assert not torch.isposinf(lse).any()  # +inf scores give NaN, never the merge's "empty side"
     assert_same_as("reference vs SDPA", out, sdpa_cascade(args, scale), dtype)
-    results = {"cpu": torch.ops.bridge_ops.prefix_suffix_attention(*args, scale)}
+    results = {"cpu": torch.ops.bridge_ops.cascade_attention(*args, scale)}
     if (emulated := emulated_cascade_or_none()) is not None:
         results["cuda (emulated)"] = emulated(*args, scale=scale)
     if HAS_GPU:
         on_gpu = [a.cuda() if a is not None else None for a in args]
-        results["cuda"] = torch.ops.bridge_ops.prefix_suffix_attention(*on_gpu, scale)
+        results["cuda"] = torch.ops.bridge_ops.cascade_attention(*on_gpu, scale)
     for name, (got, got_lse) in results.items():
         assert_same_as(f"{name} out", got, out, dtype)
         assert_same_as(f"{name} lse", got_lse, lse, acc)
@@ -285,7 +285,7 @@ def test_fuzz_merge_non_finite_inputs(problem):
     out, lse = reference.merge_attention_states(o_a, lse_a, o_b, lse_b)
     results = {"cpu": torch.ops.bridge_ops.merge_attention_states(o_a, lse_a, o_b, lse_b)}
     try:
-        from test_prefix_cuda_emulated import emulated_merge, emulator_launcher
+        from test_cascade_cuda_emulated import emulated_merge, emulator_launcher
 
         results["cuda (emulated)"] = emulated_merge(emulator_launcher.emulator(), o_a, lse_a, o_b, lse_b)
     except pytest.skip.Exception:

@@ -1,6 +1,6 @@
 """Non-finite scores and values in the cascade ops and the references (issue 20, items 5-7).
 
-One policy (ops.py's docstrings of prefix_suffix_attention and merge_attention_states) in the reference, the CPU
+One policy (ops.py's docstrings of cascade_attention and merge_attention_states) in the reference, the CPU
 kernel and the CUDA kernel (run on the CPU by the warp emulator, and on a GPU where there is one): a score of -inf is an
 absent key (weight 0, its value never read); a row with no present key gets out 0 and lse -inf (SDPA: 0); a NaN or
 +inf score makes out and lse NaN (lse NaN rather than +inf, which a merge would read as an empty side). Each test here
@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import HAS_GPU, assert_same_nonfinite, make_inputs
-from test_prefix_attention import cascade_inputs
+from test_cascade_attention import cascade_inputs
 
 import bridge_ops
 from bridge_ops import reference
 
 NAN, INF = float("nan"), float("inf")
-pytestmark = pytest.mark.skipif(not hasattr(torch.ops.bridge_ops, "prefix_suffix_attention"), reason="no compiled _C")
+pytestmark = pytest.mark.skipif(not hasattr(torch.ops.bridge_ops, "cascade_attention"), reason="no compiled _C")
 
 IMPLEMENTATIONS = [
     "reference",
@@ -28,18 +28,18 @@ IMPLEMENTATIONS = [
 
 
 def cascade(impl, args, scale=None):
-    """prefix_suffix_attention(*args, scale) -> (out, lse) on the CPU, by implementation `impl`."""
+    """cascade_attention(*args, scale) -> (out, lse) on the CPU, by implementation `impl`."""
     if impl == "reference":
-        return reference.prefix_suffix_attention(*args, scale)
+        return reference.cascade_attention(*args, scale)
     if impl == "cpu-kernel":
-        return torch.ops.bridge_ops.prefix_suffix_attention(*args, scale)
+        return torch.ops.bridge_ops.cascade_attention(*args, scale)
     if impl == "cuda-emulated":
         pytest.importorskip("emulator_launcher")
-        from test_prefix_cuda_emulated import emulated_cascade, emulator_launcher
+        from test_cascade_cuda_emulated import emulated_cascade, emulator_launcher
 
         return emulated_cascade(emulator_launcher.emulator(), *args, scale=scale)
     on_gpu = [a.cuda() if a is not None else None for a in args]
-    return tuple(t.cpu() for t in torch.ops.bridge_ops.prefix_suffix_attention(*on_gpu, scale))
+    return tuple(t.cpu() for t in torch.ops.bridge_ops.cascade_attention(*on_gpu, scale))
 
 
 def merge(impl, o_a, lse_a, o_b, lse_b):
@@ -49,7 +49,7 @@ def merge(impl, o_a, lse_a, o_b, lse_b):
         return torch.ops.bridge_ops.merge_attention_states(o_a, lse_a, o_b, lse_b)
     if impl == "cuda-emulated":
         pytest.importorskip("emulator_launcher")
-        from test_prefix_cuda_emulated import emulated_merge
+        from test_cascade_cuda_emulated import emulated_merge
 
         return emulated_merge(_emu(), o_a, lse_a, o_b, lse_b)
     on_gpu = [t.cuda() for t in (o_a, lse_a, o_b, lse_b)]
@@ -93,7 +93,7 @@ def _minus_inf_key(args, rows, side, position, dim=0):
         sk[position[0], :, position[1], dim] = -INF
 
 
-# ---- item 5: prefix_suffix_attention ------------------------------------------------------------------------------
+# ---- item 5: cascade_attention ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_a_minus_inf_score_is_an_absent_key(impl):
     """One suffix key of score -inf with 8 finite prefix keys: the attention over the prefix alone, as SDPA gives it
@@ -109,7 +109,7 @@ def test_a_minus_inf_score_is_an_absent_key(impl):
     assert_same(out, sdpa_rows(args, range(3)), rtol=1e-5, atol=1e-5)
     # rows 0-1: the attention over the prefix alone (their suffix holds only the absent key)
     prefix_only = args[:7] + [torch.tensor([0, 0, 1], dtype=torch.int32)]
-    want_out, want_lse = reference.prefix_suffix_attention(*prefix_only)
+    want_out, want_lse = reference.cascade_attention(*prefix_only)
     assert_same(out[:2], want_out[:2], rtol=1e-5, atol=1e-5)
     assert_same(lse[:2], want_lse[:2], rtol=1e-5, atol=1e-5)
 
@@ -127,7 +127,7 @@ def test_a_plus_inf_score_gives_nan_out_and_lse(impl):
     assert not torch.isposinf(lse).any()
     assert_same(out, sdpa_rows(args, range(4)), rtol=1e-5, atol=1e-5)
     assert torch.equal(torch.isnan(lse), torch.isnan(out).any(-1))
-    ref_out, ref_lse = reference.prefix_suffix_attention(*args)
+    ref_out, ref_lse = reference.cascade_attention(*args)
     assert_same(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
@@ -233,11 +233,11 @@ def _poison(args, case):
 @pytest.mark.parametrize(
     "case", ["prefix-key-nan", "prefix-value-nan", "prefix-key-plus-inf-score", "suffix-key-nan", "query-nan"]
 )
-def test_prefix_suffix_attention_propagates_nan_and_inf_like_the_reference(case):
+def test_cascade_attention_propagates_nan_and_inf_like_the_reference(case):
     args = cascade_inputs([2, 3], 4, 2, 16, 70, 4, prefix_lens=[70, 70])
     _poison(args, case)
-    out, lse = bridge_ops.prefix_suffix_attention(*args, return_lse=True)
-    ref_out, ref_lse = reference.prefix_suffix_attention(*args)
+    out, lse = bridge_ops.cascade_attention(*args, return_lse=True)
+    ref_out, ref_lse = reference.cascade_attention(*args)
     q, pk, pv, _, sk, sv, _, _ = args  # stock attention over each row's [prefix; suffix]
     group = torch.tensor([0, 0, 1, 1, 1])
     keys, values = (torch.cat([p[group], s], 2).repeat_interleave(2, 1) for p, s in ((pk, sk), (pv, sv)))

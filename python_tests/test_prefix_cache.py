@@ -19,14 +19,14 @@ WIDTHS = [3, 1, 2]
 def cascade_calls(monkeypatch):
     """Counts the cascade op calls of the attention function (so a silent fallback to SDPA fails the tests)."""
     calls = []
-    original = attention.prefix_suffix_attention
+    original = bridge_ops.ops.cascade_attention
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "prefix_suffix_attention", spy)  # the HF forward's attention function
-    monkeypatch.setattr(decode_step, "prefix_suffix_attention", spy)  # generate's flat decode step
+    monkeypatch.setattr(bridge_ops.ops, "cascade_attention", spy)  # the HF forward's attention function (ops.*)
+    monkeypatch.setattr(decode_step, "cascade_attention", spy)  # generate's flat decode step
     return calls
 
 
@@ -278,7 +278,7 @@ def _cascade_decode_logits(model, cache, steps=3):
     """The prompts' forward into `cache`, then decode steps through the cascade attention, as `generate` runs them."""
     from hf_models import left_padded
 
-    from bridge_ops.hf.attention import cascade_attention
+    from bridge_ops.hf.attention import routed_to_cascade
 
     ids, mask = left_padded(CASCADE_PROMPTS)
     rows = torch.repeat_interleave(torch.arange(len(CASCADE_PROMPTS)), torch.tensor([3, 1, 2]))
@@ -287,7 +287,7 @@ def _cascade_decode_logits(model, cache, steps=3):
     with torch.no_grad(), bridge_ops.groups(model, sizes=[1, 1, 1]):
         model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
     mask, positions = mask[rows], positions[rows, -1:]
-    with torch.no_grad(), cascade_attention(model, cache) as kwargs, bridge_ops.groups(model, sizes=[3, 1, 2]):
+    with torch.no_grad(), routed_to_cascade(model, cache) as kwargs, bridge_ops.groups(model, sizes=[3, 1, 2]):
         for step in range(steps):
             mask, positions = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), positions + 1
             logits = model(

@@ -1,13 +1,14 @@
 """Self-attention of a HuggingFace model over a `GroupPrefixCache`, through transformers' attention registry.
 
-`cascade_attention(model, cache)` switches the model to the attention implementation registered here
-(`AttentionInterface` + `AttentionMaskInterface`, name `ATTENTION_NAME`) and yields the forward kwargs of a decode
-step: the model's cache argument is `cache.cascade_view()` (its `update` returns each row's suffix only) and
-`CACHE_KWARG` carries the `GroupPrefixCache` itself to the attention function (forward kwargs reach it through every
-decoder layer, see `bridge_ops.hf.runtime`). Then, in every decode step (one new token per row), each self-attention
-layer calls the cascade op `prefix_suffix_attention`: the group's prefix is read in place, once per group, and no
-attention mask is built (the op masks the prompts' left padding through the cache's `prefix_lens`). The prompts'
-forward (one row per group, the prefix being written) runs before, outside the block, with transformers' attention.
+`routed_to_cascade(model, cache)` (this module's context manager) switches the model
+to the attention implementation registered here (`AttentionInterface` + `AttentionMaskInterface`, name
+`ATTENTION_NAME`) and yields the forward kwargs of a decode step: the model's cache argument is `cache.cascade_view()`
+(its `update` returns each row's suffix only) and `CACHE_KWARG` carries the `GroupPrefixCache` itself to the attention
+function (forward kwargs reach it through every decoder layer, see `bridge_ops.hf.runtime`). Then, in every decode
+step (one new token per row), each self-attention layer calls the cascade op `bridge_ops.ops.cascade_attention`: the
+group's prefix is read in place, once per group, and no attention mask is built (the op masks the prompts' left
+padding through the cache's `prefix_lens`). The prompts' forward (one row per group, the prefix being written) runs
+before, outside the block, with transformers' attention.
 
 Works for the models whose attention layers call `past_key_values.update` and then the registered attention function
 with the updated keys/values (Llama, Qwen2, Qwen3, Mistral and the other `modeling_*` files written the same way).
@@ -21,7 +22,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..ops import prefix_suffix_attention
+from .. import ops
 from .runtime import cache_argument
 
 ATTENTION_NAME = "bridge_ops_prefix_cascade"
@@ -58,7 +59,7 @@ def _attention(
         )
     if kwargs.get("softcap") is not None or getattr(module, "sinks", None) is not None:
         raise NotImplementedError("bridge_ops: the cascade attention supports neither softcapping nor sinks")
-    out = prefix_suffix_attention(
+    out = ops.cascade_attention(
         query[:, :, 0],
         layer.prefix_keys,
         layer.prefix_values,
@@ -107,7 +108,7 @@ def register() -> None:
 
 
 @contextlib.contextmanager
-def cascade_attention(model: nn.Module, cache) -> Iterator[dict]:
+def routed_to_cascade(model: nn.Module, cache) -> Iterator[dict]:
     """Runs the model's self-attention through the cascade op over `cache` (a GroupPrefixCache) inside the block.
 
     Yields the forward kwargs of a decode step (`model(input_ids, ..., **kwargs)`): the cache's `cascade_view()` as the

@@ -5,7 +5,7 @@ SmolLM2-135M), whose Python glue (module calls, keyword plumbing, the cache and 
 costs about as much as the small tensor ops it drives. `DecodeStep(model)` runs the same step as a flat loop over the
 layers' weights with the same tensor operations, in the same order and layouts: the embedding, each layer's RMSNorm
 modules, the projections through `bridge_ops.ops.decode_linear` (what `decode_linears` makes every nn.Linear do in a
-decode step), the model's own rotary function, the cascade op `prefix_suffix_attention` over the cache's prefix and
+decode step), the model's own rotary function, the cascade op `cascade_attention` over the cache's prefix and
 suffix, the MLP with the model's activation, the residual blocks `add_residual_blocks` put on the layers (Bridge,
 P-Match) and the final norm and LM head. So its logits equal the HF forward's bit for bit (tested), and the tokens
 sampled from them are the same.
@@ -21,7 +21,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops import decode_linear, prefix_suffix_attention
+from ..ops import cascade_attention, decode_linear
 from .attention import unsupported_reason as cascade_unsupported_reason
 from .patch import _base_forward_attr, _ResidualForward, decoder_layers
 from .runtime import BridgeGroups
@@ -160,7 +160,7 @@ class DecodeStep:
         v = decode_linear(x, *layer.v).view(rows, -1, 1, head_dim)  # [B, Hkv, 1, Dh]
         q, k = self.rotate(q, k, cos, sin)
         kv.append_rows(k[:, :, None], v)
-        out = prefix_suffix_attention(
+        out = cascade_attention(
             q,
             kv.prefix_keys,
             kv.prefix_values,

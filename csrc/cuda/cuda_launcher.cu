@@ -96,12 +96,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bridge_attention_backward_cuda(
   return host::bridge_attention_backward(launcher(), grad_out, grad_lse, q, k, v, lse, cu_group_lens, key_mask, scale);
 }
 
-std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention_cuda(
-    const at::Tensor& q, const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& prefix_lens,
-    const at::Tensor& suffix_k, const at::Tensor& suffix_v, const at::Tensor& cu_group_lens,
-    const std::optional<at::Tensor>& suffix_lens, std::optional<double> scale) {
-  return host::prefix_suffix_attention(launcher(), q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v,
-                                       cu_group_lens, suffix_lens, scale);
+std::tuple<at::Tensor, at::Tensor> cascade_attention_cuda(const at::Tensor& q, const at::Tensor& prefix_k,
+                                                          const at::Tensor& prefix_v, const at::Tensor& prefix_lens,
+                                                          const at::Tensor& suffix_k, const at::Tensor& suffix_v,
+                                                          const at::Tensor& cu_group_lens,
+                                                          const std::optional<at::Tensor>& suffix_lens,
+                                                          std::optional<double> scale) {
+  return host::cascade_attention(launcher(), q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, cu_group_lens,
+                                 suffix_lens, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> merge_attention_states_cuda(const at::Tensor& o_a, const at::Tensor& lse_a,
@@ -114,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_states_cuda(const at::Tensor&
 TORCH_LIBRARY_IMPL(bridge_ops, CUDA, m) {
   m.impl("bridge_attention", &bridge_attention_cuda);
   m.impl("bridge_attention_backward", &bridge_attention_backward_cuda);
-  m.impl("prefix_suffix_attention", &prefix_suffix_attention_cuda);
+  m.impl("cascade_attention", &cascade_attention_cuda);
   m.impl("merge_attention_states", &merge_attention_states_cuda);
 }
 

@@ -30,12 +30,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bridge_attention_backward(
 // [G + 1]; suffix_lens int32 [B] or none (all T); Dh <= 256. Returns out [B, Hq, Dh] (q's dtype) and lse [B, Hq]
 // (float32; float64 for float64 inputs). prefix_lens / suffix_lens are not read here: the kernels clamp them into
 // [0, P] / [0, T].
-std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention(Launcher& launcher, const at::Tensor& q,
-                                                           const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                                                           const at::Tensor& prefix_lens, const at::Tensor& suffix_k,
-                                                           const at::Tensor& suffix_v, const at::Tensor& cu_group_lens,
-                                                           const std::optional<at::Tensor>& suffix_lens,
-                                                           std::optional<double> scale);
+std::tuple<at::Tensor, at::Tensor> cascade_attention(Launcher& launcher, const at::Tensor& q,
+                                                     const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                                     const at::Tensor& prefix_lens, const at::Tensor& suffix_k,
+                                                     const at::Tensor& suffix_v, const at::Tensor& cu_group_lens,
+                                                     const std::optional<at::Tensor>& suffix_lens,
+                                                     std::optional<double> scale);
 
 // o_a, o_b: [..., Dh] with Dh <= 256; lse_a, lse_b: [...] in the lse dtype. Returns out [..., Dh] and lse [...].
 std::tuple<at::Tensor, at::Tensor> merge_attention_states(Launcher& launcher, const at::Tensor& o_a,

@@ -1,4 +1,4 @@
-// Runs the CUDA kernels of csrc/cuda/kernels/bridge_attention.cuh and prefix_attention.cuh on the CPU, lane by lane
+// Runs the CUDA kernels of csrc/cuda/kernels/bridge_attention.cuh and cascade_attention.cuh on the CPU, lane by lane
 // (see bridge_emulator_shim.h). Built by python_tests/emulator_launcher.py with g++ and loaded with ctypes; the tests
 // run the ops' C++ hosts (csrc/host/, through bridge_ops._C.kernels) with a launcher that calls emu_launch, so the
 // host a CUDA build ships (checks, launch plan, params structs, alignment, workspace, casts) and the same kernels run

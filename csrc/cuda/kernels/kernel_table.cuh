@@ -4,8 +4,8 @@
 // ParamsOf<decltype(kernel_function<I>())>::type is the params struct (launch.h) the kernel takes by value.
 #pragma once
 
+#include "cascade_attention.cuh"
 #include "kernel_table.h"
-#include "prefix_attention.cuh"
 
 namespace bridge_ops {
 namespace kernels {

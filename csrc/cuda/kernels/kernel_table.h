@@ -64,7 +64,7 @@ inline const char* template_name(Kernel k) {
 // The kernel header that defines it (the cupy backend compiles bridge_attention.cuh only).
 inline const char* source_file(Kernel k) {
   return k == Kernel::kCascadePrefix || k == Kernel::kCascadeMerge || k == Kernel::kMergeStates
-             ? "prefix_attention.cuh"
+             ? "cascade_attention.cuh"
              : "bridge_attention.cuh";
 }
 inline bool takes_td(Kernel k) { return k == Kernel::kBridgeFwd || k == Kernel::kBridgeBwd; }

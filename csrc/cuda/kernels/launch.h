@@ -1,7 +1,7 @@
 // How the CUDA kernels are launched, defined once: constants, shared-memory sizes, launch plans and the parameter
 // structs the kernels take (flash-attention's Flash_fwd_params): every kernel takes one params struct by value. A
 // plain C++ header (no #include, no CUDA, no torch), so that every build and every host reads these very definitions:
-//   * the kernels (bridge_attention.cuh, prefix_attention.cuh), through nvcc, NVRTC and the tests' warp emulator;
+//   * the kernels (bridge_attention.cuh, cascade_attention.cuh), through nvcc, NVRTC and the tests' warp emulator;
 //   * the C++ hosts of the ops (csrc/host/), which plan a call, fill these structs and hand them to a launcher;
 //   * Python, through the pybind11 module bridge_ops._C.kernels (csrc/kernel_launch.cpp): its constants, plan_launch
 //     and Grid (the Python launchers receive the filled params struct as bytes).
@@ -38,7 +38,7 @@ constexpr int kMaxWarps = 4;                        // warps per block at most
 constexpr int kMaxThreads = kWarpSize * kMaxWarps;  // threads per block at most (__launch_bounds__)
 constexpr int kSimpleThreads = 128;                 // threads per block of the simple kernels (one task each)
 
-// Cascade decode attention (prefix_attention.cuh): every block is one warp.
+// Cascade decode attention (cascade_attention.cuh): every block is one warp.
 constexpr int kCascadeThreads = kWarpSize;
 constexpr int kCascadeChunkKeys = kWarpSize;  // prefix keys per chunk at most: one per lane
 constexpr int kCascadeMaxTd = 8;              // head_dim <= kWarpSize * kCascadeMaxTd: dims {lane + 32 t}

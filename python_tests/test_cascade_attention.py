@@ -1,4 +1,4 @@
-"""The cascade decode op prefix_suffix_attention and merge_attention_states: kernel vs reference vs stock attention
+"""The cascade decode op cascade_attention and merge_attention_states: kernel vs reference vs stock attention
 over the expanded keys [prefix; suffix], GQA, ragged prompts and padding, strided HF layouts, errors, opcheck."""
 
 import os
@@ -15,7 +15,7 @@ import bridge_ops
 from bridge_ops import reference
 
 NAN, INF = float("nan"), float("inf")
-pytestmark = pytest.mark.skipif(not hasattr(torch.ops.bridge_ops, "prefix_suffix_attention"), reason="no compiled _C")
+pytestmark = pytest.mark.skipif(not hasattr(torch.ops.bridge_ops, "cascade_attention"), reason="no compiled _C")
 
 
 def cascade_inputs(
@@ -32,7 +32,7 @@ def cascade_inputs(
     seed=0,
     device="cpu",
 ):
-    """Arguments of prefix_suffix_attention in call order (q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v,
+    """Arguments of cascade_attention in call order (q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v,
     cu_group_lens, suffix_lens)."""
     gen = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(device, dtype)  # noqa: E731
@@ -52,7 +52,7 @@ def cascade_inputs(
 def run_reference(args, dtype=torch.float64, upcast=True):
     q, pk, pv, pl, sk, sv, cu, sl = args
     cast = [t.to(dtype) for t in (q, pk, pv, sk, sv)]
-    return reference.prefix_suffix_attention(cast[0], cast[1], cast[2], pl, cast[3], cast[4], cu, sl, upcast=upcast)
+    return reference.cascade_attention(cast[0], cast[1], cast[2], pl, cast[3], cast[4], cu, sl, upcast=upcast)
 
 
 def sdpa_over_expanded(args):
@@ -88,7 +88,7 @@ def test_matches_reference_and_stock_attention(case, dtype):
     args = cascade_inputs(
         sizes, q_heads, kv_heads, head_dim, p, t, dtype, prefix_lens=prefix_lens, suffix_lens=suffix_lens
     )
-    out, lse = bridge_ops.prefix_suffix_attention(*args, return_lse=True)
+    out, lse = bridge_ops.cascade_attention(*args, return_lse=True)
     oracle, oracle_lse = run_reference(args)
     assert out.shape == args[0].shape and out.dtype == dtype and out.is_contiguous()
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -106,8 +106,8 @@ def test_cuda_kernel_matches_reference(case, dtype):
     args = cascade_inputs(
         sizes, q_heads, kv_heads, head_dim, p, t, dtype, prefix_lens=prefix_lens, suffix_lens=suffix_lens, device="cuda"
     )
-    assert bridge_ops.dispatch.backend_for("cuda", "prefix_suffix_attention").name in ("cuda", "reference")
-    out, lse = bridge_ops.prefix_suffix_attention(*args, return_lse=True)
+    assert bridge_ops.dispatch.backend_for("cuda", "cascade_attention").name in ("cuda", "reference")
+    out, lse = bridge_ops.cascade_attention(*args, return_lse=True)
     assert out.is_cuda and lse.is_cuda
     cpu_args = [a.cpu() if a is not None else None for a in args]
     oracle, oracle_lse = run_reference(cpu_args)
@@ -120,7 +120,7 @@ def test_cuda_kernel_matches_reference(case, dtype):
 
 def test_no_visible_key_gives_zero_and_minus_inf():
     args = cascade_inputs([2, 1], 2, 1, 8, 3, 2, prefix_lens=[0, 3], suffix_lens=[0, 1, 2])
-    out, lse = bridge_ops.prefix_suffix_attention(*args, return_lse=True)
+    out, lse = bridge_ops.cascade_attention(*args, return_lse=True)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and bool((lse[0] == float("-inf")).all())
     assert bool(torch.isfinite(lse[1:]).all())
     ref_out, ref_lse = run_reference(args)
@@ -136,7 +136,22 @@ def test_strided_hf_layouts_are_read_in_place():
     suffix_k, suffix_v = (padded(t, 2)[:, :, :6] for t in args[4:6])
     assert not q.is_contiguous() and not suffix_k.is_contiguous()
     strided = [q, args[1], args[2], args[3], suffix_k, suffix_v, args[6], None]
-    assert torch.equal(bridge_ops.prefix_suffix_attention(*strided), bridge_ops.prefix_suffix_attention(*args))
+    assert torch.equal(bridge_ops.cascade_attention(*strided), bridge_ops.cascade_attention(*args))
+
+
+def test_prefix_suffix_attention_is_a_deprecated_alias():
+    """The op's old name, bridge_ops.prefix_suffix_attention (also bridge_ops.ops.), warns and returns exactly what
+    cascade_attention returns; the torch op has the new name only (its schema was renamed, not registered twice)."""
+    args = cascade_inputs([2, 1], 4, 2, 8, 5, 3, prefix_lens=[5, 2], suffix_lens=[3, 1, 2])
+    want_out, want_lse = bridge_ops.cascade_attention(*args, return_lse=True)
+    for alias in (bridge_ops.prefix_suffix_attention, bridge_ops.ops.prefix_suffix_attention):
+        with pytest.warns(DeprecationWarning, match="renamed to cascade_attention"):
+            out, lse = alias(*args, return_lse=True)
+        assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+        with pytest.warns(DeprecationWarning, match="renamed to cascade_attention"):
+            assert torch.equal(alias(*args[:7], suffix_lens=args[7], scale=None), want_out)
+    assert "prefix_suffix_attention" not in bridge_ops.__all__
+    assert not hasattr(torch.ops.bridge_ops, "prefix_suffix_attention")
 
 
 def test_baseline_cpu_build_agrees_with_the_reference():
@@ -146,12 +161,12 @@ def test_baseline_cpu_build_agrees_with_the_reference():
         import torch
         import bridge_ops
         from helpers import max_err
-        from test_prefix_attention import cascade_inputs, run_reference
+        from test_cascade_attention import cascade_inputs, run_reference
 
         assert bridge_ops._loader.build_info()["cpu_isa"] == "default"
         for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 0.02)):
             args = cascade_inputs([3, 2], 4, 2, 37, 70, 3, dtype, suffix_lens=[3, 1, 0, 2, 3])
-            assert max_err(bridge_ops.prefix_suffix_attention(*args), run_reference(args)[0]) < tol, dtype
+            assert max_err(bridge_ops.cascade_attention(*args), run_reference(args)[0]) < tol, dtype
         """
     )
     here = os.path.dirname(os.path.abspath(__file__))
@@ -173,10 +188,10 @@ def test_merge_of_prefix_and_suffix_parts_is_the_whole(dtype):
     batch, groups = args[0].shape[0], args[3].numel()
     prefix_only = args[:7] + [torch.zeros(batch, dtype=torch.int32)]
     suffix_only = args[:3] + [torch.zeros(groups, dtype=torch.int32)] + args[4:]
-    o_a, lse_a = bridge_ops.prefix_suffix_attention(*prefix_only, return_lse=True)
-    o_b, lse_b = bridge_ops.prefix_suffix_attention(*suffix_only, return_lse=True)
+    o_a, lse_a = bridge_ops.cascade_attention(*prefix_only, return_lse=True)
+    o_b, lse_b = bridge_ops.cascade_attention(*suffix_only, return_lse=True)
     merged, merged_lse = bridge_ops.merge_attention_states(o_a, lse_a, o_b, lse_b)
-    whole, whole_lse = bridge_ops.prefix_suffix_attention(*args, return_lse=True)
+    whole, whole_lse = bridge_ops.cascade_attention(*args, return_lse=True)
     ref, ref_lse = reference.merge_attention_states(o_a, lse_a, o_b, lse_b)
     tolerance = {torch.float64: 1e-13, torch.float32: 1e-6}.get(dtype, 2 * torch.finfo(dtype).eps)
     assert max_err(merged, ref) <= tolerance and max_err(merged_lse, ref_lse) < 1e-6
@@ -203,8 +218,8 @@ def test_merge_with_empty_sides():
 def test_opcheck(device):
     args = cascade_inputs([2, 1], 4, 2, 8, 9, 3, device=device, suffix_lens=[3, 1, 2])
     call = args + [None]  # scale
-    torch.library.opcheck(torch.ops.bridge_ops.prefix_suffix_attention.default, tuple(call))
-    o, lse = torch.ops.bridge_ops.prefix_suffix_attention(*call)
+    torch.library.opcheck(torch.ops.bridge_ops.cascade_attention.default, tuple(call))
+    o, lse = torch.ops.bridge_ops.cascade_attention(*call)
     torch.library.opcheck(torch.ops.bridge_ops.merge_attention_states.default, (o, lse, o * 2, lse - 1))
 
 
@@ -212,12 +227,12 @@ def test_no_backward():
     args = cascade_inputs([2], 2, 1, 8, 4, 1)
     args[0].requires_grad_()
     with pytest.raises(RuntimeError, match="has no backward"):
-        bridge_ops.prefix_suffix_attention(*args)
+        bridge_ops.cascade_attention(*args)
     o, lse = torch.randn(2, 4, requires_grad=True), torch.randn(2)
     with pytest.raises(RuntimeError, match="has no backward"):
         bridge_ops.merge_attention_states(o, lse, o, lse)
     with torch.no_grad():
-        bridge_ops.prefix_suffix_attention(*args)
+        bridge_ops.cascade_attention(*args)
 
 
 def _replace(args, index, value):
@@ -250,9 +265,9 @@ BAD_ARGS = [
 def test_bad_arguments_are_named(make_bad, message, path):
     args = make_bad(cascade_inputs([2, 1], 4, 2, 8, 4, 2, prefix_lens=[4, 2]))
     if path == "kernel":
-        call = lambda: bridge_ops.prefix_suffix_attention(*args)  # noqa: E731
+        call = lambda: bridge_ops.cascade_attention(*args)  # noqa: E731
     else:
-        call = lambda: reference.prefix_suffix_attention(*args)  # noqa: E731
+        call = lambda: reference.cascade_attention(*args)  # noqa: E731
     with pytest.raises(ValueError, match=message):
         call()
 
@@ -269,13 +284,13 @@ def test_merge_bad_arguments_are_named(merge):
 
 
 @pytest.mark.guarantee
-def test_prefix_suffix_attention_never_reads_padding():
+def test_cascade_attention_never_reads_padding():
     args = cascade_inputs([2, 1], 2, 1, 8, 12, 3, prefix_lens=[5, 12], suffix_lens=[1, 3, 2])
     q, pk, pv, _, sk, sv, _, _ = args
     pk[0, :, :7], pv[0, :, :7] = NAN, INF  # left padding of group 0's prompt
     sk[0, :, 1:], sv[0, :, 1:], sv[2, :, 2] = NAN, NAN, NAN  # beyond suffix_lens
-    out, lse = bridge_ops.prefix_suffix_attention(*args, return_lse=True)
-    ref_out, ref_lse = reference.prefix_suffix_attention(*args)
+    out, lse = bridge_ops.cascade_attention(*args, return_lse=True)
+    ref_out, ref_lse = reference.cascade_attention(*args)
     assert torch.isfinite(out).all() and torch.isfinite(ref_out).all()
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)

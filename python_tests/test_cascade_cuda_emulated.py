@@ -1,5 +1,5 @@
-"""The CUDA cascade kernels without a GPU: csrc/cuda/kernels/prefix_attention.cuh compiled by g++ and run lane by lane
-by the warp emulator (python_tests/emulator), driven by the ops' C++ host (csrc/host/prefix_attention_host.cpp, the
+"""The CUDA cascade kernels without a GPU: csrc/cuda/kernels/cascade_attention.cuh compiled by g++ and run lane by lane
+by the warp emulator (python_tests/emulator), driven by the ops' C++ host (csrc/host/cascade_attention_host.cpp, the
 one a CUDA build binds as the ops' CUDA kernels) with the emulator as its launcher: checks, launch.h's plan_cascade
 (chunking, grids, shared memory, workspace) and params structs, the kernels' indexing, chunking, LSE merges and every
 warp collective; not the nvcc code generation (CI compiles it) or timing.
@@ -8,7 +8,7 @@ warp collective; not the nvcc code generation (CI compiles it) or timing.
 import pytest
 import torch
 from helpers import DTYPES, assert_flash_rule, max_err
-from test_prefix_attention import CASES, cascade_inputs, run_reference
+from test_cascade_attention import CASES, cascade_inputs, run_reference
 
 from bridge_ops import reference
 
@@ -21,8 +21,8 @@ def emu():
 
 
 def emulated_cascade(emu, q, pk, pv, plens, sk, sv, cu, slens, scale=None):
-    """prefix_suffix_attention by the C++ host, with the emulator as the GPU."""
-    return emulator_launcher.kernels.prefix_suffix_attention(emu, q, pk, pv, plens, sk, sv, cu, slens, scale)
+    """cascade_attention by the C++ host, with the emulator as the GPU."""
+    return emulator_launcher.kernels.cascade_attention(emu, q, pk, pv, plens, sk, sv, cu, slens, scale)
 
 
 def emulated_merge(emu, o_a, lse_a, o_b, lse_b):
@@ -52,7 +52,7 @@ def test_emulated_cascade_strided_inputs_and_wide_heads(emu):
     q = padded(args[0], 1)[:, :4]
     suffix_k, suffix_v = (padded(t, 2)[:, :, :40] for t in args[4:6])
     out, lse = emulated_cascade(emu, q, args[1], args[2], args[3], suffix_k, suffix_v, args[6], args[7], scale=0.05)
-    ref_out, ref_lse = reference.prefix_suffix_attention(*args, 0.05)
+    ref_out, ref_lse = reference.cascade_attention(*args, 0.05)
     assert max_err(out, ref_out) < 1e-5 and max_err(lse, ref_lse) < 1e-5
 
 
@@ -77,7 +77,7 @@ def test_emulated_cascade_propagates_nan_and_takes_plus_inf_lse_as_empty(emu):
     args[1][0, 0, 40, 3] = float("nan")
     args[0][3, 2, 0] = float("nan")
     out, _ = emulated_cascade(emu, *args)
-    ref_out, _ = reference.prefix_suffix_attention(*args)
+    ref_out, _ = reference.cascade_attention(*args)
     nan = torch.isnan(ref_out)
     assert nan.any() and torch.equal(torch.isnan(out), nan)
     assert max_err(out[~nan], ref_out[~nan]) < 1e-5
@@ -92,7 +92,7 @@ def test_emulated_cascade_runs_the_host_checks_of_a_cuda_build(emu):
     """A check that only the C++ host of the CUDA kernels makes (the CPU kernel and the reference take any head_dim):
     the emulated ops go through it."""
     args = cascade_inputs([2, 1], 2, 1, 264, 5, 3)
-    torch.ops.bridge_ops.prefix_suffix_attention(*args)  # the CPU kernel serves head_dim 264
+    torch.ops.bridge_ops.cascade_attention(*args)  # the CPU kernel serves head_dim 264
     with pytest.raises(ValueError, match="the CUDA cascade kernels take head_dim <= 256, got 264"):
         emulated_cascade(emu, *args)
     o, lse = torch.randn(3, 264), torch.randn(3)

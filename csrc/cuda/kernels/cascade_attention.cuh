@@ -1,10 +1,10 @@
-// CUDA kernels of the cascade decode attention (prefix_suffix_attention) and of merge_attention_states.
+// CUDA kernels of the cascade decode attention (cascade_attention) and of merge_attention_states.
 // Built by nvcc through csrc/cuda/cuda_launcher.cu, and by g++ with BRIDGE_OPS_EMULATE for the warp emulator of the
-// tests (python_tests/emulator/bridge_emulator.cpp); launched by the C++ host csrc/host/prefix_attention_host.cpp. The
+// tests (python_tests/emulator/bridge_emulator.cpp); launched by the C++ host csrc/host/cascade_attention_host.cpp. The
 // cupy backend does not compile it (it includes attention_merge.h and bridge_attention.cuh; the cascade ops fall back
 // to the reference under cupy).
 //
-// What is computed: the contract of the CPU kernel (csrc/cpu/prefix_attention_cpu.cpp) and of the reference
+// What is computed: the contract of the CPU kernel (csrc/cpu/cascade_attention_cpu.cpp) and of the reference
 // (bridge_ops/reference.py): row b of group g, query head h, over its group's prefix positions [P - prefix_lens[g], P)
 // of key/value head h / (Hq / Hkv) and its own suffix positions [0, suffix_lens[b]), merged exactly by log-sum-exp.
 //

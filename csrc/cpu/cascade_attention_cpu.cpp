@@ -1,6 +1,6 @@
-// Fused CPU kernels of the cascade decode attention (prefix_suffix_attention) and of merge_attention_states.
+// Fused CPU kernels of the cascade decode attention (cascade_attention) and of merge_attention_states.
 //
-// prefix_suffix_attention runs in two parallel passes, each over independent tasks:
+// cascade_attention runs in two parallel passes, each over independent tasks:
 //   1. prefix, one task per (group g, key/value head, range of the prefix: ranges keep the threads busy when G * Hkv
 //      is small): the m = n_g * Hq/Hkv queries of the group's rows that read this head are packed into one [m, Dh]
 //      tile, and the group's ONE copy of the prefix keys is swept in blocks of kBlock positions: each key block is
@@ -244,12 +244,14 @@ BRIDGE_OPS_CPU_DISPATCH(suffix_chunk_for_cpu, suffix_chunk)
 // Tasks per parallel chunk: about 64k multiply-adds.
 int64_t grain(int64_t work_per_task) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, work_per_task)); }
 
-std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention_cpu(
-    const at::Tensor& q_in, const at::Tensor& prefix_k_in, const at::Tensor& prefix_v_in, const at::Tensor& prefix_lens,
-    const at::Tensor& suffix_k_in, const at::Tensor& suffix_v_in, const at::Tensor& cu_group_lens,
-    const std::optional<at::Tensor>& suffix_lens, std::optional<double> scale) {
-  const PrefixAttentionDims d = check_prefix_attention_args(q_in, prefix_k_in, prefix_v_in, prefix_lens, suffix_k_in,
-                                                            suffix_v_in, suffix_lens, cu_group_lens);
+std::tuple<at::Tensor, at::Tensor> cascade_attention_cpu(const at::Tensor& q_in, const at::Tensor& prefix_k_in,
+                                                         const at::Tensor& prefix_v_in, const at::Tensor& prefix_lens,
+                                                         const at::Tensor& suffix_k_in, const at::Tensor& suffix_v_in,
+                                                         const at::Tensor& cu_group_lens,
+                                                         const std::optional<at::Tensor>& suffix_lens,
+                                                         std::optional<double> scale) {
+  const CascadeAttentionDims d = check_cascade_attention_args(q_in, prefix_k_in, prefix_v_in, prefix_lens, suffix_k_in,
+                                                              suffix_v_in, suffix_lens, cu_group_lens);
   BRIDGE_CHECK(q_in.device().is_cpu(), "the CPU kernel got q on ", q_in.device());
   const at::Tensor cu = cu_group_lens.contiguous(), plens = prefix_lens.contiguous();
   const int64_t max_group = check_cu_group_lens_values(cu.const_data_ptr<int32_t>(), d.groups, d.batch);
@@ -275,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention_cpu(
   const int64_t split_len = (d.prefix_len + splits - 1) / splits;
   at::Tensor prefix_out = at::empty({splits, d.batch, d.q_heads, d.head_dim}, q.options().dtype(stat));
   at::Tensor prefix_lse = at::empty({splits, d.batch, d.q_heads}, q.options().dtype(stat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "prefix_suffix_attention_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cascade_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const CascadeArgs<scalar_t> args{q.const_data_ptr<scalar_t>(),
                                      q.stride(0),
@@ -339,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_states_cpu(const at::Tensor& 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bridge_ops, CPU, m) {
-  m.impl("prefix_suffix_attention", &prefix_suffix_attention_cpu);
+  m.impl("cascade_attention", &cascade_attention_cpu);
   m.impl("merge_attention_states", &merge_attention_states_cpu);
 }
 

@@ -1,7 +1,7 @@
-// The host of the cascade decode ops, prefix_suffix_attention and merge_attention_states (csrc/host/launcher.h):
+// The host of the cascade decode ops, cascade_attention and merge_attention_states (csrc/host/launcher.h):
 // checks (csrc/checks.h, as every backend, plus the kernels' head_dim limit), cu_group_lens validated once per tensor,
 // launch.h's plan_cascade, the workspace of the prefix chunks' partial states, the params structs of
-// prefix_attention.cuh's kernels, the launches (cascade_prefix_chunks when there is a prefix, then
+// cascade_attention.cuh's kernels, the launches (cascade_prefix_chunks when there is a prefix, then
 // cascade_suffix_merge; merge_states).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -27,12 +27,14 @@ void check_head_dim(int64_t head_dim) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> prefix_suffix_attention(
-    Launcher& launcher, const at::Tensor& q_in, const at::Tensor& prefix_k_in, const at::Tensor& prefix_v_in,
-    const at::Tensor& prefix_lens, const at::Tensor& suffix_k_in, const at::Tensor& suffix_v_in,
-    const at::Tensor& cu_group_lens, const std::optional<at::Tensor>& suffix_lens, std::optional<double> scale) {
-  const PrefixAttentionDims d = check_prefix_attention_args(q_in, prefix_k_in, prefix_v_in, prefix_lens, suffix_k_in,
-                                                            suffix_v_in, suffix_lens, cu_group_lens);
+std::tuple<at::Tensor, at::Tensor> cascade_attention(Launcher& launcher, const at::Tensor& q_in,
+                                                     const at::Tensor& prefix_k_in, const at::Tensor& prefix_v_in,
+                                                     const at::Tensor& prefix_lens, const at::Tensor& suffix_k_in,
+                                                     const at::Tensor& suffix_v_in, const at::Tensor& cu_group_lens,
+                                                     const std::optional<at::Tensor>& suffix_lens,
+                                                     std::optional<double> scale) {
+  const CascadeAttentionDims d = check_cascade_attention_args(q_in, prefix_k_in, prefix_v_in, prefix_lens, suffix_k_in,
+                                                              suffix_v_in, suffix_lens, cu_group_lens);
   check_launcher_device(launcher, q_in, "q");
   check_head_dim(d.head_dim);
   BRIDGE_CHECK(d.batch * d.q_heads <= kIntMax && d.prefix_len <= kIntMax && d.suffix_len <= kIntMax,
