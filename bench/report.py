@@ -140,6 +140,13 @@ def real_model_tables(data) -> None:
         print(f"| decode steps through the HF forward | {fmt(i['hf_forward'])} | {i['tokens'] / i['hf_forward']:.1f} |")
         print(f"| the flat decode step (hf.decode_step) | {fmt(i['flat'])} | {i['tokens'] / i['flat']:.1f} |")
         print(f"| **speedup** (median of per-round ratios) | **{i['speedup']:.2f}x** | |")
+    for i in by_kind["real_fused_layer"]:
+        print()
+        print("| bridge_ops.generate, N = 8, P = 64, 32 new tokens (alternated, same tokens) | time | tokens/s |")
+        print("|---|---|---|")
+        print(f"| the flat step's layers op by op in Python | {fmt(i['python'])} | {i['tokens'] / i['python']:.1f} |")
+        print(f"| each layer one `decode_layer` call | {fmt(i['fused'])} | {i['tokens'] / i['fused']:.1f} |")
+        print(f"| **speedup** (median of per-round ratios) | **{i['speedup']:.2f}x** | |")
     for i in by_kind["real_profile"]:
         print()
         wall, steps = i["wall"], i["steps"]

@@ -23,6 +23,8 @@ Llama: 30 layers, hidden 576, 9 query / 3 key-value heads, vocabulary 49152, 134
   alternated. Goal: bridged / unbridged <= 1.10.
 - flat step: `bridge_ops.generate` at N = 8, P = 64 with its flat decode step (bridge_ops.hf.decode_step) vs the same
   steps through the HF forward, alternated (the same tokens; the speedup is the HF module stack's cost).
+- fused layer: the flat step with each decoder layer as one call of the compiled op `bridge_ops::decode_layer` vs
+  its layers op by op in Python, alternated (the same tokens; the speedup is the Python between a layer's ops).
 - profile: where the time of one decode step of `bridge_ops.generate` goes (N = 8 and 16, P = 64): torch.profiler's
   self CPU time per operator group, stored in extra_info (the report prints it).
 """
@@ -193,6 +195,34 @@ def test_flat_decode_step(benchmark, model, monkeypatch):
         tokens=8 * NEW_TOKENS,
         flat=flat,
         hf_forward=hf_forward,
+        speedup=speedup,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )
+
+
+def test_fused_decode_layer(benchmark, model, monkeypatch):
+    """The flat step with each decoder layer as one bridge_ops::decode_layer call vs its layers op by op in Python."""
+    from bridge_ops.hf import decode_step
+
+    ids = prompt(64)
+    real = decode_step.fused_layer_reason
+
+    def run(fused):
+        def call():
+            with monkeypatch.context() as m:
+                m.setattr(decode_step, "fused_layer_reason", real if fused else (lambda model: "off"))
+                return bridge_ops.generate(model, ids, 8, NEW_TOKENS, eos_token_id=[], top_k=0)
+
+        return call
+
+    benchmark.group = "fused decode layer"
+    fused, python, speedup = paired_rounds(benchmark, run(True), run(False), 5, warmup_rounds=1)
+    benchmark.extra_info.update(
+        kind="real_fused_layer",
+        tokens=8 * NEW_TOKENS,
+        fused=fused,
+        python=python,
         speedup=speedup,
         threads=torch.get_num_threads(),
         torch=torch.__version__,

@@ -108,18 +108,26 @@ class _GroupPrefixLayer(CacheLayerMixin):
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Appends [B, Hkv, s, Dh] to the suffix."""
         end = self.length + keys.shape[2]
+        self.reserve(keys.shape[2], keys.shape[0])
+        self._suffix_keys[:, :, self.length : end] = keys
+        self._suffix_values[:, :, self.length : end] = values
+        self.length = end
+
+    def reserve(self, count: int, rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The suffix buffers (keys, values) [rows, Hkv, capacity, Dh] in the prompt's dtype, grown (in steps of
+        _SUFFIX_GROWTH positions) to hold `count` positions after the current length. The caller writes positions
+        length .. length + count - 1 and then advances `length` (the fused decode layer writes in place)."""
+        end = self.length + count
         if self._suffix_keys is None or end > self._suffix_keys.shape[2]:
             capacity = -(-end // _SUFFIX_GROWTH) * _SUFFIX_GROWTH
             grown = []
-            for old, new in ((self._suffix_keys, keys), (self._suffix_values, values)):
-                buffer = new.new_empty(new.shape[0], new.shape[1], capacity, new.shape[3])
+            for old, prefix in ((self._suffix_keys, self.prefix_keys), (self._suffix_values, self.prefix_values)):
+                buffer = prefix.new_empty(rows, prefix.shape[1], capacity, prefix.shape[3])
                 if old is not None and self.length > 0:
                     buffer[:, :, : self.length] = old[:, :, : self.length]
                 grown.append(buffer)
             self._suffix_keys, self._suffix_values = grown
-        self._suffix_keys[:, :, self.length : end] = keys
-        self._suffix_values[:, :, self.length : end] = values
-        self.length = end
+        return self._suffix_keys, self._suffix_values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.prefix_keys is None:  # the prompts' forward: one row per group

@@ -310,6 +310,10 @@ if _C is not None:
             q.shape[:2], dtype=checks.lse_dtype(q.dtype)
         )
 
+    @torch.library.register_fake("bridge_ops::decode_layer")
+    def _decode_layer_fake(hidden, cos, sin, input_norm_weight, input_norm_eps, post_norm_weight, post_norm_eps, *rest):
+        return torch.empty_like(hidden)
+
     @torch.library.register_fake("bridge_ops::sample_categorical")
     def _sample_categorical_fake(probs, generator=None):
         return probs.new_empty(probs.shape[:1], dtype=torch.long)

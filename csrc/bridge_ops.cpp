@@ -3,10 +3,11 @@
 //
 // Kernels live beside this file: csrc/cpu/*.cpp register TORCH_LIBRARY_IMPL(bridge_ops, CPU, ...),
 // csrc/cuda/cuda_launcher.cu registers the C++ hosts of the CUDA kernels (csrc/host/) as
-// TORCH_LIBRARY_IMPL(bridge_ops, CUDA, ...); csrc/autograd.cpp the Autograd kernels and csrc/bridge_block_decode.cpp
-// the device-independent composite decode op. Fake kernels are registered from Python (bridge_ops/ops.py), so
-// torch.compile sees each op as one node. csrc/kernel_launch.cpp adds the submodule _C.kernels: the CUDA kernels'
-// launch plans, constants and kernel table, and the hosts with a Python launcher (the cupy backend, the tests).
+// TORCH_LIBRARY_IMPL(bridge_ops, CUDA, ...); csrc/autograd.cpp the Autograd kernels, csrc/bridge_block_decode.cpp
+// and csrc/decode_layer.cpp the device-independent composite decode ops. Fake kernels are registered from Python
+// (bridge_ops/ops.py), so torch.compile sees each op as one node. csrc/kernel_launch.cpp adds the submodule _C.kernels:
+// the CUDA kernels' launch plans, constants and kernel table, and the hosts with a Python launcher (the cupy backend,
+// the tests).
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -48,6 +49,16 @@ TORCH_LIBRARY(bridge_ops, m) {
   // The CPU kernel streams each weight row once for all rows (float32, at most 32 rows; anything else is at::linear).
   // No backward.
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  // One Llama-family decoder layer (HF's Llama / Mistral / Qwen2 forward, op for op) for one new token per row over
+  // the shared-prefix cache: hidden [B, 1, D]; cos, sin [B, Dh]; weights the 7 projections (q, k, v, o, gate, up,
+  // down) and biases their optional biases; the new key/value are written into suffix_k/v[:, :, slot] and the
+  // cascade attends over the prefix and suffix positions 0 .. slot. Returns the layer's output [B, 1, D]. No
+  // backward.
+  m.def(
+      "decode_layer(Tensor hidden, Tensor cos, Tensor sin, Tensor input_norm_weight, float input_norm_eps, "
+      "Tensor post_norm_weight, float post_norm_eps, Tensor[] weights, Tensor?[] biases, Tensor prefix_k, "
+      "Tensor prefix_v, Tensor prefix_lens, Tensor(a!) suffix_k, Tensor(b!) suffix_v, int slot, "
+      "Tensor cu_group_lens, float scaling) -> Tensor");
   // One token per row of probs [rows, vocab]: torch.multinomial(probs, 1).squeeze(1)'s draw (same tokens, same
   // generator state), its transformation and argmax in parallel over rows on the CPU. No backward.
   m.def("sample_categorical(Tensor probs, Generator? generator=None) -> Tensor");

@@ -6,6 +6,7 @@ import torch
 from hf_models import MODEL_TYPES, bridged_model, left_padded, tiny_model
 
 import bridge_ops
+from bridge_ops._loader import _C
 from bridge_ops.hf import attention, decode_step
 
 pytest.importorskip("transformers")
@@ -26,7 +27,16 @@ def cascade_calls(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(bridge_ops.ops, "cascade_attention", spy)  # the HF forward's attention function (ops.*)
-    monkeypatch.setattr(decode_step, "cascade_attention", spy)  # generate's flat decode step
+    monkeypatch.setattr(decode_step, "cascade_attention", spy)  # generate's flat decode step, layers in Python
+    if _C is not None:  # its layers fused: each decode_layer call runs the cascade op once (in C++)
+        layer = torch.ops.bridge_ops.decode_layer
+
+        def layer_spy(hidden, cos, *args):
+            q_features, head_dim = args[5][0].shape[0], cos.shape[1]  # weights[0]: q_proj's [Hq * Dh, D]
+            calls.append(torch.Size([hidden.shape[0], q_features // head_dim, head_dim]))
+            return layer(hidden, cos, *args)
+
+        monkeypatch.setattr(torch.ops.bridge_ops, "decode_layer", layer_spy)
     return calls
 
 

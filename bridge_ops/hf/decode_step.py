@@ -10,6 +10,10 @@ suffix, the MLP with the model's activation, the residual blocks `add_residual_b
 P-Match) and the final norm and LM head. So its logits equal the HF forward's bit for bit (tested), and the tokens
 sampled from them are the same.
 
+On the CPU with the compiled extension each decoder layer (everything but its residual blocks) is one call of the op
+`bridge_ops::decode_layer` (csrc/decode_layer.cpp): the same ATen operations in the same order in C++, without the
+Python between them (`fused_layer_reason` says why a model's layers run in Python instead).
+
 Used by `generate` when `unsupported_reason(model)` is None (the Llama, Mistral and Qwen2 decoder layers, default
 rotary embeddings, plain nn.Linear projections, no forward hooks, eval mode); any other model decodes through its
 HF forward. No backward: decode steps run under torch.no_grad.
@@ -21,9 +25,10 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
+from .._loader import _C
 from ..ops import cascade_attention, decode_linear
 from .attention import unsupported_reason as cascade_unsupported_reason
-from .patch import _base_forward_attr, _ResidualForward, decoder_layers
+from .patch import RMS_NORM_CLASSES, _base_forward_attr, _ResidualForward, decoder_layers
 from .runtime import BridgeGroups
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")  # decoder layers written alike (Qwen2: biases on q, k, v)
@@ -80,6 +85,22 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
     return None
 
 
+def fused_layer_reason(model: nn.Module) -> Optional[str]:
+    """Why `DecodeStep` runs `model`'s decoder layers op by op in Python rather than as one `decode_layer` call
+    each (None: fused). The op needs the compiled extension, CPU weights, and the HF RMSNorm class of the model type
+    (whose forward it reproduces) in every layer."""
+    if _C is None:
+        return "the compiled extension is not loaded"
+    if model.device.type != "cpu":
+        return f"the model is on {model.device.type} (the fused layer runs on the CPU)"
+    norm_class = RMS_NORM_CLASSES.get(model.config.model_type)
+    for layer in decoder_layers(model):
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if type(norm).__name__ != norm_class or "forward" in vars(norm):
+                return f"a norm of type {type(norm).__name__}, not the model type's {norm_class}"
+    return None
+
+
 class _Layer(NamedTuple):
     """What a decode step reads of one decoder layer, looked up once (module attribute lookups are most of the Python
     cost of a step): its norms, (weight, bias) of each projection, and the residual blocks after it."""
@@ -97,6 +118,8 @@ class _Layer(NamedTuple):
     head_dim: int
     scaling: float
     residuals: List[Tuple[object, nn.Module, bool]]  # (residual function, block, whether it takes the groups)
+    weights: List[torch.Tensor]  # q, k, v, o, gate, up, down: the fused layer's arguments
+    biases: List[Optional[torch.Tensor]]
 
     @staticmethod
     def of(layer: nn.Module) -> "_Layer":
@@ -106,15 +129,19 @@ class _Layer(NamedTuple):
             return linear.weight, linear.bias
 
         residuals = [(w.residual, getattr(layer, w.name), w.take is not None) for w in _residual_chain(layer)]
+        projections = [weights(getattr(attention, f"{p}_proj")) for p in "qkvo"]
+        projections += [weights(getattr(mlp, f"{p}_proj")) for p in ("gate", "up", "down")]
         return _Layer(
             layer.input_layernorm,
-            *(weights(getattr(attention, f"{p}_proj")) for p in "qkvo"),
+            *projections[:4],
             layer.post_attention_layernorm,
-            *(weights(getattr(mlp, f"{p}_proj")) for p in ("gate", "up", "down")),
+            *projections[4:],
             mlp.act_fn,
             attention.head_dim,
             attention.scaling,
             residuals,
+            [w for w, _ in projections],
+            [b for _, b in projections],
         )
 
 
@@ -137,6 +164,7 @@ class DecodeStep:
         self.rotate = sys.modules[type(layers[0].self_attn).__module__].apply_rotary_pos_emb
         head = model.get_output_embeddings()
         self.head = head.weight, head.bias
+        self.fused = fused_layer_reason(model) is None
 
     @torch.no_grad()
     def __call__(
@@ -145,8 +173,9 @@ class DecodeStep:
         hidden = self.embed(tokens[:, None])  # [B, 1, D], HF's layout throughout
         cos, sin = self.rotary(hidden, positions[:, None])  # [B, 1, Dh]
         cos, sin = cos[:, 0], sin[:, 0]  # [B, Dh]: broadcast over the heads of [B, H, Dh]
+        run_layer = self._fused_layer if self.fused else self._layer
         for layer, kv in zip(self.layers, cache.layers):
-            hidden = self._layer(layer, hidden, cos, sin, kv, cache)
+            hidden = run_layer(layer, hidden, cos, sin, kv, cache)
             for residual, block, takes_groups in layer.residuals:
                 hidden = residual(block, hidden, groups if takes_groups else None)
         return decode_linear(self.norm(hidden), *self.head)[:, -1].float()
@@ -175,6 +204,33 @@ class DecodeStep:
         x = layer.post_norm(hidden)
         x = decode_linear(layer.act_fn(decode_linear(x, *layer.gate)) * decode_linear(x, *layer.up), *layer.down)
         return hidden + x
+
+    @staticmethod
+    def _fused_layer(layer: _Layer, hidden, cos, sin, kv, cache) -> torch.Tensor:
+        """`_layer` as one call of the compiled op (the same operations in C++; its key and value written in place
+        into the suffix buffers at position kv.length)."""
+        suffix_keys, suffix_values = kv.reserve(1, hidden.shape[0])
+        hidden = torch.ops.bridge_ops.decode_layer(
+            hidden,
+            cos,
+            sin,
+            layer.input_norm.weight,
+            layer.input_norm.variance_epsilon,
+            layer.post_norm.weight,
+            layer.post_norm.variance_epsilon,
+            layer.weights,
+            layer.biases,
+            kv.prefix_keys,
+            kv.prefix_values,
+            cache.prefix_lens,
+            suffix_keys,
+            suffix_values,
+            kv.length,
+            cache.cu_group_lens,
+            layer.scaling,
+        )
+        kv.length += 1
+        return hidden
 
 
 def step_for(model: nn.Module, cache) -> Optional[DecodeStep]:
