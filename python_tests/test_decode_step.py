@@ -117,7 +117,8 @@ def _layer_args(rows=3, groups=(2, 1), prefix=5, slot=2, capacity=4, seed=0, bia
         return torch.randn(*shape, generator=gen)
 
     dim, hq, hkv, dh, inner = 16, 4, 2, 4, 24
-    shapes = [(hq * dh, dim), (hkv * dh, dim), (hkv * dh, dim), (dim, hq * dh), (inner, dim), (inner, dim), (dim, inner)]
+    attention = [(hq * dh, dim), (hkv * dh, dim), (hkv * dh, dim), (dim, hq * dh)]
+    shapes = attention + [(inner, dim), (inner, dim), (dim, inner)]
     weights = [rand(*s) * 0.3 for s in shapes]
     biases = [rand(s[0]) * 0.1 if bias and i < 3 else None for i, s in enumerate(shapes)]
     cu = torch.tensor([0, *torch.tensor(groups).cumsum(0).tolist()], dtype=torch.int32)
