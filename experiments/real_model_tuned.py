@@ -23,8 +23,9 @@ What changed from the first run, and why (its diagnosis, experiments/README.md):
 Everything else (base, task, widths, budgets, analysis) is the first run's, through its functions.
 
 Stages: each finished stage (validation of the base, the warm-up samples, each candidate's validation, each method's
-test evaluations) is stored under the work directory (default: build/real_model_tuned-<recipe digest>), so a run
-stopped at any point resumes where it stopped, with the same numbers.
+test evaluations) is stored as JSON under the work directory (default: OUT/real_model_tuned/stages-<digest of the
+size>, committed with the results), so a run stopped at any point, on this machine or another, resumes where it
+stopped, with the same numbers (the format-tuned base is rebuilt deterministically from its recipe).
 
 Writes OUT/real_model_tuned/: results.csv, problems.csv.gz, training.csv, grid.csv (the validation of every
 candidate rate), summary.md (with the goals judged) and accuracy_vs_width.png.
@@ -58,7 +59,7 @@ SIZES = {name: dict(first.SIZES[name], grpo_lr=(1e-5, 10.0), **TUNED[name]) for 
 
 @dataclasses.dataclass(frozen=True)
 class Setting(first.Setting):
-    work_dir: Optional[str] = None  # finished stages (default: build/real_model_tuned-<digest of the size>)
+    work_dir: Optional[str] = None  # finished stages (default: OUT/real_model_tuned/stages-<digest of the size>)
 
     @property
     def spec(self) -> dict:
@@ -70,12 +71,13 @@ class Setting(first.Setting):
 
     @property
     def stages(self) -> str:
+        """Where finished stages are kept: beside the results (committed with them, so that a run spans sessions and
+        machines), in a directory named by the size's digest (a changed recipe starts afresh)."""
         from bridge_ops.files import json_digest
 
         if self.work_dir:
             return self.work_dir
-        root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build")
-        return os.path.join(root, f"{NAME}-{json_digest(self.spec)[:12]}")
+        return os.path.join(self.directory, f"stages-{json_digest(self.spec)[:12]}")
 
 
 def stage(setting: Setting, name: str, compute: Callable[[], object]):
@@ -268,7 +270,7 @@ def report(setting: Setting, result: dict) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = first.arguments(__doc__, SIZES)
-    parser.add_argument("--work-dir", help="where finished stages are kept (default: build/real_model_tuned-*)")
+    parser.add_argument("--work-dir", help="where finished stages are kept (default: OUT/real_model_tuned/stages-*)")
     args = parser.parse_args(argv)
     setting = Setting(args.size, args.out, not args.no_progress, args.device, args.cache_dir, args.work_dir)
     started = time.perf_counter()
