@@ -250,7 +250,8 @@ def test_peft_configs_that_would_adapt_the_bridge_or_the_cache_are_refused(tmp_p
 def test_fsdp2_on_two_ranks_trains_what_one_process_trains(tmp_path, beta):
     """FSDP2 (accelerate, gloo): decoder layers sharded, Bridge included; with beta > 0 the reference model got the
     policy's Bridge blocks before it was sharded (KL exactly 0 at step 1); one SGD step on 2 ranks gives one process's
-    weights (measured: 7e-9 against a step of 1e-3); save_model keeps the trained Bridge."""
+    weights up to float rounding (measured: at most 1 ulp of a weight, against a step of 1e-3); save_model keeps the
+    trained Bridge."""
     run_worker("fsdp_worker.py", ["plain", str(tmp_path / "plain.pt"), str(beta)])
     run_worker("fsdp_worker.py", ["fsdp", str(tmp_path / "fsdp.pt"), str(beta)], ranks=2)
     plain, fsdp = (torch.load(tmp_path / f"{name}.pt", weights_only=False) for name in ("plain", "fsdp"))
@@ -263,7 +264,13 @@ def test_fsdp2_on_two_ranks_trains_what_one_process_trains(tmp_path, beta):
     bridge_step = max(
         (plain["after"][k] - plain["before"][k]).abs().max().item() for k in plain["after"] if "bridge" in k
     )
-    difference = max((fsdp["after"][k] - plain["after"][k]).abs().max().item() for k in plain["after"])
-    assert bridge_step > 1e-5 and difference < 1e-5 * step, (difference, step)
+    # The two runs sum the same gradients in another order (two ranks' halves, then an all-reduce): each weight may
+    # round differently, by an ulp or so of its own magnitude (of the step's, for weights near 0); a lost or doubled
+    # batch would be off by about the step (1e-3), four orders above that.
+    ulps = max(
+        ((fsdp["after"][k] - a).abs() / (torch.finfo(a.dtype).eps * a.abs().clamp_min(step))).max().item()
+        for k, a in plain["after"].items()
+    )
+    assert bridge_step > 1e-5 and ulps <= 2, (ulps, step)
     for run in (plain, fsdp):
         assert all(torch.equal(tensor, run["after"][k]) for k, tensor in run["restored_bridge"].items())
