@@ -174,59 +174,49 @@ def test_roofline(benchmark, model):
     benchmark.pedantic(bandwidths, kwargs=dict(gib=0.25, repeats=1), rounds=1, warmup_rounds=0)
 
 
-def test_flat_decode_step(benchmark, model, monkeypatch):
-    import bridge_ops.generation as generation
-
+def with_and_without(benchmark, model, monkeypatch, module, name: str, off, kind: str, names) -> None:
+    """`bridge_ops.generate` at N = 8, P = 64 with `module.name` as it is and replaced by `off`, alternated in each
+    round; stores the two medians under `names` (with, without) and the speedup in extra_info (kind `kind`)."""
     ids = prompt(64)
-    real = generation.step_for
+    real = getattr(module, name)
 
-    def run(fast):
+    def run(on):
         def call():
             with monkeypatch.context() as m:
-                m.setattr(generation, "step_for", real if fast else (lambda model, cache: None))
+                m.setattr(module, name, real if on else off)
                 return bridge_ops.generate(model, ids, 8, NEW_TOKENS, eos_token_id=[], top_k=0)
 
         return call
 
-    benchmark.group = "flat decode step"
-    flat, hf_forward, speedup = paired_rounds(benchmark, run(True), run(False), 5, warmup_rounds=1)
+    with_time, without_time, speedup = paired_rounds(benchmark, run(True), run(False), 5, warmup_rounds=1)
     benchmark.extra_info.update(
-        kind="real_flat_step",
+        kind=kind,
         tokens=8 * NEW_TOKENS,
-        flat=flat,
-        hf_forward=hf_forward,
+        **{names[0]: with_time, names[1]: without_time},
         speedup=speedup,
         threads=torch.get_num_threads(),
         torch=torch.__version__,
     )
+
+
+def test_flat_decode_step(benchmark, model, monkeypatch):
+    """The flat decode step vs the same steps through the HF forward."""
+    import bridge_ops.generation as generation
+
+    benchmark.group = "flat decode step"
+    no_step = lambda model, cache: None  # noqa: E731
+    names = ("flat", "hf_forward")
+    with_and_without(benchmark, model, monkeypatch, generation, "step_for", no_step, "real_flat_step", names)
 
 
 def test_fused_decode_layer(benchmark, model, monkeypatch):
     """The flat step with each decoder layer as one bridge_ops::decode_layer call vs its layers op by op in Python."""
     from bridge_ops.hf import decode_step
 
-    ids = prompt(64)
-    real = decode_step.fused_layer_reason
-
-    def run(fused):
-        def call():
-            with monkeypatch.context() as m:
-                m.setattr(decode_step, "fused_layer_reason", real if fused else (lambda model: "off"))
-                return bridge_ops.generate(model, ids, 8, NEW_TOKENS, eos_token_id=[], top_k=0)
-
-        return call
-
     benchmark.group = "fused decode layer"
-    fused, python, speedup = paired_rounds(benchmark, run(True), run(False), 5, warmup_rounds=1)
-    benchmark.extra_info.update(
-        kind="real_fused_layer",
-        tokens=8 * NEW_TOKENS,
-        fused=fused,
-        python=python,
-        speedup=speedup,
-        threads=torch.get_num_threads(),
-        torch=torch.__version__,
-    )
+    off = lambda model: "off"  # noqa: E731
+    names = ("fused", "python")
+    with_and_without(benchmark, model, monkeypatch, decode_step, "fused_layer_reason", off, "real_fused_layer", names)
 
 
 OPERATOR_GROUPS = {
