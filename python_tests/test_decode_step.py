@@ -109,12 +109,12 @@ def test_fused_layer_reason():
     assert not decode_step.DecodeStep(model).fused
 
 
-def _layer_args(rows=3, groups=(2, 1), prefix=5, slot=2, capacity=4, seed=0, bias=True):
+def _layer_args(rows=3, groups=(2, 1), prefix=5, slot=2, capacity=4, seed=0, bias=True, dtype=torch.float32):
     """Arguments of bridge_ops::decode_layer for a small GQA layer (D 16, 4 query heads, 2 KV heads, Dh 4)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
-        return torch.randn(*shape, generator=gen)
+        return torch.randn(*shape, generator=gen).to(dtype)
 
     dim, hq, hkv, dh, inner = 16, 4, 2, 4, 24
     attention = [(hq * dh, dim), (hkv * dh, dim), (hkv * dh, dim), (dim, hq * dh)]
@@ -153,7 +153,7 @@ def _python_layer(args):
     hidden, cos, sin, w_in, eps_in, w_post, eps_post, weights, biases, pk, pv, plens, sk, sv, slot, cu, scaling = args
     norms = []
     for w, eps in ((w_in, eps_in), (w_post, eps_post)):
-        norm = LlamaRMSNorm(w.shape[0], eps=eps)
+        norm = LlamaRMSNorm(w.shape[0], eps=eps).to(w.dtype)
         norm.weight.data.copy_(w)
         norms.append(norm)
     pairs = list(zip(weights, biases))
@@ -174,11 +174,13 @@ def _python_layer(args):
 
 
 @needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("bias", [True, False])
-def test_decode_layer_op_equals_the_python_layer(bias):
-    """Bit for bit, with GQA, ragged groups, left-padded prompts and Qwen2-style biases; the key and value land in
-    suffix[:, :, slot], positions after it untouched."""
-    args = _layer_args(bias=bias)
+def test_decode_layer_op_equals_the_python_layer(bias, dtype):
+    """Bit for bit, with GQA, ragged groups, left-padded prompts and Qwen2-style biases, in float32 (decode_linear's
+    kernel) and bfloat16 / float64 (at::linear); the key and value land in suffix[:, :, slot], positions after it
+    untouched."""
+    args = _layer_args(bias=bias, dtype=dtype)
     after = args[14] + 1
     untouched = args[12][:, :, after:].clone(), args[13][:, :, after:].clone()
     with torch.no_grad():
