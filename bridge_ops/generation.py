@@ -284,18 +284,16 @@ class _Batch:
         unfinished = torch.zeros(self.layout.num_groups, dtype=torch.long, device=self.finished.device)
         return unfinished.index_add_(0, self.layout.row_group, (~self.finished).long()) == 0
 
-    def drop_finished_groups(self, cache) -> Optional[torch.Tensor]:
+    def drop_finished_groups(self, cache, shared: bool) -> Optional[torch.Tensor]:
         """Removes the groups whose rows have all finished, here and in `cache`; returns the index of the kept live
-        rows (None: none finished, nothing changed). The new layout is derived once and a GroupPrefixCache takes the
-        same object (`select_rows`); another cache keeps the rows through `batch_select_indices`."""
-        from .cache import GroupPrefixCache
-
+        rows (None: none finished, nothing changed). The new layout is derived once and a GroupPrefixCache (`shared`)
+        takes the same object (`select_rows`); another cache keeps the rows through `batch_select_indices`."""
         done = self.finished_groups()
         if not bool(done.any()):
             return None
         keep = torch.nonzero(~done[self.layout.row_group]).flatten()
         self.layout, kept_groups = self.layout.select(keep)
-        if isinstance(cache, GroupPrefixCache):
+        if shared:
             cache.select_rows(keep, self.layout, kept_groups)
         else:
             cache.batch_select_indices(keep)
@@ -613,7 +611,7 @@ def _step_loop(model: nn.Module, request: _Request, state: Prefill, record: _Rec
                 break
             # 4. Groups whose rows have all finished leave the batch and the cache.
             if request.compact:
-                keep = batch.drop_finished_groups(state.cache)
+                keep = batch.drop_finished_groups(state.cache, shared)
                 if keep is not None:
                     next_tokens, live = next_tokens[keep], live[keep]
             # 5. One decode step for every live row.

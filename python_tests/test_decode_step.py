@@ -156,10 +156,7 @@ def _python_layer(args):
         norm = LlamaRMSNorm(w.shape[0], eps=eps).to(w.dtype)
         norm.weight.data.copy_(w)
         norms.append(norm)
-    pairs = list(zip(weights, biases))
-    layer = decode_step._Layer(
-        norms[0], *pairs[:4], norms[1], *pairs[4:], torch.nn.SiLU(), cos.shape[1], scaling, [], weights, biases
-    )
+    layer = decode_step._Layer(norms[0], norms[1], weights, biases, torch.nn.SiLU(), cos.shape[1], scaling, [])
     kv = SimpleNamespace(prefix_keys=pk, prefix_values=pv)
 
     def append_rows(k, v):

@@ -33,6 +33,7 @@ from .runtime import BridgeGroups
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")  # decoder layers written alike (Qwen2: biases on q, k, v)
 _LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # the order decode_layer takes the weights in
 
 
 def _residual_chain(layer: nn.Module) -> Optional[List[_ResidualForward]]:
@@ -74,8 +75,7 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
         if not all(hasattr(layer, part) for part in _LAYER_PARTS) or _residual_chain(layer) is None:
             return f"a decoder layer of type {type(layer).__name__} with another structure or forward"
         attention, mlp = layer.self_attn, layer.mlp
-        linears = [getattr(attention, f"{p}_proj", None) for p in "qkvo"]
-        linears += [getattr(mlp, f"{p}_proj", None) for p in ("gate", "up", "down")]
+        linears = [getattr(attention if p in "qkvo" else mlp, f"{p}_proj", None) for p in _PROJECTIONS]
         if any(type(m) is not nn.Linear for m in linears) or any("forward" in vars(m) for m in linears):
             return "projections that are not plain nn.Linear layers (e.g. LoRA or quantized)"
         if hasattr(attention, "q_norm"):
@@ -103,45 +103,35 @@ def fused_layer_reason(model: nn.Module) -> Optional[str]:
 
 class _Layer(NamedTuple):
     """What a decode step reads of one decoder layer, looked up once (module attribute lookups are most of the Python
-    cost of a step): its norms, (weight, bias) of each projection, and the residual blocks after it."""
+    cost of a step): its norms, its projections' weights and biases, and the residual blocks after it."""
 
     input_norm: nn.Module
-    q: Tuple[torch.Tensor, Optional[torch.Tensor]]
-    k: Tuple[torch.Tensor, Optional[torch.Tensor]]
-    v: Tuple[torch.Tensor, Optional[torch.Tensor]]
-    o: Tuple[torch.Tensor, Optional[torch.Tensor]]
     post_norm: nn.Module
-    gate: Tuple[torch.Tensor, Optional[torch.Tensor]]
-    up: Tuple[torch.Tensor, Optional[torch.Tensor]]
-    down: Tuple[torch.Tensor, Optional[torch.Tensor]]
+    weights: List[torch.Tensor]  # the projections in _PROJECTIONS' order (the fused layer's arguments)
+    biases: List[Optional[torch.Tensor]]
     act_fn: nn.Module
     head_dim: int
     scaling: float
     residuals: List[Tuple[object, nn.Module, bool]]  # (residual function, block, whether it takes the groups)
-    weights: List[torch.Tensor]  # q, k, v, o, gate, up, down: the fused layer's arguments
-    biases: List[Optional[torch.Tensor]]
+
+    def project(self, x: torch.Tensor, projection: str) -> torch.Tensor:
+        """x through the projection named `projection` (one of _PROJECTIONS), as nn.Linear does in a decode step."""
+        index = _PROJECTIONS.index(projection)
+        return decode_linear(x, self.weights[index], self.biases[index])
 
     @staticmethod
     def of(layer: nn.Module) -> "_Layer":
         attention, mlp = layer.self_attn, layer.mlp
-
-        def weights(linear: nn.Linear):
-            return linear.weight, linear.bias
-
-        residuals = [(w.residual, getattr(layer, w.name), w.take is not None) for w in _residual_chain(layer)]
-        projections = [weights(getattr(attention, f"{p}_proj")) for p in "qkvo"]
-        projections += [weights(getattr(mlp, f"{p}_proj")) for p in ("gate", "up", "down")]
+        linears = [getattr(attention if p in "qkvo" else mlp, f"{p}_proj") for p in _PROJECTIONS]
         return _Layer(
             layer.input_layernorm,
-            *projections[:4],
             layer.post_attention_layernorm,
-            *projections[4:],
+            [linear.weight for linear in linears],
+            [linear.bias for linear in linears],
             mlp.act_fn,
             attention.head_dim,
             attention.scaling,
-            residuals,
-            [w for w, _ in projections],
-            [b for _, b in projections],
+            [(w.residual, getattr(layer, w.name), w.take is not None) for w in _residual_chain(layer)],
         )
 
 
@@ -184,9 +174,9 @@ class DecodeStep:
         """LlamaDecoderLayer.forward for one new position per row: pre-norm attention and MLP, each a residual."""
         rows, head_dim = hidden.shape[0], layer.head_dim
         x = layer.input_norm(hidden)
-        q = decode_linear(x, *layer.q).view(rows, -1, head_dim)  # [B, Hq, Dh]
-        k = decode_linear(x, *layer.k).view(rows, -1, head_dim)  # [B, Hkv, Dh]
-        v = decode_linear(x, *layer.v).view(rows, -1, 1, head_dim)  # [B, Hkv, 1, Dh]
+        q = layer.project(x, "q").view(rows, -1, head_dim)  # [B, Hq, Dh]
+        k = layer.project(x, "k").view(rows, -1, head_dim)  # [B, Hkv, Dh]
+        v = layer.project(x, "v").view(rows, -1, 1, head_dim)  # [B, Hkv, 1, Dh]
         q, k = self.rotate(q, k, cos, sin)
         kv.append_rows(k[:, :, None], v)
         out = cascade_attention(
@@ -200,9 +190,9 @@ class DecodeStep:
             None,
             layer.scaling,
         )
-        hidden = hidden + decode_linear(out.reshape(rows, 1, -1), *layer.o)
+        hidden = hidden + layer.project(out.reshape(rows, 1, -1), "o")
         x = layer.post_norm(hidden)
-        x = decode_linear(layer.act_fn(decode_linear(x, *layer.gate)) * decode_linear(x, *layer.up), *layer.down)
+        x = layer.project(layer.act_fn(layer.project(x, "gate")) * layer.project(x, "up"), "down")
         return hidden + x
 
     @staticmethod
