@@ -110,7 +110,9 @@ struct Avx2Ops<float> {
     return s;
   }
 
-  static constexpr int64_t kPrefetchFloats = 1024;  // 4 KiB ahead in the weight stream (a prefetch never faults)
+  // Software prefetches of the weight stream (a prefetch never faults): into L1 4 KiB ahead and into L2 32 KiB ahead.
+  static constexpr int64_t kPrefetchFloats = 1024;
+  static constexpr int64_t kL2PrefetchFloats = 8192;
 
   // dot(x[r], w) for R rows in one sweep of w (R accumulators; each sum in dot's lane order).
   template <int R>
@@ -120,9 +122,14 @@ struct Avx2Ops<float> {
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-      // One prefetch per 64-byte line, kPrefetchFloats ahead: the hardware prefetcher alone keeps too few lines of
-      // the weight stream in flight for this loop (measured: 13.5 -> 18.9 GB/s on a 113 MB matrix, 2 threads).
-      if (i % 16 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + i + kPrefetchFloats), _MM_HINT_T0);
+      // Two prefetches per 64-byte line: the hardware prefetcher alone keeps too few lines of the weight stream in
+      // flight while this loop computes (8 rows: the compute and the memory time added up, no overlap). Measured on
+      // all of SmolLM2's linear layers at 8 rows, 2 threads (AMD EPYC Zen 4): none 12.3 GB/s, L1 only 18.9 GB/s,
+      // L1 + L2 27.5 GB/s (a plain sum reads at 33 GB/s).
+      if (i % 16 == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + i + kPrefetchFloats), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + i + kL2PrefetchFloats), _MM_HINT_T1);
+      }
       const __m256 wv = _mm256_loadu_ps(w + i);
       for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * n + i), wv, acc[r]);
     }
