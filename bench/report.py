@@ -133,6 +133,14 @@ def real_model_tables(data) -> None:
         print(f"| without Bridge | {fmt(i['unbridged'])} | {i['tokens'] / i['unbridged']:.1f} |")
         print(f"| with Bridge ({i['share']:.1%} parameters) | {fmt(i['bridged'])} | {i['tokens'] / i['bridged']:.1f} |")
         print(f"| **bridged / unbridged** (median of per-round ratios) | **{i['ratio']:.3f}x** (goal <= 1.10x) | |")
+    for i in by_kind["real_linears"]:
+        print()
+        rows = i["rows"]
+        print(f"| every linear layer once on {rows} rows (a decode step's matmuls, alternated) | time | weights read |")
+        print("|---|---|---|")
+        for key, label in (("torch_linear", "torch's linear (BLAS)"), ("decode_linear", "`decode_linear`")):
+            print(f"| {label} | {fmt(i[key])} | {i['weight_bytes'] / i[key] / 1e9:.1f} GB/s |")
+        print(f"| **speedup** (median of per-round ratios) | **{i['speedup']:.2f}x** | |")
     for i in by_kind["real_flat_step"]:
         print()
         print("| bridge_ops.generate, N = 8, P = 64, 32 new tokens (alternated, same tokens) | time | tokens/s |")

@@ -21,6 +21,8 @@ Llama: 30 layers, hidden 576, 9 query / 3 key-value heads, vocabulary 49152, 134
   SmolLM2 with Bridge). Stored per N for the report.
 - overhead: `bridge_ops.generate` at N = 8, P = 64 on the bridged model vs the same model without Bridge,
   alternated. Goal: bridged / unbridged <= 1.10.
+- linear layers: one decode step's matrix products alone (every linear layer on 8 rows): `decode_linear` vs torch's
+  linear, alternated, as weight bytes read per second.
 - flat step: `bridge_ops.generate` at N = 8, P = 64 with its flat decode step (bridge_ops.hf.decode_step) vs the same
   steps through the HF forward, alternated (the same tokens; the speedup is the HF module stack's cost).
 - fused layer: the flat step with each decoder layer as one call of the compiled op `bridge_ops::decode_layer` vs
@@ -172,6 +174,38 @@ def test_roofline(benchmark, model):
         torch=torch.__version__,
     )
     benchmark.pedantic(bandwidths, kwargs=dict(gib=0.25, repeats=1), rounds=1, warmup_rounds=0)
+
+
+def test_linear_layers(benchmark, model):
+    """One decode step's matrix products alone: every linear layer of the model (lm_head included) on 8 rows, through
+    `decode_linear` vs torch's linear (BLAS), alternated; the weight bytes read per second of each, against the
+    roofline test's bandwidths."""
+    from bridge_ops.ops import decode_linear
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {n: torch.randn(8, 1, n) for n in {m.in_features for m in linears}}
+
+    def step(linear):
+        def call():
+            with torch.no_grad():
+                for m in linears:
+                    linear(inputs[m.in_features], m.weight, m.bias)
+
+        return call
+
+    benchmark.group = "linear layers"
+    ours, blas, speedup = paired_rounds(benchmark, step(decode_linear), step(torch.nn.functional.linear), 7)
+    weights = weight_bytes_per_step(model)
+    benchmark.extra_info.update(
+        kind="real_linears",
+        rows=8,
+        decode_linear=ours,
+        torch_linear=blas,
+        speedup=speedup,
+        weight_bytes=weights,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )
 
 
 def with_and_without(benchmark, model, monkeypatch, module, name: str, off, kind: str, names) -> None:
