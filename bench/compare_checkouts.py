@@ -1,0 +1,81 @@
+"""Toy-model generation timed with two checkouts of bridge_ops (each with its extension built in place), in
+alternated fresh processes, so a change can be checked for "no slower" on the same machine in the same run.
+
+    python bench/compare_checkouts.py OLD_CHECKOUT NEW_CHECKOUT [--rounds 4]
+
+Each process imports bridge_ops from its checkout, builds test_bench_generation.py's random Llama (hidden 1024,
+8 layers, 155M parameters, float32; seeded, so both checkouts get the same weights) with and without Bridge, and
+times `bridge_ops.generate` at 4 prompts x width 4, 32 new tokens, best of 3, with the expanded and the shared-prefix
+cache. Prints a table of medians over rounds and the median per-round ratio new / old for each case.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+CASES = [(bridged, cache) for bridged in (False, True) for cache in ("expanded", "shared-prefix")]
+
+CHILD = """
+import json, sys, time, torch
+sys.path.insert(0, {bench!r})
+import bridge_ops
+from test_bench_generation import PROMPT_LEN, PROMPTS, NEW_TOKENS, WIDTH, D_BRIDGE, prompts
+from transformers import LlamaConfig, LlamaForCausalLM
+config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                     num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=1024, eos_token_id=2,
+                     pad_token_id=0, tie_word_embeddings=False)
+torch.manual_seed(0)
+base = LlamaForCausalLM(config).eval()
+bridged = LlamaForCausalLM(config).eval()
+bridged.load_state_dict(base.state_dict())
+bridge_ops.apply_bridge(bridged, d_bridge=D_BRIDGE)
+for block in bridge_ops.hf.bridge_blocks(bridged):
+    torch.nn.init.normal_(block.o_proj.weight, std=0.02)
+ids = prompts(PROMPTS, PROMPT_LEN)
+times = {{}}
+for with_bridge, cache in {cases!r}:
+    model = bridged if with_bridge else base
+    best = float("inf")
+    for _ in range(4):  # the first call warms up
+        start = time.perf_counter()
+        bridge_ops.generate(model, ids, WIDTH, NEW_TOKENS, eos_token_id=[], top_k=0, cache=cache)
+        best = min(best, time.perf_counter() - start)
+    times[f"{{'bridged' if with_bridge else 'unbridged'}} {{cache}}"] = best
+print(json.dumps(dict(file=bridge_ops.__file__, times=times)))
+"""
+
+
+def run(checkout: str) -> dict:
+    code = CHILD.format(bench=os.path.dirname(os.path.abspath(__file__)), cases=CASES)
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(checkout))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd="/", capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["file"].startswith(os.path.abspath(checkout)), result["file"]
+    return result["times"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("old")
+    parser.add_argument("new")
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    rounds = []
+    for i in range(args.rounds):
+        old, new = run(args.old), run(args.new)
+        rounds.append((old, new))
+        print(f"round {i + 1}: " + ", ".join(f"{k} {new[k] / old[k]:.3f}" for k in old), flush=True)
+    print("\n| toy generation, 4 prompts x width 4, 32 new tokens | old | new | new / old (median of rounds) |")
+    print("|---|---|---|---|")
+    for key in rounds[0][0]:
+        old = statistics.median(r[0][key] for r in rounds)
+        new = statistics.median(r[1][key] for r in rounds)
+        ratio = statistics.median(r[1][key] / r[0][key] for r in rounds)
+        print(f"| {key} | {old * 1e3:.0f} ms | {new * 1e3:.0f} ms | **{ratio:.3f}** |")
+
+
+if __name__ == "__main__":
+    main()
