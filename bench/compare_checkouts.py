@@ -3,10 +3,11 @@ alternated fresh processes, so a change can be checked for "no slower" on the sa
 
     python bench/compare_checkouts.py OLD_CHECKOUT NEW_CHECKOUT [--rounds 4]
 
-Each process imports bridge_ops from its checkout, builds test_bench_generation.py's random Llama (hidden 1024,
-8 layers, 155M parameters, float32; seeded, so both checkouts get the same weights) with and without Bridge, and
-times `bridge_ops.generate` at 4 prompts x width 4, 32 new tokens, best of 3, with the expanded and the shared-prefix
-cache. Prints a table of medians over rounds and the median per-round ratio new / old for each case.
+Each process imports bridge_ops from its checkout, builds test_bench_generation.py's random Llama (`build_models`:
+hidden 1024, 8 layers, 155M parameters, float32; seeded, so both checkouts get the same weights) with and without
+Bridge, and times `bridge_ops.generate` at 4 prompts x width 4, 32 new tokens, best of 3 after a warm-up call, with
+the expanded and the shared-prefix cache. Prints a table of medians over rounds and the median per-round ratio
+new / old for each case.
 """
 
 import argparse
@@ -22,28 +23,18 @@ CHILD = """
 import json, sys, time, torch
 sys.path.insert(0, {bench!r})
 import bridge_ops
-from test_bench_generation import PROMPT_LEN, PROMPTS, NEW_TOKENS, WIDTH, D_BRIDGE, prompts
-from transformers import LlamaConfig, LlamaForCausalLM
-config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                     num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=1024, eos_token_id=2,
-                     pad_token_id=0, tie_word_embeddings=False)
-torch.manual_seed(0)
-base = LlamaForCausalLM(config).eval()
-bridged = LlamaForCausalLM(config).eval()
-bridged.load_state_dict(base.state_dict())
-bridge_ops.apply_bridge(bridged, d_bridge=D_BRIDGE)
-for block in bridge_ops.hf.bridge_blocks(bridged):
-    torch.nn.init.normal_(block.o_proj.weight, std=0.02)
+from test_bench_generation import PROMPT_LEN, PROMPTS, NEW_TOKENS, WIDTH, build_models, prompts
+models = build_models()
 ids = prompts(PROMPTS, PROMPT_LEN)
 times = {{}}
 for with_bridge, cache in {cases!r}:
-    model = bridged if with_bridge else base
-    best = float("inf")
-    for _ in range(4):  # the first call warms up
+    model = models["bridged" if with_bridge else "unbridged"]
+    seconds = []
+    for _ in range(4):
         start = time.perf_counter()
         bridge_ops.generate(model, ids, WIDTH, NEW_TOKENS, eos_token_id=[], top_k=0, cache=cache)
-        best = min(best, time.perf_counter() - start)
-    times[f"{{'bridged' if with_bridge else 'unbridged'}} {{cache}}"] = best
+        seconds.append(time.perf_counter() - start)
+    times[f"{{'bridged' if with_bridge else 'unbridged'}} {{cache}}"] = min(seconds[1:])  # the first call warms up
 print(json.dumps(dict(file=bridge_ops.__file__, times=times)))
 """
 

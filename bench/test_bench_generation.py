@@ -27,9 +27,10 @@ PROMPTS, PROMPT_LEN, WIDTH, NEW_TOKENS = 4, 32, 4, 32
 PREFILL_PROMPTS = 4
 
 
-@pytest.fixture(scope="module")
-def models():
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: F401
+def build_models() -> dict:
+    """{"unbridged": the random Llama, "bridged": the same weights with Bridge}, seeded (also bench/
+    compare_checkouts.py's model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=32000,
@@ -51,6 +52,11 @@ def models():
     for block in bridge_ops.hf.bridge_blocks(bridged):  # a trained-looking Bridge, not a zero one
         torch.nn.init.normal_(block.o_proj.weight, std=0.02)
     return {"unbridged": base, "bridged": bridged}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return build_models()
 
 
 def prompts(count, length, seed=0):
